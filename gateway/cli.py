@@ -1,0 +1,125 @@
+"""The command line: `serve` and `check`.
+
+Parses arguments, loads the config, configures logging and runs the server; the
+only module that reads the environment (through `load_config_file`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from . import __version__
+from .config import Config, load_config_file
+from .errors import ConfigError
+from .server import MAX_LINE, METRICS, create_app, create_metrics_app
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        if record.name == "gateway.access":
+            return record.getMessage()
+        data = {"level": record.levelname.lower(), "logger": record.name,
+                "msg": record.getMessage()}
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data)
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{value!r}: want HOST:PORT, e.g. 127.0.0.1:5000")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="registry-gateway", description=(
+        "A read-only OCI registry mirror for many upstreams, routed by Host."))
+    parser.add_argument("--version", action="version", version=f"registry-gateway {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the registry API")
+    serve.add_argument("--routes", default="routes.yaml", help="route table (default routes.yaml)")
+    serve.add_argument("--data-dir", default="data", help="cache directory (default ./data)")
+    serve.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
+                       help="address to listen on; repeatable (default 127.0.0.1:5000)")
+    serve.add_argument("--metrics-listen", type=_listen, metavar="HOST:PORT",
+                       help="serve /metrics here only, instead of on every listener")
+    serve.add_argument("--log-level", default="info")
+
+    check = sub.add_parser("check", help="validate a route table and print the routes")
+    check.add_argument("routes", nargs="?", default="routes.yaml")
+    return parser
+
+
+def _describe(config: Config) -> str:
+    lines = [f"{config.source}: {len(config.routes)} routes, default route "
+             f"{config.default_route or '(none)'}"]
+    for route in config.routes:
+        hosts = list(route.hosts)
+        if route.label:
+            hosts += [f"{route.label}.{d}" for d in config.base_domains] or [f"{route.label}.*"]
+        auth = f", credentials for {route.credentials.username}" if route.credentials else ""
+        lines.append(f"  {route.name:<20} -> {route.upstream}  hosts: {', '.join(hosts) or '-'}"
+                     f"  tag_ttl: {route.tag_ttl:g}s{auth}")
+    return "\n".join(lines)
+
+
+async def _serve(config: Config, data_dir: Path, listens: list[tuple[str, int]],
+                 metrics_listen: tuple[str, int] | None) -> None:
+    app = create_app(config, data_dir, serve_metrics=metrics_listen is None)
+    runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
+    await runner.setup()
+    runners = [runner]
+    for host, port in listens:
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+    if metrics_listen is not None:
+        metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, *metrics_listen).start()
+        runners.append(metrics_runner)
+    logging.getLogger("gateway").info(
+        "serving %d routes on %s, data in %s", len(config.routes),
+        ", ".join(f"{h}:{p}" for h, p in listens), data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for r in reversed(runners):
+            await r.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config_file(args.routes)
+    except ConfigError as exc:
+        print(f"registry-gateway: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(_describe(config))
+        return 0
+    _setup_logging(args.log_level)
+    listens = args.listen or [("127.0.0.1", 5000)]
+    asyncio.run(_serve(config, Path(args.data_dir), listens, args.metrics_listen))
+    return 0

@@ -1,0 +1,58 @@
+"""Prometheus collectors, labelled by route, in a registry owned by one app.
+
+No module-level collectors: `Metrics()` is built by `create_app`, so two apps in one
+process (tests) never share counters. Labels never carry secrets or repository names
+(unbounded cardinality); repositories go to the access log instead.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests", "Client requests by route, kind, method and status",
+            ["route", "kind", "method", "status"], registry=r)
+        self.request_seconds = Histogram(
+            "gateway_request_duration_seconds", "Time to answer a client request (whole body)",
+            ["route", "kind"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache = Counter(
+            "gateway_cache_requests", "Cache outcomes by route, kind and result "
+            "(hit, miss, stale, coalesced)", ["route", "kind", "result"], registry=r)
+        self.bytes_served = Counter(
+            "gateway_served_bytes", "Body bytes sent to clients", ["route"], registry=r)
+        self.upstream_bytes = Counter(
+            "gateway_upstream_bytes", "Body bytes received from upstreams", ["route"], registry=r)
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_request_duration_seconds",
+            "Upstream time to response headers", ["route", "kind"],
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests", "Requests sent upstream by route, kind and status",
+            ["route", "kind", "status"], registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Upstream failures by route and reason",
+            ["route", "reason"], registry=r)
+        self.resumed = Counter(
+            "gateway_upstream_resumed_transfers", "Blob transfers resumed with Range",
+            ["route"], registry=r)
+        self.integrity_failures = Counter(
+            "gateway_integrity_failures", "Fetched content whose digest or size did not match",
+            ["route", "kind"], registry=r)
+        self.stale_served = Counter(
+            "gateway_stale_served", "Tags answered from cache because the upstream failed",
+            ["route"], registry=r)
+        self.inflight = Gauge(
+            "gateway_inflight_fetches", "Upstream blob fetches in progress", ["route"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

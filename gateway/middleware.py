@@ -1,0 +1,134 @@
+"""Middlewares: error rendering, access log, metrics, the read-only guard, request ids.
+
+The one place where any exception becomes an OCI error body: a client never sees a
+traceback. The access log is one JSON line per request and holds no secrets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .errors import RegistryError
+from .metrics import Metrics
+
+READ_ONLY = ("GET", "HEAD")
+REQUEST_ID = "X-Request-Id"
+access_log = logging.getLogger("gateway.access")
+error_log = logging.getLogger("gateway.error")
+
+_HTTP_CODES = {404: "NOT_FOUND", 405: "UNSUPPORTED", 401: "UNAUTHORIZED", 403: "DENIED",
+               416: "RANGE_INVALID", 429: "TOOMANYREQUESTS"}
+
+
+def render(error: RegistryError) -> web.Response:
+    return web.Response(status=error.status, body=error.body(), headers={
+        "Content-Type": "application/json", **error.headers})
+
+
+def _kind(request: web.Request) -> str:
+    reg = request.get("registry_request")
+    if reg is not None:
+        return str(reg.kind)
+    if request.path in ("/v2", "/v2/"):
+        return "base"
+    return "metrics" if request.path == "/metrics" else "other"
+
+
+def make_middlewares(metrics: Metrics) -> list[Any]:
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Render every error as OCI JSON; log and count every request once."""
+        started = time.monotonic()
+        request["request_id"] = request.headers.get(REQUEST_ID, "")[:64] or uuid.uuid4().hex
+        response: web.StreamResponse | None = None
+        try:
+            response = await handler(request)
+        except RegistryError as exc:
+            response = render(exc)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = _HTTP_CODES.get(exc.status, "UNKNOWN")
+            response = render(RegistryError(code, exc.reason or "error", exc.status,
+                                            headers={k: v for k, v in exc.headers.items()
+                                                     if k in ("Allow", "Retry-After")}))
+        except asyncio.CancelledError:
+            _log(request, metrics, None, started, aborted=True)
+            raise
+        except Exception:
+            error_log.exception("unhandled error (request id %s)", request["request_id"])
+            response = render(RegistryError(
+                "UNKNOWN", f"internal error; request id {request['request_id']}", 500))
+        try:
+            # Send here rather than after return, so the log line has the bytes and time.
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError):
+            _log(request, metrics, response, started, aborted=True)
+            raise
+        _log(request, metrics, response, started)
+        return response
+
+    @web.middleware
+    async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The nginx recipe's `limit_except GET { deny all; }`, built in.
+        if request.method not in READ_ONLY:
+            raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
+                                "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
+        return await handler(request)
+
+    return [observe, read_only]
+
+
+def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | None,
+         started: float, *, aborted: bool = False) -> None:
+    duration = time.monotonic() - started
+    reg = request.get("registry_request")
+    route = reg.route.name if reg is not None else "-"
+    status = response.status if response is not None else 499
+    sent = response.body_length if response is not None else 0
+    cache = response.headers.get("X-Cache", "-") if response is not None else "-"
+    kind = _kind(request)
+    metrics.requests.labels(route, kind, request.method, str(status)).inc()
+    metrics.request_seconds.labels(route, kind).observe(duration)
+    if sent:
+        metrics.bytes_served.labels(route).inc(sent)
+    record = {
+        "ts": round(time.time(), 3),
+        "id": request.get("request_id", ""),
+        "remote": request.remote,
+        "host": request.host[:255],
+        "method": request.method,
+        "path": request.rel_url.raw_path[:512],
+        "route": route,
+        "upstream": str(reg.route.upstream) if reg is not None else None,
+        "repository": reg.repository if reg is not None else None,
+        "reference": reg.reference if reg is not None else None,
+        "status": status,
+        "bytes": sent,
+        "duration_ms": round(duration * 1000, 2),
+        "cache": cache,
+    }
+    if aborted:
+        record["aborted"] = True
+    access_log.info(json.dumps(record))
+
+
+async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: headers every answer carries, errors included."""
+    response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+    response.headers.setdefault("X-Cache", "-")
+    if "request_id" in request:
+        response.headers.setdefault(REQUEST_ID, request["request_id"])
+    reg = request.get("registry_request")
+    if reg is not None:
+        response.headers.setdefault("X-Registry-Route", reg.route.name)

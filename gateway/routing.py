@@ -1,0 +1,89 @@
+"""Which route serves a request: Host, then path prefix, then `ns=`, then the default.
+
+Also the Docker Hub `library/` rule. Pure lookups over the frozen config; no I/O.
+A registry that no route names is refused: the gateway is never an open proxy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Config, Route
+from .errors import RegistryError
+from .reference import validate_name
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    route: Route
+    repository: str  # the repository as the upstream knows it
+    via: str  # host | path | ns | default
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self._by_name: dict[str, Route] = {}
+        self._by_host: dict[str, Route] = {}
+        self._labels: dict[str, Route] = {}
+        for route in config.routes:
+            for name in (route.name, *route.aliases):
+                self._by_name[name] = route
+            for host in route.hosts:
+                self._by_host[host] = route
+            if route.label:
+                self._labels[route.label] = route
+        self._base_domains = tuple("." + d for d in config.base_domains)
+        self._default = config.route(config.default_route) if config.default_route else None
+
+    def by_name(self, registry: str) -> Route | None:
+        return self._by_name.get(registry.lower())
+
+    def by_host(self, host: str | None) -> Route | None:
+        """The route a Host header picks: an exact host, or <label>.<base domain>."""
+        if not host:
+            return None
+        host = host.lower().rstrip(".")
+        if host.startswith("["):  # IPv6 literal, possibly with a port
+            host = host.split("]", 1)[0] + "]"
+        elif host.count(":") == 1:
+            host = host.split(":", 1)[0]
+        route = self._by_host.get(host)
+        if route is not None:
+            return route
+        for suffix in self._base_domains:
+            if host.endswith(suffix):
+                label = host[: -len(suffix)]
+                if "." not in label:
+                    return self._labels.get(label)
+        return None
+
+    def resolve(self, host: str | None, name: str, ns: str | None) -> Resolved:
+        """Map (Host, repository path, ns=) to a route and the upstream repository."""
+        route = self.by_host(host)
+        via = "host"
+        if route is None:
+            first, sep, rest = name.partition("/")
+            if sep and ("." in first or ":" in first or first == "localhost"):
+                # /v2/<registry>/<repository>/...: a Docker Hub namespace never has a dot,
+                # so a first component that looks like a host names a registry.
+                route = self.by_name(first)
+                if route is None:
+                    raise RegistryError("NAME_UNKNOWN", f"registry {first[:255]!r} is not "
+                                        "configured on this gateway")
+                name, via = rest, "path"
+            elif ns:
+                # containerd mirrors send ?ns=<registry> (hosts.toml docs, "ns" parameter).
+                route = self.by_name(ns)
+                if route is None:
+                    raise RegistryError("NAME_UNKNOWN",
+                                        f"registry {ns[:255]!r} is not configured on this gateway")
+                via = "ns"
+            elif self._default is not None:
+                route, via = self._default, "default"
+            else:
+                raise RegistryError("NAME_UNKNOWN", "no route serves this host; use a configured "
+                                    "registry host, a /v2/<registry>/ prefix or ?ns=<registry>")
+        validate_name(name)
+        if route.library_prefix and "/" not in name:
+            name = "library/" + name
+        return Resolved(route, name, via)
