@@ -7,6 +7,7 @@ re-parse strings. Handlers raise `RegistryError`; the middleware renders it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -179,8 +180,10 @@ async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: Blo
     await resp.prepare(request)
     start, end = span if span is not None else (0, None)
     try:
-        async for chunk in flight.stream(start, end):
-            await resp.write(chunk)
+        # aclosing: a client that goes away must release its reader at once.
+        async with contextlib.aclosing(flight.stream(start, end)) as chunks:
+            async for chunk in chunks:
+                await resp.write(chunk)
     except FetchAborted:
         # Never let a client see a clean end of a body that failed verification.
         if request.transport is not None:

@@ -60,7 +60,8 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
             response = render(RegistryError(code, exc.reason or "error", exc.status,
                                             headers={k: v for k, v in exc.headers.items()
                                                      if k in ("Allow", "Retry-After")}))
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):
+            # The client went away (or a failed transfer was cut on purpose).
             _log(request, metrics, None, started, aborted=True)
             raise
         except Exception:

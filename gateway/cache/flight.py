@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -156,7 +156,7 @@ class BlobFlight:
         """Wait until the upstream answered (size known) or raise its error."""
         await asyncio.shield(self._headers)
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield bytes [start, end) as they arrive; raise FetchAborted if the fetch fails."""
         self.readers += 1
         fd = -1
