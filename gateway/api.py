@@ -122,8 +122,9 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
 
 async def manifest(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    result = await cache.manifest(upstream, reg.route, reg.repository, reg.reference,
-                                  request.headers.get("Accept"))
+    # Docker and skopeo send one Accept line per media type: all of them count.
+    accept = ", ".join(request.headers.getall("Accept", ())) or None
+    result = await cache.manifest(upstream, reg.route, reg.repository, reg.reference, accept)
     m = result.manifest
     return web.Response(body=m.body, headers=_headers(
         reg, result.cache, **{"Content-Type": m.media_type, "Docker-Content-Digest": m.digest,

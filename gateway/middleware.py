@@ -52,6 +52,7 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
         try:
             response = await handler(request)
         except RegistryError as exc:
+            request["error"] = f"{exc.code}: {exc.message}"
             response = render(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -119,6 +120,8 @@ def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | 
         "duration_ms": round(duration * 1000, 2),
         "cache": cache,
     }
+    if "error" in request:
+        record["error"] = request["error"]
     if aborted:
         record["aborted"] = True
     access_log.info(json.dumps(record))
@@ -131,5 +134,4 @@ async def add_common_headers(request: web.Request, response: web.StreamResponse)
     if "request_id" in request:
         response.headers.setdefault(REQUEST_ID, request["request_id"])
     reg = request.get("registry_request")
-    if reg is not None:
-        response.headers.setdefault("X-Registry-Route", reg.route.name)
+    response.headers.setdefault("X-Registry-Route", reg.route.name if reg is not None else "-")

@@ -122,24 +122,25 @@ class Upstream:
 
     # ------------------------------------------------------------------ auth
 
-    async def _token(self, challenge: _Challenge, scope: str, *, refresh: bool = False) -> str:
+    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None) -> str:
+        """A token for `scope`: cached, or fetched once however many requests ask at once.
+
+        `rejected` is the Authorization the upstream just refused: a cached token other
+        than that one was renewed meanwhile and is used as it is.
+        """
         key = f"{challenge.realm} {challenge.service} {scope}"
-        if not refresh:
-            cached = self._tokens.get(key)
-            if cached is not None:
-                return cached.value
         lock = self._token_locks.setdefault(key, asyncio.Lock())
         async with lock:  # one token request per scope at a time
             cached = self._tokens.get(key)
-            if cached is not None and not refresh:
+            if cached is not None and f"Bearer {cached.value}" != rejected:
                 return cached.value
             params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
-            auth = None
+            headers = {}
             if self.route.credentials is not None:
-                auth = aiohttp.BasicAuth(self.route.credentials.username,
-                                         self.route.credentials.password)
+                headers["Authorization"] = aiohttp.encode_basic_auth(
+                    self.route.credentials.username, self.route.credentials.password)
             try:
-                async with self.session.get(challenge.realm, params=params, auth=auth,
+                async with self.session.get(challenge.realm, params=params, headers=headers,
                                             proxy=self.route.proxy) as resp:
                     if resp.status in (401, 403):
                         raise UpstreamError(
@@ -167,14 +168,14 @@ class Upstream:
             self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
             return value
 
-    async def _authorization(self, scope: str, *, refresh: bool = False) -> str | None:
+    async def _authorization(self, scope: str, rejected: str | None = None) -> str | None:
         challenge = self._challenge
         if challenge is None:
             return None
         if challenge.scheme == "basic":
             creds = self.route.credentials
-            return aiohttp.BasicAuth(creds.username, creds.password).encode() if creds else None
-        return "Bearer " + await self._token(challenge, scope, refresh=refresh)
+            return aiohttp.encode_basic_auth(creds.username, creds.password) if creds else None
+        return "Bearer " + await self._token(challenge, scope, rejected)
 
     # --------------------------------------------------------------- requests
 
@@ -208,10 +209,9 @@ class Upstream:
                 raise UpstreamError(
                     "UNAUTHORIZED", f"upstream {self.name} requires credentials the gateway "
                     "does not have for this repository", 401, retryable=False, upstream_status=401)
-            refresh = challenge == self._challenge  # a token we sent was refused: renew once
             self._challenge = challenge
             authorization = await self._authorization(_challenge_scope(www) or scope,
-                                                      refresh=refresh)
+                                                      rejected=authorization)
             retried_auth = True
         self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
