@@ -18,6 +18,7 @@ from aiohttp.typedefs import Handler
 
 from .errors import RegistryError
 from .metrics import Metrics
+from .state import STATE, RegistryRequest, RequestState
 
 READ_ONLY = ("GET", "HEAD")
 REQUEST_ID = "X-Request-Id"
@@ -33,10 +34,9 @@ def render(error: RegistryError) -> web.Response:
         "Content-Type": "application/json", **error.headers})
 
 
-def _kind(request: web.Request) -> str:
-    reg = request.get("registry_request")
+def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
     if reg is not None:
-        return str(reg.kind)
+        return reg.kind
     if request.path in ("/v2", "/v2/"):
         return "base"
     return "metrics" if request.path == "/metrics" else "other"
@@ -47,12 +47,13 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Render every error as OCI JSON; log and count every request once."""
         started = time.monotonic()
-        request["request_id"] = request.headers.get(REQUEST_ID, "")[:64] or uuid.uuid4().hex
+        state = RequestState(request.headers.get(REQUEST_ID, "")[:64] or uuid.uuid4().hex)
+        request[STATE] = state
         response: web.StreamResponse | None = None
         try:
             response = await handler(request)
         except RegistryError as exc:
-            request["error"] = f"{exc.code}: {exc.message}"
+            state.error = f"{exc.code}: {exc.message}"
             response = render(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -61,21 +62,27 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
             response = render(RegistryError(code, exc.reason or "error", exc.status,
                                             headers={k: v for k, v in exc.headers.items()
                                                      if k in ("Allow", "Retry-After")}))
-        except (asyncio.CancelledError, ConnectionError):
-            # The client went away (or a failed transfer was cut on purpose).
+        except (asyncio.CancelledError, ConnectionError) as exc:
+            # The client went away (or a failed transfer was cut on purpose): nothing to
+            # answer, and nothing for aiohttp to log as an error.
             _log(request, metrics, None, started, aborted=True)
+            if isinstance(exc, ConnectionError):
+                raise asyncio.CancelledError from None
             raise
         except Exception:
-            error_log.exception("unhandled error (request id %s)", request["request_id"])
-            response = render(RegistryError(
-                "UNKNOWN", f"internal error; request id {request['request_id']}", 500))
+            error_log.exception("unhandled error (request id %s)", state.id)
+            state.error = "UNKNOWN: internal error"
+            response = render(RegistryError("UNKNOWN", f"internal error; request id {state.id}",
+                                            500))
         try:
             # Send here rather than after return, so the log line has the bytes and time.
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
-        except (ConnectionError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.CancelledError) as exc:
             _log(request, metrics, response, started, aborted=True)
+            if isinstance(exc, ConnectionError):
+                raise asyncio.CancelledError from None
             raise
         _log(request, metrics, response, started)
         return response
@@ -94,19 +101,20 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
 def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | None,
          started: float, *, aborted: bool = False) -> None:
     duration = time.monotonic() - started
-    reg = request.get("registry_request")
+    state = request[STATE]
+    reg = state.registry
     route = reg.route.name if reg is not None else "-"
     status = response.status if response is not None else 499
-    sent = response.body_length if response is not None else 0
+    sent = _body_bytes(request, response, aborted)
     cache = response.headers.get("X-Cache", "-") if response is not None else "-"
-    kind = _kind(request)
+    kind = _kind(request, reg)
     metrics.requests.labels(route, kind, request.method, str(status)).inc()
     metrics.request_seconds.labels(route, kind).observe(duration)
     if sent:
         metrics.bytes_served.labels(route).inc(sent)
     record = {
         "ts": round(time.time(), 3),
-        "id": request.get("request_id", ""),
+        "id": state.id,
         "remote": request.remote,
         "host": request.host[:255],
         "method": request.method,
@@ -120,18 +128,32 @@ def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | 
         "duration_ms": round(duration * 1000, 2),
         "cache": cache,
     }
-    if "error" in request:
-        record["error"] = request["error"]
+    if state.error is not None:
+        record["error"] = state.error
     if aborted:
         record["aborted"] = True
     access_log.info(json.dumps(record))
+
+
+def _body_bytes(request: web.Request, response: web.StreamResponse | None,
+                aborted: bool) -> int:
+    """Body bytes sent: what metrics and the log call "bytes" (headers are not counted)."""
+    if response is None or request.method == "HEAD":
+        return 0
+    counted = request[STATE].body_bytes
+    if counted is not None:
+        return counted
+    if not aborted and response.content_length is not None:
+        return response.content_length
+    return response.body_length  # an aborted file transfer: headers included, roughly
 
 
 async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
     """on_response_prepare: headers every answer carries, errors included."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
     response.headers.setdefault("X-Cache", "-")
-    if "request_id" in request:
-        response.headers.setdefault(REQUEST_ID, request["request_id"])
-    reg = request.get("registry_request")
+    state = request.get(STATE)
+    if state is not None:
+        response.headers.setdefault(REQUEST_ID, state.id)
+    reg = state.registry if state is not None else None
     response.headers.setdefault("X-Registry-Route", reg.route.name if reg is not None else "-")

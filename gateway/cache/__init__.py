@@ -234,14 +234,17 @@ class Cache:
         if cached is not None:
             self.metrics.cache.labels(route.name, "manifest", "hit").inc()
             return ManifestResult(cached, "HIT")
+        self._check_negative(route, repository, str(digest))
 
         async def fetch() -> ManifestResult:
-            manifest = await self._fetch_manifest(upstream, route, repository, str(digest),
-                                                  accept, digest)
+            manifest = await self._remember_missing(
+                route, repository, str(digest),
+                self._fetch_manifest(upstream, route, repository, str(digest), accept, digest))
             await self._keep_manifest(route, manifest)
             return ManifestResult(manifest, "MISS")
 
-        result = await self._joined((route.namespace, "digest", str(digest)), fetch)
+        # Existence is per repository upstream, so the repository is part of the key.
+        result = await self._joined((route.namespace, "digest", repository, str(digest)), fetch)
         self.metrics.cache.labels(route.name, "manifest", result.cache.lower()).inc()
         return result
 
@@ -254,11 +257,7 @@ class Cache:
             if cached is not None:
                 self.metrics.cache.labels(route.name, "tag", "hit").inc()
                 return ManifestResult(cached, "HIT")
-        negative_key = (route.namespace, repository, tag)
-        if negative_key in self._negative:
-            raise RegistryError("MANIFEST_UNKNOWN",
-                                f"manifest {repository}:{tag} not found at upstream {route.name} "
-                                "(remembered)")
+        self._check_negative(route, repository, tag)
 
         async def refresh() -> ManifestResult:
             return await self._refresh_tag(upstream, route, repository, tag, accept,
@@ -268,6 +267,22 @@ class Cache:
                                     refresh)
         self.metrics.cache.labels(route.name, "tag", result.cache.lower()).inc()
         return result
+
+    def _check_negative(self, route: Route, repository: str, reference: str) -> None:
+        if (route.namespace, repository, reference) in self._negative:
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {repository}@{reference} not "
+                                f"found at upstream {route.name} (remembered)")
+
+    async def _remember_missing(self, route: Route, repository: str, reference: str,
+                                fetch: Awaitable[T]) -> T:
+        """Await `fetch`; an upstream 404 is remembered for the route's negative_ttl so a
+        crash-looping deployment does not hammer the upstream."""
+        try:
+            return await fetch
+        except UpstreamError as exc:
+            if exc.upstream_status == 404 and route.negative_ttl > 0:
+                self._negative[(route.namespace, repository, reference)] = route.negative_ttl
+            raise
 
     async def _refresh_tag(self, upstream: Upstream, route: Route, repository: str, tag: str,
                            accept: str | None, entry: TagEntry | None) -> ManifestResult:
@@ -287,7 +302,8 @@ class Cache:
             manifest = await self._fetch_manifest(upstream, route, repository, tag, accept, None)
         except UpstreamError as exc:
             if exc.upstream_status == 404:
-                self._negative[(route.namespace, repository, tag)] = route.negative_ttl
+                if route.negative_ttl > 0:
+                    self._negative[(route.namespace, repository, tag)] = route.negative_ttl
                 raise
             if exc.retryable and entry is not None and cached is not None and \
                     time.time() - entry.checked < route.tag_ttl + route.stale_if_error:
@@ -315,8 +331,19 @@ class Cache:
             self._blob_sizes[(route.namespace, str(digest))] = size
         return CachedBlob(path, size)
 
-    def forget_blob(self, route: Route, digest: Digest) -> None:
-        self._blob_sizes.pop((route.namespace, str(digest)), None)
+    async def blob(self, upstream: Upstream, route: Route, repository: str,
+                   digest: Digest) -> CachedBlob | tuple[BlobFlight, bool]:
+        """The cached blob, or its in-flight fetch (started if needed: then True)."""
+        cached = await self.cached_blob(route, digest)
+        if cached is not None:
+            return cached
+        # A fetch may have committed while we looked at the disk: its size is memoised
+        # before it leaves _flights, so this synchronous check closes the gap.
+        size = self._blob_sizes.get((route.namespace, str(digest)))
+        path = self.store.local_path(_blob_key(route, digest))
+        if size is not None and path is not None:
+            return CachedBlob(path, size)
+        return self.flight(upstream, route, repository, digest)
 
     def flight(self, upstream: Upstream, route: Route, repository: str,
                digest: Digest) -> tuple[BlobFlight, bool]:
