@@ -1,4 +1,4 @@
-"""The command line: `serve` and `check`.
+"""The command line: `serve` and `check`; `client` and `doctor` (clientconf.py, doctor.py).
 
 Parses arguments, loads the config, configures logging and runs the server; the
 only module that reads the environment (through `load_config_file`).
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
+from . import __version__, clientconf, doctor
 from .config import Config, load_config_file
 from .errors import ConfigError
 from .server import MAX_LINE, METRICS, create_app, create_metrics_app
+from .tls import RELOAD_INTERVAL, TlsCertificates, TlsError
 
 
 class _JsonFormatter(logging.Formatter):
@@ -63,9 +65,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-listen", type=_listen, metavar="HOST:PORT",
                        help="serve /metrics here only, instead of on every listener")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--tls-listen", action="append", type=_listen, metavar="HOST:PORT",
+                       help="address to serve HTTPS on; repeatable (certificates from --certs)")
+    serve.add_argument("--certs", default="certs", help="certificate directory: a wildcard "
+                       "or per-host certificates, chosen by SNI, reloaded when replaced "
+                       "(default ./certs; see certs/README.md)")
+    serve.add_argument("--redirect-http", action="store_true",
+                       help="plain --listen addresses redirect to HTTPS instead of serving")
+    serve.add_argument("--tls-reload", type=float, default=RELOAD_INTERVAL, metavar="SECONDS",
+                       help=f"how often to look for replaced certificates (default "
+                            f"{RELOAD_INTERVAL:g}; SIGHUP looks at once)")
 
     check = sub.add_parser("check", help="validate a route table and print the routes")
     check.add_argument("routes", nargs="?", default="routes.yaml")
+
+    clientconf.add_commands(sub)
+    doctor.add_command(sub)
     return parser
 
 
@@ -83,13 +98,26 @@ def _describe(config: Config) -> str:
 
 
 async def _serve(config: Config, data_dir: Path, listens: list[tuple[str, int]],
-                 metrics_listen: tuple[str, int] | None) -> None:
-    app = create_app(config, data_dir, serve_metrics=metrics_listen is None)
+                 metrics_listen: tuple[str, int] | None, *,
+                 tls_listens: list[tuple[str, int]] | None = None, certs: Path = Path("certs"),
+                 redirect_http: bool = False, tls_reload: float = RELOAD_INTERVAL) -> None:
+    tls_listens = tls_listens or []
+    certificates = None
+    if tls_listens:
+        certificates = TlsCertificates(certs, reload_interval=tls_reload)
+        await certificates.start()  # TlsError when certs/ holds no usable certificate
+    https_port = tls_listens[0][1] if tls_listens and redirect_http else None
+    app = create_app(config, data_dir, serve_metrics=metrics_listen is None,
+                     https_port=https_port)
     runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
     await runner.setup()
     runners = [runner]
     for host, port in listens:
         await web.TCPSite(runner, host, port, backlog=1024).start()
+    for host, port in tls_listens:
+        assert certificates is not None
+        await web.TCPSite(runner, host, port, backlog=1024,
+                          ssl_context=certificates.context).start()
     if metrics_listen is not None:
         metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
         await metrics_runner.setup()
@@ -97,20 +125,27 @@ async def _serve(config: Config, data_dir: Path, listens: list[tuple[str, int]],
         runners.append(metrics_runner)
     logging.getLogger("gateway").info(
         "serving %d routes on %s, data in %s", len(config.routes),
-        ", ".join(f"{h}:{p}" for h, p in listens), data_dir)
+        ", ".join([f"http://{h}:{p}" for h, p in listens] +
+                  [f"https://{h}:{p}" for h, p in tls_listens]), data_dir)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if certificates is not None:
+        loop.add_signal_handler(signal.SIGHUP, certificates.reload_soon)
     try:
         await stop.wait()
     finally:
         for r in reversed(runners):
             await r.cleanup()
+        if certificates is not None:
+            await certificates.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("client", "doctor"):  # client machines: no routes.yaml
+        return int(args.run(args, os.environ))
     try:
         config = load_config_file(args.routes)
     except ConfigError as exc:
@@ -119,7 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         print(_describe(config))
         return 0
+    if args.redirect_http and not args.tls_listen:
+        print("registry-gateway: --redirect-http needs a --tls-listen address", file=sys.stderr)
+        return 1
     _setup_logging(args.log_level)
-    listens = args.listen or [("127.0.0.1", 5000)]
-    asyncio.run(_serve(config, Path(args.data_dir), listens, args.metrics_listen))
+    listens = args.listen or ([] if args.tls_listen else [("127.0.0.1", 5000)])
+    try:
+        asyncio.run(_serve(config, Path(args.data_dir), listens, args.metrics_listen,
+                           tls_listens=args.tls_listen, certs=Path(args.certs),
+                           redirect_http=args.redirect_http, tls_reload=args.tls_reload))
+    except TlsError as exc:
+        print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -7,6 +7,7 @@ never printed. Nothing else in the gateway reads the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from yarl import URL
 from .errors import ConfigError
 
 FOREVER = float("inf")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,8 @@ class Config:
     base_domains: tuple[str, ...] = ()
     default_route: str | None = None
     source: str = "<config>"
+    # Peers (a proxy or load balancer in front) whose X-Forwarded-* headers are believed.
+    trusted_proxies: tuple[Network, ...] = ()
 
     def route(self, name: str) -> Route:
         for route in self.routes:
@@ -183,8 +187,9 @@ def _secret_from(loc: _Located, key: str, spec: dict[str, Any], what: str,
         path = Path(str(file_name)).expanduser()
         try:
             return path.read_text().strip()
-        except OSError as exc:
-            raise loc.error(f"{key}.{what}_file", f"cannot read {path}: {exc.strerror}") from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a usable path or text"
+            raise loc.error(f"{key}.{what}_file", f"cannot read {path}: {reason}") from None
     return None
 
 
@@ -193,7 +198,7 @@ _ROUTE_KEYS = {
     "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit",
 }
 _DEFAULT_KEYS = {"tag_ttl", "negative_ttl", "stale_if_error", "proxy", "orphan_fetch_limit"}
-_TOP_KEYS = {"base_domains", "default_route", "defaults", "routes"}
+_TOP_KEYS = {"base_domains", "default_route", "defaults", "routes", "trusted_proxies"}
 _CRED_KEYS = {"username", "username_env", "username_file", "password", "password_env",
               "password_file"}
 
@@ -203,6 +208,15 @@ def _check_keys(loc: _Located, path: str, value: dict[str, Any], allowed: set[st
         if key not in allowed:
             raise loc.error(f"{path}.{key}" if path else key,
                             f"unknown key {key!r}; valid keys: {', '.join(sorted(allowed))}")
+
+
+def _url(loc: _Located, key: str, value: Any) -> URL:
+    try:
+        url = URL(str(value))
+        url.port  # noqa: B018  (yarl checks the port range lazily)
+    except (ValueError, TypeError):
+        raise loc.error(key, "not a valid URL (want http://host[:port] or https://...)") from None
+    return url
 
 
 def _namespace(name: str) -> str:
@@ -227,11 +241,15 @@ def _route(loc: _Located, name: str, spec: Any, defaults: dict[str, Any],
     if upstream_text is None:
         raise loc.error(key, f"{name} is not a preset ({', '.join(PRESETS)}): "
                              "give its upstream: https://...")
-    upstream = URL(str(upstream_text))
+    upstream = _url(loc, f"{key}.upstream", upstream_text)
     if upstream.scheme not in ("http", "https") or not upstream.host or \
             upstream.path not in ("", "/"):
         raise loc.error(f"{key}.upstream",
                         f"{upstream_text!r} is not a registry URL like https://registry.example.com")
+    if upstream.user is not None or upstream.password is not None:
+        # Never echo the URL: it holds a secret.
+        raise loc.error(f"{key}.upstream", "credentials do not go in the upstream URL: use "
+                                           "credentials: {username, password_env|password_file}")
 
     label = merged.get("label", preset.label if preset else None)
     if label is not None and not _LABEL_RE.fullmatch(str(label)):
@@ -280,8 +298,11 @@ def _route(loc: _Located, name: str, spec: Any, defaults: dict[str, Any],
     if ca_file is not None and not Path(str(ca_file)).is_file():
         raise loc.error(f"{key}.ca_file", f"{ca_file} is not a readable file")
     proxy = merged.get("proxy")
-    if proxy is not None and URL(str(proxy)).scheme not in ("http", "https"):
-        raise loc.error(f"{key}.proxy", "the outbound proxy must be an http:// URL")
+    if proxy is not None:
+        where = f"{key}.proxy" if "proxy" in spec else "defaults.proxy"
+        proxy_url = _url(loc, where, proxy)
+        if proxy_url.scheme not in ("http", "https") or not proxy_url.host:
+            raise loc.error(where, "the outbound proxy must be an http:// URL")
     orphan = merged.get("orphan_fetch_limit", 8 << 30)
     if not isinstance(orphan, int) or isinstance(orphan, bool) or orphan < 0:
         raise loc.error(f"{key}.orphan_fetch_limit", "want a number of bytes")
@@ -303,6 +324,25 @@ def _route(loc: _Located, name: str, spec: Any, defaults: dict[str, Any],
         orphan_fetch_limit=orphan,
         **durations,
     )
+
+
+def _trusted_proxies(loc: _Located, raw: Any) -> tuple[Network, ...]:
+    """`trusted_proxies: [127.0.0.1, 10.0.0.0/8]`: addresses or networks of proxies in front."""
+    if raw is None:
+        return ()
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list):
+        raise loc.error("trusted_proxies", "want a list of addresses or networks, "
+                                           "e.g. [127.0.0.1, 10.0.0.0/8]")
+    networks = []
+    for i, item in enumerate(raw):
+        try:
+            networks.append(ipaddress.ip_network(str(item), strict=False))
+        except ValueError:
+            raise loc.error(f"trusted_proxies[{i}]", f"{item!r} is not an IP address or "
+                                                     "network like 10.0.0.0/8") from None
+    return tuple(networks)
 
 
 def load_config(text: str, source: str = "<config>",
@@ -359,12 +399,16 @@ def load_config(text: str, source: str = "<config>",
                                     f"{kind} {value!r} is already used by route {owner}")
 
     default_route = data.get("default_route", "docker.io" if "docker.io" in routes_raw else None)
+    if default_route is not None and not isinstance(default_route, str):
+        raise loc.error("default_route", "want the name of one route, e.g. docker.io, or null")
     if default_route is not None:
         names = {r.name for r in routes}
         if default_route not in names:
             raise loc.error("default_route", f"{default_route!r} is not one of the routes: "
                                              f"{', '.join(sorted(names))}")
+    trusted_proxies = _trusted_proxies(loc, data.get("trusted_proxies"))
     return Config(routes=routes, base_domains=base_domains, default_route=default_route,
+                  trusted_proxies=trusted_proxies,
                   source=source)
 
 

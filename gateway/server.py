@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import api
+from . import __version__, api
 from .cache import Cache
 from .cache.fs import FsStore
 from .config import Config
@@ -20,6 +20,7 @@ from .errors import RegistryError
 from .metrics import Metrics
 from .middleware import add_common_headers, make_middlewares
 from .routing import Router
+from .tls import forwarded_middleware, redirect_middleware
 from .upstream import Upstream
 
 CONFIG = web.AppKey("config", Config)
@@ -30,14 +31,23 @@ METRICS = web.AppKey("metrics", Metrics)
 MAX_LINE = 65536
 
 
-def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True) -> web.Application:
+def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
+               https_port: int | None = None) -> web.Application:
+    """`https_port`: plain-HTTP requests are redirected to HTTPS on this port."""
     metrics = Metrics()
     store = FsStore(Path(data_dir))
     cache = Cache(store, metrics)
     upstreams = {route.name: Upstream(route, metrics) for route in config.routes}
     services = api.Services(Router(config), cache, upstreams)
 
-    app = web.Application(middlewares=make_middlewares(metrics), client_max_size=1 << 20)
+    # Outermost: a trusted proxy's X-Forwarded-* become the request's host, scheme and
+    # remote before anything logs or routes it. Innermost: the HTTPS redirect.
+    middlewares = make_middlewares(metrics)
+    if config.trusted_proxies:
+        middlewares.insert(0, forwarded_middleware(config.trusted_proxies))
+    if https_port is not None:
+        middlewares.append(redirect_middleware(https_port))
+    app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
     app[CONFIG] = config
     app[METRICS] = metrics
     app[api.SERVICES] = services
@@ -60,6 +70,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True) ->
     router.add_get("/v2/{tail:.+}", api.dispatch, allow_head=False)
     router.add_route("HEAD", "/v2/{tail:.+}", api.dispatch)
     router.add_get("/healthz", healthz)
+    router.add_get("/_gateway/routes", gateway_routes)
     if serve_metrics:
         add_metrics_route(app, metrics)
     router.add_route("*", "/{tail:.*}", not_found)
@@ -81,6 +92,20 @@ def create_metrics_app(metrics: Metrics) -> web.Application:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n")
+
+
+async def gateway_routes(request: web.Request) -> web.Response:
+    """Route names and the hosts that pick them, for `registry-gateway client` and `doctor`
+    on client machines. Never upstream URLs or credentials."""
+    config = request.app[CONFIG]
+    return web.json_response({
+        "gateway": "registry-gateway",
+        "version": __version__,
+        "base_domains": list(config.base_domains),
+        "default_route": config.default_route,
+        "routes": [{"name": r.name, "label": r.label, "hosts": list(r.hosts),
+                    "aliases": list(r.aliases)} for r in config.routes],
+    })
 
 
 async def not_found(request: web.Request) -> web.Response:
