@@ -1,0 +1,1 @@
+"""Fault tests: the gateway under injected upstream faults (issue #5)."""
