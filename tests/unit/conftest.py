@@ -1,0 +1,128 @@
+"""Fixtures for unit tests: fake registries on 127.0.0.1 and the gateway app in process.
+
+Every server started here is closed by the fixture that started it, even on failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
+
+from gateway import api
+from gateway.config import Config, Route, load_config
+from gateway.metrics import Metrics
+from gateway.server import MAX_LINE, METRICS, create_app
+from gateway.upstream import Upstream
+
+from .fakes import FakeRegistry
+
+
+@dataclass
+class Served:
+    """A fake registry and the URL the gateway reaches it at."""
+
+    fake: FakeRegistry
+    server: TestServer
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def stop(self) -> None:
+        await self.server.close()
+
+
+@pytest.fixture
+async def registry(aiohttp_server: Any) -> Callable[..., Awaitable[Served]]:
+    """Factory: `await registry(auth="bearer", ...)` → a running FakeRegistry."""
+
+    async def start(**kwargs: Any) -> Served:
+        fake = FakeRegistry(**kwargs)
+        server = await aiohttp_server(fake.app)
+        return Served(fake, server)
+
+    return start
+
+
+def make_route(url: str, name: str = "fake.test", **overrides: Any) -> Route:
+    return Route(name=name, upstream=URL(url), namespace=name, **overrides)
+
+
+@pytest.fixture
+async def upstream_for() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
+    """Factory: an started `Upstream` client for a route; closed at teardown."""
+    started: list[Upstream] = []
+
+    async def start(route: Route, *, metrics: Metrics | None = None,
+                    read_timeout: float = 10.0) -> Upstream:
+        upstream = Upstream(route, metrics or Metrics(), read_timeout=read_timeout)
+        await upstream.start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.close()
+
+
+@dataclass
+class Gateway:
+    client: TestClient[Any, Any]
+    app: web.Application
+    config: Config
+    data_dir: Path
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.app[METRICS]
+
+    @property
+    def services(self) -> api.Services:
+        return self.app[api.SERVICES]
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+
+_counter = itertools.count()
+
+
+def config_text(routes: dict[str, Any], **top: Any) -> str:
+    doc: dict[str, Any] = {"base_domains": ["example.com"], **top, "routes": routes}
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
+    """Factory: `await gateway({"docker.io": {"upstream": url}}, default_route=...)`.
+
+    Serves `create_app(config, data_dir)` on 127.0.0.1 with the header limits the CLI
+    uses, and closes it (and its cache tasks) at teardown.
+    """
+    clients: list[TestClient[Any, Any]] = []
+
+    async def start(routes: dict[str, Any], *, env: dict[str, str] | None = None,
+                    data_dir: Path | None = None, **top: Any) -> Gateway:
+        config = load_config(config_text(routes, **top), "routes.yaml", env=env or {})
+        data = data_dir or tmp_path / f"data-{next(_counter)}"
+        app = create_app(config, data)
+        server = TestServer(app)
+        await server.start_server(max_line_size=MAX_LINE, max_field_size=MAX_LINE)
+        client = TestClient(server)
+        await client.start_server()
+        clients.append(client)
+        return Gateway(client, app, config, data)
+
+    yield start
+    for client in clients:
+        await client.close()
