@@ -184,7 +184,7 @@ async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: Blo
     try:
         # aclosing: a client that goes away must release its reader at once.
         state = request[STATE]
-        state.body_bytes = 0
+        state.body_bytes, state.cache = 0, status
         async with contextlib.aclosing(flight.stream(start, end)) as chunks:
             async for chunk in chunks:
                 await resp.write(chunk)

@@ -54,5 +54,25 @@ class Metrics:
         self.inflight = Gauge(
             "gateway_inflight_fetches", "Upstream blob fetches in progress", ["route"], registry=r)
 
+        # Labelled children, looked up once: labels() validates and locks on every call,
+        # which is a visible share of a warm manifest request.
+        self._request_children: dict[tuple[str, str, str, int],
+                                     tuple[Counter, Histogram, Counter]] = {}
+
+    def observe_request(self, route: str, kind: str, method: str, status: int,
+                        seconds: float, body_bytes: int) -> None:
+        key = (route, kind, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, kind, method, str(status)),
+                        self.request_seconds.labels(route, kind),
+                        self.bytes_served.labels(route))
+            self._request_children[key] = children
+        requests, latency, served = children
+        requests.inc()
+        latency.observe(seconds)
+        if body_bytes:
+            served.inc(body_bytes)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

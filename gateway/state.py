@@ -28,6 +28,7 @@ class RequestState:
     registry: RegistryRequest | None = None
     error: str | None = None
     body_bytes: int | None = None  # counted by streaming handlers as they write
+    cache: str | None = None  # X-Cache of a streamed answer, for a client that went away
 
 
 STATE = web.RequestKey("gateway_state", RequestState)
