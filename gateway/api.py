@@ -163,7 +163,8 @@ async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
     flight, started = found
     status = "MISS" if started else "COALESCED"
     cache.metrics.cache.labels(reg.route.name, "blob", status.lower()).inc()
-    return await _stream_flight(request, reg, flight, digest, status)
+    with flight.attached():
+        return await _stream_flight(request, reg, flight, digest, status)
 
 
 async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: BlobFlight,
@@ -201,7 +202,7 @@ async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: Blo
 async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
                     upstream: Upstream) -> web.StreamResponse:
     digest = parse_digest(reg.reference)
-    cached = await cache.cached_blob(reg.route, digest)
+    cached = await cache.cached_blob(reg.route, digest, check_disk=False)
     status, size = "HIT", cached.size if cached is not None else None
     if cached is None:
         flight = cache.inflight(reg.route, digest)

@@ -318,18 +318,29 @@ class Cache:
 
     # ---------------------------------------------------------------- blobs
 
-    async def cached_blob(self, route: Route, digest: Digest) -> CachedBlob | None:
+    async def cached_blob(self, route: Route, digest: Digest, *,
+                          check_disk: bool = True) -> CachedBlob | None:
+        """The committed blob, if any. `check_disk=False` trusts the in-memory record
+        (HEAD); a GET looks at the disk, so a file deleted behind our back is fetched
+        again rather than answered with a 404 that says HIT."""
         key = _blob_key(route, digest)
         path = self.store.local_path(key)
         if path is None:
             return None
-        size = self._blob_sizes.get((route.namespace, str(digest)))
+        memo = (route.namespace, str(digest))
+        size = self._blob_sizes.get(memo) if not check_disk else None
         if size is None:
             size = await self.store.stat(key)
             if size is None:
+                self._blob_sizes.pop(memo, None)
                 return None
-            self._blob_sizes[(route.namespace, str(digest))] = size
+            self._blob_sizes[memo] = size
         return CachedBlob(path, size)
+
+    async def forget_blob(self, route: Route, digest: Digest) -> None:
+        """Delete a cached blob (eviction, repair); the next GET fetches it again."""
+        self._blob_sizes.pop((route.namespace, str(digest)), None)
+        await self.store.delete(_blob_key(route, digest))
 
     async def blob(self, upstream: Upstream, route: Route, repository: str,
                    digest: Digest) -> CachedBlob | tuple[BlobFlight, bool]:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
@@ -116,6 +116,7 @@ class BlobFlight:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
+            self.readers -= 1
             if fd >= 0:
                 os.close(fd)
             self._notify()
@@ -155,6 +156,17 @@ class BlobFlight:
     async def wait_headers(self) -> None:
         """Wait until the upstream answered (size known) or raise its error."""
         await asyncio.shield(self._headers)
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        """Count a client as waiting on this fetch from its first moment (`stream()` counts
+        only from its first read), so the orphan limit never drops a fetch somebody is
+        about to read."""
+        self.readers += 1
+        try:
+            yield
+        finally:
+            self.readers -= 1
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield bytes [start, end) as they arrive; raise FetchAborted if the fetch fails."""

@@ -17,8 +17,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from yarl import URL
+
+from gateway import api
+from gateway.errors import RegistryError
 
 from .conftest import Gateway, Served
 from .fakes import (
@@ -693,3 +700,177 @@ async def test_json_error_for_an_unexpected_exception(setup: MakeSetup,
     assert error["code"] == "UNKNOWN"
     assert "Traceback" not in error["message"] and "a bug" not in error["message"]
     assert resp.headers["X-Request-Id"] in error["message"]
+
+
+async def test_aborted_transfer_is_logged_with_the_bytes_sent(
+        setup: MakeSetup, caplog: pytest.LogCaptureFixture) -> None:
+    """A client that goes away mid-blob still got bytes: the log line and
+    gateway_served_bytes say how many, and the line is marked aborted."""
+    s = await setup()
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    data = os.urandom(2 * MiB)
+    digest = s.hub.fake.add_blob(data)
+    path = f"/v2/owner/img/blobs/{digest}"
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        return await stream_in_parts(request, [data[:MiB], data[MiB:]], gates=[None, gate],
+                                     content_length=len(data))
+
+    s.hub.fake.override("GET", path, slow)
+    resp = await s.client.get(path)
+    received = await resp.content.readexactly(MiB - 1)  # all the gateway can send so far
+    resp.close()
+    await wait_until(lambda: any(r.name == "gateway.access" for r in caplog.records),
+                     what="the access log line")
+    gate.set()
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
+    assert line["aborted"] is True
+    assert (line["route"], line["repository"]) == ("docker.io", "owner/img")
+    assert line["bytes"] >= len(received)
+    assert s.gw.sample("gateway_served_bytes_total", route="docker.io") >= len(received)
+    # The client was told X-Cache: MISS with its 200; the log says the same.
+    assert line["cache"] == "MISS"
+
+
+async def test_unsatisfiable_range_on_a_miss_still_keeps_the_blob(setup: MakeSetup) -> None:
+    s = await setup()
+    data = os.urandom(1000)
+    digest = s.hub.fake.add_blob(data)
+    path = f"/v2/owner/img/blobs/{digest}"
+    resp = await s.client.get(path, headers={"Range": "bytes=2000-"})
+    assert resp.status == 416
+    assert (await error_of(resp))["code"] == "RANGE_INVALID"
+    await wait_until(lambda: not s.gw.services.cache._flights, what="the commit")
+    again = await s.client.get(path)
+    assert (again.status, await again.read(), again.headers["X-Cache"]) == (200, data, "HIT")
+    assert s.hub.fake.count("GET", path) == 1
+
+
+async def test_inflight_gauge_returns_to_zero(setup: MakeSetup) -> None:
+    s = await setup()
+    data = os.urandom(MiB)
+    digest = s.hub.fake.add_blob(data)
+    path = f"/v2/owner/img/blobs/{digest}"
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        return await stream_in_parts(request, [data[:10], data[10:]], gates=[None, gate],
+                                     content_length=len(data))
+
+    s.hub.fake.override("GET", path, slow)
+    pull = asyncio.create_task(s.client.get(path))
+    await wait_until(lambda: s.gw.sample("gateway_inflight_fetches", route="docker.io") == 1,
+                     what="the fetch to start")
+    gate.set()
+    assert await (await pull).read() == data
+    await wait_until(lambda: s.gw.sample("gateway_inflight_fetches", route="docker.io") == 0,
+                     what="the gauge to drop")
+
+
+async def test_shutdown_with_a_stalled_fetch_is_prompt(setup: MakeSetup) -> None:
+    """The cache owns its fetches and cancels them when the app stops: a stalled upstream
+    cannot hold shutdown, and nothing half-fetched is left in the store."""
+    s = await setup()
+    data = os.urandom(MiB)
+    digest = s.hub.fake.add_blob(data)
+    path = f"/v2/owner/img/blobs/{digest}"
+    never = asyncio.Event()
+
+    async def stalled(request: web.Request) -> web.StreamResponse:
+        return await stream_in_parts(request, [data[:10], data[10:]], gates=[None, never],
+                                     content_length=len(data))
+
+    s.hub.fake.override("GET", path, stalled)
+    pull = asyncio.create_task(s.client.get(path))
+    await wait_until(lambda: bool(s.gw.services.cache._flights), what="the fetch to start")
+    await asyncio.wait_for(s.client.close(), 5)
+    pull.cancel()
+    await asyncio.gather(pull, return_exceptions=True)
+    spool = s.gw.data_dir / ".spool"
+    assert not spool.exists() or list(spool.iterdir()) == []
+    assert not list(s.gw.data_dir.rglob(digest.split(":")[1]))
+
+
+async def test_every_accept_line_counts(setup: MakeSetup) -> None:
+    s = await setup()
+    body = image_manifest(b"layer")
+    s.hub.fake.add_manifest("owner/img", body, tag="v1")
+    headers = CIMultiDict([("Accept", OCI_INDEX), ("Accept", OCI_MANIFEST)])
+    resp = await s.client.get("/v2/owner/img/manifests/v1", headers=headers)
+    assert (resp.status, await resp.read()) == (200, body)
+    sent = s.hub.fake.seen("GET")[0].headers["Accept"]
+    assert OCI_INDEX in sent and OCI_MANIFEST in sent
+    # The cached tag is usable for a client that accepts it on its second Accept line.
+    again = await s.client.get("/v2/owner/img/manifests/v1", headers=headers)
+    assert again.headers["X-Cache"] == "HIT"
+
+
+async def test_media_type_comes_from_the_manifest_when_upstream_says_json(
+        setup: MakeSetup) -> None:
+    s = await setup()
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()
+    s.hub.fake.respond("GET", "/v2/owner/img/manifests/v1", 200, body=body,
+                       headers={"Content-Type": "application/json"})
+    resp = await s.client.get("/v2/owner/img/manifests/v1")
+    assert (resp.status, await resp.read()) == (200, body)
+    assert resp.headers["Content-Type"] == OCI_INDEX
+    assert resp.headers["Docker-Content-Digest"] == digest_of(body)
+
+
+async def test_healthz(setup: MakeSetup) -> None:
+    s = await setup()
+    resp = await s.client.get("/healthz")
+    assert (resp.status, await resp.text()) == (200, "ok\n")
+    assert s.upstream_requests() == 0
+
+
+async def test_route_listing_hides_upstreams_and_credentials(setup: MakeSetup) -> None:
+    s = await setup(hub={"credentials": {"username": "hub-user", "password_env": "HUB_PASSWORD"},
+                         "hosts": ["hub-mirror.corp"]})
+    resp = await s.client.get("/_gateway/routes")
+    assert resp.status == 200
+    text = await resp.text()
+    listing = json.loads(text)
+    assert {r["name"] for r in listing["routes"]} == {"docker.io", "ghcr.io"}
+    hub = next(r for r in listing["routes"] if r["name"] == "docker.io")
+    assert hub["label"] == "hub" and hub["hosts"] == ["hub-mirror.corp"]
+    assert listing["default_route"] == "docker.io"
+    for secret in (SECRET, "hub-user", s.hub.url, s.ghcr.url, "127.0.0.1"):
+        assert secret not in text
+
+
+async def test_blob_deleted_from_the_store_is_fetched_again(setup: MakeSetup) -> None:
+    """BlobStore.delete is part of the store's interface (eviction, repair): a blob that
+    is gone from disk must be fetched again, not answered from a stale size memo."""
+    s = await setup()
+    data = os.urandom(5000)
+    path = await _cached_blob(s, data)
+    digest = path.rsplit("/", 1)[1]
+    hex_digest = digest.split(":")[1]
+    key = f"docker.io/blobs/sha256/{hex_digest[:2]}/{hex_digest}"
+    store = s.gw.services.cache.store
+    assert await store.stat(key) == len(data)
+    await store.delete(key)
+    resp = await s.client.get(path)
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert resp.headers["X-Cache"] == "MISS"
+    assert s.hub.fake.count("GET", path) == 2
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(
+    st.from_regex(r"\s*bytes\s*=\s*\d{0,12}\s*-\s*\d{0,12}\s*", fullmatch=True),
+    st.text(max_size=40)), st.integers(0, 10**9))
+def test_range_header_parsing_is_total(header: str, size: int) -> None:
+    """Any Range header against any size: the whole blob, a 416, or a range inside it."""
+    request = make_mocked_request("GET", "/", headers={"Range": header})
+    try:
+        span = api._range(request, size)
+    except RegistryError as exc:
+        assert exc.status == 416 and exc.headers["Content-Range"] == f"bytes */{size}"
+        return
+    if span is not None:
+        start, end = span
+        assert 0 <= start < end <= size

@@ -688,3 +688,68 @@ async def test_tags_of_two_routes_are_kept_apart(world: MakeWorld) -> None:
     assert (await b.manifest("v1")).manifest.body == body_b
     assert (a.fake.count(), b.fake.count()) == (1, 1)
 
+
+
+async def test_missing_digest_is_remembered_per_repository(world: MakeWorld) -> None:
+    w = await world(negative_ttl=30)
+    body = image_manifest(b"only in other/img")
+    digest = w.fake.add_manifest("other/img", body)
+    for _ in range(2):
+        with pytest.raises(RegistryError) as caught:
+            await w.manifest(digest)  # in REPO, where the upstream does not have it
+        assert (caught.value.code, caught.value.status) == ("MANIFEST_UNKNOWN", 404)
+    assert w.fake.count("GET", f"/v2/{REPO}/manifests/{digest}") == 1
+    # Another repository that has it is not affected by what REPO's 404 taught.
+    result = await w.cache.manifest(w.upstream, w.route, "other/img", digest, None)
+    assert (result.cache, result.manifest.body) == ("MISS", body)
+
+
+async def test_cancelled_manifest_request_does_not_cancel_the_fetch(world: MakeWorld) -> None:
+    w = await world()
+    body = image_manifest(b"layer")
+    w.fake.add_manifest(REPO, body, tag="v1")
+    path = f"/v2/{REPO}/manifests/v1"
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return w.fake._manifest(request, REPO, "v1")
+
+    w.fake.override("GET", path, slow)
+    first = asyncio.create_task(w.manifest("v1"))
+    await wait_until(lambda: w.fake.count("GET", path) == 1, what="the upstream request")
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    gate.set()
+    await wait_until(lambda: not w.cache._manifest_flights, what="the fetch to finish")
+    result = await w.manifest("v1")
+    assert (result.cache, result.manifest.body) == ("HIT", body)
+    assert w.fake.count("GET", path) == 1
+
+
+async def test_stalled_transfer_is_resumed_after_the_read_timeout(world: MakeWorld) -> None:
+    w = await world()
+    stalled_upstream = Upstream(w.route, w.metrics, read_timeout=0.3)
+    await stalled_upstream.start()
+    try:
+        data = os.urandom(MiB)
+        digest = w.fake.add_blob(data)
+        path = f"/v2/{REPO}/blobs/{digest}"
+        never = asyncio.Event()
+
+        async def stall_first(request: web.Request) -> web.StreamResponse:
+            if w.fake.count("GET", path) == 1:
+                return await stream_in_parts(request, [data[:1000], data[1000:]],
+                                             gates=[None, never], content_length=len(data))
+            return w.fake.blob_response(request, digest)
+
+        w.fake.override("GET", path, stall_first)
+        flight, _ = w.cache.flight(stalled_upstream, w.route, REPO, parse_digest(digest))
+        assert await asyncio.wait_for(read_all(flight), 10) == data
+        await w.settled(digest)
+        assert [s.headers.get("Range") for s in w.fake.seen("GET", path)] == [
+            None, "bytes=1000-"]
+        assert blob_path(w, digest).read_bytes() == data
+    finally:
+        await stalled_upstream.close()

@@ -695,7 +695,7 @@ _documents = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_documents)
 def test_any_document_loads_or_raises_a_config_error(document: dict[str, Any]) -> None:
     text = yaml.safe_dump(document)

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
+import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+import trustme
 from aiohttp import web
+from yarl import URL
 
 from gateway.config import Credentials
 from gateway.errors import UpstreamError
@@ -16,7 +22,15 @@ from gateway.metrics import Metrics
 from gateway.upstream import MANIFEST_TYPES, Upstream, manifest_accept
 
 from .conftest import Served, make_route
-from .fakes import DOCKER_MANIFEST, OCI_INDEX, basic_header, closed_port, image_manifest
+from .fakes import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    FakeRegistry,
+    basic_header,
+    closed_port,
+    image_manifest,
+)
 
 SECRET = "s3cr3t-Pa55word"
 USER = "gw-user"
@@ -320,6 +334,93 @@ async def test_identity_encoding_is_asked_for(registry: Registry,
                 kind="blob")
     (seen,) = served.fake.requests
     assert seen.headers["Accept-Encoding"] == "identity"
+
+
+# ------------------------------------------------------- proxy, TLS, tokens
+
+
+class ForwardProxy:
+    """An HTTP forward proxy on 127.0.0.1 that sends everything to one fake registry,
+    whatever host the request names, and remembers the Host of each request."""
+
+    def __init__(self, target: str) -> None:
+        self.target = URL(target)
+        self.hosts: list[str] = []
+        self.app = web.Application()
+        self.app.router.add_route("*", "/{tail:.*}", self._forward)
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        self.hosts.append(request.headers.get("Host", ""))
+        url = self.target.with_path(request.path).with_query(request.query)
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() not in ("proxy-connection", "connection")}
+        async with aiohttp.ClientSession(auto_decompress=False) as session, \
+                session.request(request.method, url, headers=headers,
+                                allow_redirects=False) as resp:
+            body = await resp.read()
+            keep = {k: v for k, v in resp.headers.items()
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection")}
+            return web.Response(status=resp.status, body=body, headers=keep)
+
+
+async def test_everything_goes_through_the_outbound_proxy(
+        registry: Registry, upstream_for: UpstreamFor, aiohttp_server: Any) -> None:
+    served = await registry(auth="bearer")
+    body = image_manifest(b"via proxy")
+    served.fake.add_manifest(REPO, body, tag="v1")
+    proxy = ForwardProxy(served.url)
+    proxy_server = await aiohttp_server(proxy.app)
+    # Nothing listens at the upstream's own address: only the proxy can reach it.
+    unreachable = f"127.0.0.1:{closed_port()}"
+    route = make_route(f"http://{unreachable}",
+                       proxy=str(proxy_server.make_url("")).rstrip("/"))
+    upstream = await upstream_for(route)
+    assert await fetch(upstream, f"/v2/{REPO}/manifests/v1") == (200, body)
+    # The 401, the token request (realm on the upstream's host) and the retry.
+    assert proxy.hosts == [unreachable] * 3
+    assert len(served.fake.token_requests) == 1
+
+
+async def test_private_ca_from_ca_file(registry: Registry, upstream_for: UpstreamFor,
+                                       aiohttp_server: Any, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    fake = FakeRegistry()
+    body = image_manifest(b"over tls")
+    fake.add_manifest(REPO, body, tag="v1")
+    server = await aiohttp_server(fake.app, ssl=server_context)
+    url = str(server.make_url("")).rstrip("/")
+    assert url.startswith("https://")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+
+    trusting = await upstream_for(make_route(url, ca_file=str(ca_file)))
+    assert await fetch(trusting, f"/v2/{REPO}/manifests/v1") == (200, body)
+
+    default = await upstream_for(make_route(url))
+    error = await failure(default, f"/v2/{REPO}/manifests/v1")
+    assert (error.code, error.status) == ("UNAVAILABLE", 502)
+    assert len(fake.requests) == 1
+
+
+async def test_token_endpoint_answering_access_token(registry: Registry,
+                                                     upstream_for: UpstreamFor) -> None:
+    served = await registry()
+    path = f"/v2/{REPO}/manifests/v1"
+    body = image_manifest(b"oauth2 style")
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != "Bearer oauth-token":
+            return await challenge_401(f"{served.url}/oauth2/token")(request)
+        return web.Response(body=body, headers={"Content-Type": OCI_MANIFEST})
+
+    served.fake.override("GET", path, guarded)
+    served.fake.respond("GET", "/oauth2/token", 200,
+                        body=json.dumps({"access_token": "oauth-token"}).encode(),
+                        headers={"Content-Type": "application/json"})
+    upstream = await upstream_for(make_route(served.url))
+    assert await fetch(upstream, path) == (200, body)
 
 
 # ------------------------------------------------------------ error table
