@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
@@ -19,6 +20,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .cache import BlobFlight, Cache, CachedBlob, FetchAborted
+from .cache.flight import read_span
 from .errors import RegistryError, UpstreamError
 from .reference import Digest, Reference, parse_digest
 from .routing import Router
@@ -182,14 +184,27 @@ async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: Blo
         resp.content_length = size
     await resp.prepare(request)
     start, end = span if span is not None else (0, None)
+    state = request[STATE]
+    state.body_bytes, state.cache = 0, status
+    transport = request.transport
+    # Plain HTTP with a known length: the kernel copies each stretch from the spool file
+    # (sendfile), so N clients following one fetch cost no Python per byte. TLS, or a
+    # chunked body (upstream sent no length), needs aiohttp's framing: 1 MiB reads.
+    plain = (transport is not None and transport.get_extra_info("sslcontext") is None
+             and resp.content_length is not None and not resp.chunked)
+    loop = asyncio.get_running_loop()
     try:
         # aclosing: a client that goes away must release its reader at once.
-        state = request[STATE]
-        state.body_bytes, state.cache = 0, status
-        async with contextlib.aclosing(flight.stream(start, end)) as chunks:
-            async for chunk in chunks:
-                await resp.write(chunk)
-                state.body_bytes += len(chunk)
+        async with contextlib.aclosing(flight.spans(start, end)) as spans:
+            async for fd, offset, count in spans:
+                if plain and transport is not None:
+                    with os.fdopen(fd, "rb", closefd=False) as file:
+                        await loop.sendfile(transport, file, offset, count)
+                else:
+                    async with contextlib.aclosing(read_span(fd, offset, count)) as chunks:
+                        async for chunk in chunks:
+                            await resp.write(chunk)
+                state.body_bytes += count
     except FetchAborted:
         # Never let a client see a clean end of a body that failed verification.
         if request.transport is not None:

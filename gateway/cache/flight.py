@@ -168,8 +168,13 @@ class BlobFlight:
         finally:
             self.readers -= 1
 
-    async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
-        """Yield bytes [start, end) as they arrive; raise FetchAborted if the fetch fails."""
+    async def spans(self, start: int = 0,
+                    end: int | None = None) -> AsyncGenerator[tuple[int, int, int], None]:
+        """Yield (fd, offset, count): the next stretch of [start, end) that is on disk.
+
+        The consumer sends each stretch whole before asking for the next (by sendfile or
+        by reads). Raises FetchAborted if the fetch fails.
+        """
         self.readers += 1
         fd = -1
         try:
@@ -187,16 +192,20 @@ class BlobFlight:
                     progress = self._progress
                     await progress.wait()
                     continue
-                want = available - pos if end is None else min(available, end) - pos
-                data = await asyncio.to_thread(os.pread, fd, min(CHUNK, want), pos)
-                if not data:
-                    raise FetchAborted("spool file shrank")
-                pos += len(data)
-                yield data
+                count = (available if end is None else min(available, end)) - pos
+                yield fd, pos, count
+                pos += count
         finally:
             self.readers -= 1
             if fd >= 0:
                 os.close(fd)
+
+    async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
+        """Yield bytes [start, end) as they arrive, in reads of up to 1 MiB."""
+        async with contextlib.aclosing(self.spans(start, end)) as spans:
+            async for fd, offset, count in spans:
+                async for data in read_span(fd, offset, count):
+                    yield data
 
     def _open_for_reading(self) -> int:
         try:
@@ -205,6 +214,16 @@ class BlobFlight:
             if self.final_path is None or self.error is not None:
                 raise FetchAborted("the fetch failed") from None
             return os.open(self.final_path, os.O_RDONLY)
+
+
+async def read_span(fd: int, offset: int, count: int) -> AsyncGenerator[bytes, None]:
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(CHUNK, count), offset)
+        if not data:
+            raise FetchAborted("spool file shrank")
+        offset += len(data)
+        count -= len(data)
+        yield data
 
 
 def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytes) -> None:

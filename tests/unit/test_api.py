@@ -679,6 +679,9 @@ async def test_served_bytes_count_bodies_not_headers(setup: MakeSetup,
     await (await s.client.get("/v2/ghcr.io/owner/img/manifests/v1")).read()
     await (await s.client.head("/v2/ghcr.io/owner/img/manifests/v1")).read()
     await (await s.client.get(f"/v2/ghcr.io/owner/img/blobs/{digest}")).read()
+    # The server logs once its send returns, which may be after the client has it all.
+    await wait_until(lambda: sum(r.name == "gateway.access" for r in caplog.records) == 3,
+                     what="three access log lines")
     logged = [json.loads(r.getMessage())["bytes"] for r in caplog.records
               if r.name == "gateway.access"]
     assert logged == [len(body), 0, len(data)]
