@@ -13,7 +13,6 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
@@ -21,7 +20,7 @@ from yarl import URL
 
 from .cache import BlobFlight, Cache, CachedBlob, FetchAborted
 from .cache.flight import read_span
-from .errors import RegistryError, UpstreamError
+from .errors import RegistryError
 from .reference import Digest, Reference, parse_digest
 from .routing import Router
 from .state import STATE, RegistryRequest
@@ -243,17 +242,7 @@ async def _passthrough(request: web.Request, reg: RegistryRequest, upstream: Ups
                        path: str, params: dict[str, str]) -> tuple[bytes, CIMultiDict[str]]:
     resp = await upstream.request("GET", path, kind=reg.kind, repository=reg.repository,
                                   params=params)
-    try:
-        body = await resp.content.read(PASSTHROUGH_MAX + 1)
-        while not resp.content.at_eof() and len(body) <= PASSTHROUGH_MAX:
-            body += await resp.content.read(PASSTHROUGH_MAX + 1 - len(body))
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise upstream.transport_error(exc, reg.kind) from None
-    finally:
-        resp.release()
-    if len(body) > PASSTHROUGH_MAX:
-        raise UpstreamError("UNAVAILABLE", f"upstream {reg.route.name} answer is too large",
-                            502, retryable=False)
+    body = await upstream.read_body(resp, PASSTHROUGH_MAX, reg.kind)
     keep: CIMultiDict[str] = CIMultiDict()
     for name in ("Content-Type", "OCI-Filters-Applied", "Link"):
         if name in resp.headers:

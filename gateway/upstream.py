@@ -152,7 +152,7 @@ class Upstream:
                         raise self._status_error(resp.status, "token", resp.headers)
                     body: Any = await resp.json(content_type=None)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._transport_error(exc, "token") from None
+                raise self.transport_error(exc, "token") from None
             except ValueError:
                 raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint "
                                     "answered something other than JSON", 502,
@@ -244,7 +244,7 @@ class Upstream:
                 resp = await self.session.request(method, url, headers=send_headers,
                                                   allow_redirects=False, proxy=self.route.proxy)
             except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._transport_error(exc, kind) from None
+                raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
             location = URL(resp.headers["Location"])
@@ -282,7 +282,30 @@ class Upstream:
         return UpstreamError("UNAVAILABLE", f"upstream {name} answered HTTP {status}", 502,
                              retryable=False, upstream_status=status)
 
-    def _transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
+    async def read_body(self, resp: aiohttp.ClientResponse, limit: int, kind: str) -> bytes:
+        """Read a small answer whole (manifests, tag lists) and release the response.
+
+        Refuses anything over `limit` bytes: an upstream cannot make us buffer a blob.
+        """
+        try:
+            if (resp.content_length or 0) > limit:
+                raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: the {kind} answer "
+                                    f"is larger than {limit >> 20} MiB", 502, retryable=False)
+            body = await resp.content.read(limit + 1)
+            while len(body) <= limit and not resp.content.at_eof():
+                body += await resp.content.read(limit + 1 - len(body))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self.transport_error(exc, kind) from None
+        finally:
+            resp.release()
+        if len(body) > limit:
+            raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: the {kind} answer is "
+                                f"larger than {limit >> 20} MiB", 502, retryable=False)
+        self._metrics.upstream_bytes.labels(self.name).inc(len(body))
+        return body
+
+    def transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
+        """Translate a connection failure or timeout (also while reading a body)."""
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             return UpstreamError("UNAVAILABLE", f"upstream {self.name} timed out ({kind})", 504,
@@ -291,7 +314,3 @@ class Upstream:
         reason = type(exc).__name__
         return UpstreamError("UNAVAILABLE", f"upstream {self.name} is unreachable ({reason})",
                              502, retryable=True)
-
-    def transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
-        """Translate an exception raised while reading a response body."""
-        return self._transport_error(exc, kind)

@@ -183,20 +183,7 @@ class Cache:
         headers = {"Accept": manifest_accept(accept)}
         resp = await upstream.request("GET", f"/v2/{repository}/manifests/{reference}",
                                       kind="manifest", repository=repository, headers=headers)
-        try:
-            if (resp.content_length or 0) > MANIFEST_MAX:
-                raise RegistryError("MANIFEST_INVALID", "upstream manifest is larger than 4 MiB",
-                                    502)
-            body = await resp.content.read(MANIFEST_MAX + 1)
-            while len(body) <= MANIFEST_MAX and not resp.content.at_eof():
-                body += await resp.content.read(MANIFEST_MAX + 1 - len(body))
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream.transport_error(exc, "manifest") from None
-        finally:
-            resp.release()
-        self.metrics.upstream_bytes.labels(route.name).inc(len(body))
-        if len(body) > MANIFEST_MAX:
-            raise RegistryError("MANIFEST_INVALID", "upstream manifest is larger than 4 MiB", 502)
+        body = await upstream.read_body(resp, MANIFEST_MAX, "manifest")
         if resp.content_length is not None and len(body) != resp.content_length:
             self.metrics.integrity_failures.labels(route.name, "manifest").inc()
             raise IntegrityError(f"manifest {reference}: upstream sent {len(body)} of "
