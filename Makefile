@@ -42,7 +42,10 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check gateway tests
 	$(VENV)/bin/mypy
 
-bench: test-deps
+# The benchmark needs the gateway, Debian's docker-registry, nginx and wrk, and its Go
+# tool (built from bench/benchtool); not the test suite's dependencies.
+bench: $(VENV)/.installed
+	./scripts/install-bench-deps
 	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m bench
 
 clean:

@@ -1,0 +1,3 @@
+module registry-gateway/bench/benchtool
+
+go 1.23
