@@ -197,6 +197,8 @@ async def _stream_flight(request: web.Request, reg: RegistryRequest, flight: Blo
         async with contextlib.aclosing(flight.spans(start, end)) as spans:
             async for fd, offset, count in spans:
                 if plain and transport is not None:
+                    if transport.is_closing():  # loop.sendfile would raise RuntimeError
+                        raise ConnectionResetError("the client went away")
                     with os.fdopen(fd, "rb", closefd=False) as file:
                         await loop.sendfile(transport, file, offset, count)
                 else:

@@ -22,6 +22,7 @@ from ..reference import Digest
 
 CHUNK = 1 << 20  # disk and hash work is done off the loop in chunks of up to 1 MiB
 MAX_RESUMES = 3
+GATHER_SECONDS = 0.02
 
 
 class IntegrityError(RegistryError):
@@ -46,7 +47,8 @@ class BlobFlight:
         self.final_path = final_path  # where the bytes live once committed
         self.size: int | None = None
         self.written = 0
-        self.done = False
+        self.done = False  # every byte is on disk and verified
+        self.committed = False  # ... and renamed into the store
         self.error: BaseException | None = None
         self.readers = 0
         self.resumes = 0
@@ -102,12 +104,17 @@ class BlobFlight:
                 raise IntegrityError(f"blob {self.digest}: the upstream sent bytes with "
                                      f"another digest ({self.digest.algorithm}:"
                                      f"{hasher.hexdigest()[:12]}...)")
-            await asyncio.to_thread(os.fsync, fd)
+            # Verified: readers may have their last byte now; making it durable (fsync,
+            # then rename) need not hold them up (~0.2 s for a 100 MB layer).
             self.size = self.written
-            await commit(self.spool)
             self.done = True
+            self._notify()
+            await asyncio.to_thread(os.fsync, fd)
+            await commit(self.spool)
+            self.committed = True
         except BaseException as exc:  # including CancelledError: readers must be released
-            self.error = exc
+            if not self.done:
+                self.error = exc  # a failure after verification only loses the cache copy
             if not self._headers.done():
                 self._headers.set_exception(exc)
                 self._headers.exception()  # mark retrieved: readers may all be gone
@@ -116,7 +123,6 @@ class BlobFlight:
             if isinstance(exc, asyncio.CancelledError):
                 raise
         finally:
-            self.readers -= 1
             if fd >= 0:
                 os.close(fd)
             self._notify()
@@ -124,19 +130,14 @@ class BlobFlight:
     async def _pump(self, resp: aiohttp.ClientResponse, fd: int, hasher: hashlib._Hash,
                     skip: int, on_bytes: Callable[[int], None]) -> None:
         content = resp.content
+        gather = False  # the first bytes go out at once; after them, batch
         while True:
             data = await content.read(CHUNK)
             if not data:
                 return
-            # Gather what is already buffered so the thread hop is paid per ~1 MiB.
             if len(data) < CHUNK:
-                buf = bytearray(data)
-                while len(buf) < CHUNK:
-                    more = content.read_nowait(CHUNK - len(buf))
-                    if not more:
-                        break
-                    buf += more
-                data = bytes(buf)
+                data = await _gather(content, data, GATHER_SECONDS if gather else 0.0)
+            gather = True
             on_bytes(len(data))
             self.upstream_bytes += len(data)
             if skip:
@@ -213,7 +214,35 @@ class BlobFlight:
         except FileNotFoundError:
             if self.final_path is None or self.error is not None:
                 raise FetchAborted("the fetch failed") from None
+        try:
             return os.open(self.final_path, os.O_RDONLY)
+        except OSError as exc:  # renamed and then lost (disk trouble): nothing to follow
+            raise FetchAborted(f"the fetched blob is gone ({exc.strerror})") from None
+
+
+async def _gather(content: aiohttp.StreamReader, first: bytes, seconds: float) -> bytes:
+    """Add to `first` what arrives within `seconds`, up to CHUNK: the thread hop, the
+    hash call and the readers' wake-up are then paid per ~1 MiB, not per ~64 KiB
+    socket read (a 96 MB layer took 1,349 hops before)."""
+    buf = bytearray(first)
+    deadline = asyncio.get_running_loop().time() + seconds
+    while len(buf) < CHUNK:
+        more = content.read_nowait(CHUNK - len(buf))
+        if more:
+            buf += more
+            continue
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0 or content.at_eof():
+            break
+        try:
+            async with asyncio.timeout(remaining):
+                more = await content.read(CHUNK - len(buf))
+        except TimeoutError:
+            break
+        if not more:
+            break
+        buf += more
+    return bytes(buf)
 
 
 async def read_span(fd: int, offset: int, count: int) -> AsyncGenerator[bytes, None]:

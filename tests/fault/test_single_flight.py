@@ -22,7 +22,14 @@ from support.images import make_image, sha256_digest
 from support.pulls import fetch
 from support.upstreams import Upstream, route_entry, unique_repository
 
-from .support_fault import Transfer, client_tasks, poll, read_then_hang_up, stream_get
+from .support_fault import (
+    Transfer,
+    blob_path,
+    client_tasks,
+    poll,
+    read_then_hang_up,
+    stream_get,
+)
 
 pytestmark = pytest.mark.fault
 
@@ -195,6 +202,11 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
         assert waiting.cache == "COALESCED"
         assert proxy_blob_gets(upstream, repository, digest) == 1
 
+        # Readers get the last byte once it is verified; the file is renamed into the
+        # store just after (fsync first). Wait for that state, not for a time.
+        data_dir = gateway.data_dir
+        await poll(lambda: blob_path(data_dir, "docker.io", digest).exists(),
+                   what="the verified blob committed to the store")
         third = await stream_get(session, url)
         assert third.clean and third.digest == digest
         assert third.cache == "HIT"

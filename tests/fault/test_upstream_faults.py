@@ -83,6 +83,9 @@ async def test_cut_transfer_is_resumed_with_range(
             assert previous < offset <= cut, (offset, cut)
             previous = offset
 
+        # Verified bytes reach clients before the fsync and rename: wait for the commit.
+        await poll(lambda: blob_path(gateway.data_dir, ROUTE, plan.digest).exists(),
+                   what="the resumed blob committed to the store")
         again = await stream_get(session, url)
         assert again.clean and again.digest == plan.digest
         assert again.cache == "HIT", "the resumed blob was not kept"
