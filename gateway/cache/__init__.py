@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import aiohttp
 from cachetools import LRUCache, TLRUCache
@@ -91,6 +92,11 @@ def _manifest_key(route: Route, digest: Digest) -> str:
 def _tag_key(route: Route, repository: str, tag: str) -> str:
     # "_tags" cannot be a repository component (components start with [a-z0-9]).
     return f"{route.namespace}/tags/{repository}/_tags/{tag}"
+
+
+def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
+    file = open(path, "rb")  # noqa: SIM115  (the caller closes it after sending)
+    return file, os.fstat(file.fileno()).st_size
 
 
 class Cache:
@@ -323,6 +329,19 @@ class Cache:
                 return None
             self._blob_sizes[memo] = size
         return CachedBlob(path, size)
+
+    async def open_cached_blob(self, route: Route,
+                               digest: Digest) -> tuple[IO[bytes], int] | None:
+        """The committed blob opened for reading, with its size: one thread hop, which
+        also proves the file is still there."""
+        path = self.store.local_path(_blob_key(route, digest))
+        if path is None:
+            return None
+        try:
+            return await asyncio.to_thread(_open_with_size, path)
+        except FileNotFoundError:
+            self._blob_sizes.pop((route.namespace, str(digest)), None)
+            return None
 
     async def forget_blob(self, route: Route, digest: Digest) -> None:
         """Delete a cached blob (eviction, repair); the next GET fetches it again."""
