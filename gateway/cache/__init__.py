@@ -25,7 +25,7 @@ from ..config import Route
 from ..errors import RegistryError, UpstreamError
 from ..metrics import Metrics
 from ..reference import Digest, parse_digest
-from ..upstream import MANIFEST_TYPES, Upstream, manifest_accept
+from ..upstream import INDEX_TYPES, MANIFEST_TYPES, Upstream, manifest_accept
 from .flight import BlobFlight, FetchAborted, IntegrityError
 from .store import BlobStore
 
@@ -89,9 +89,20 @@ def _manifest_key(route: Route, digest: Digest) -> str:
     return f"{route.namespace}/manifests/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
 
 
-def _tag_key(route: Route, repository: str, tag: str) -> str:
-    # "_tags" cannot be a repository component (components start with [a-z0-9]).
-    return f"{route.namespace}/tags/{repository}/_tags/{tag}"
+# A tag is cached per "view". WIDE: the answer to a client that takes an index (the
+# canonical one, shared by every client that accepts its type). NARROW: the answer to a
+# client that takes no index, which the upstream may have negotiated down to one
+# platform's manifest; it must never reach a client that could have had the index.
+WIDE, NARROW = "_tags", "_narrow"  # folder names: repository components start [a-z0-9]
+
+
+def _view(accept: str | None) -> str:
+    negotiated = manifest_accept(accept)
+    return WIDE if all(t in negotiated for t in INDEX_TYPES) else NARROW
+
+
+def _tag_key(route: Route, repository: str, tag: str, view: str) -> str:
+    return f"{route.namespace}/tags/{repository}/{view}/{tag}"
 
 
 def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
@@ -106,7 +117,7 @@ class Cache:
         self.metrics = metrics
         self._manifests: LRUCache[tuple[str, str], Manifest] = LRUCache(
             maxsize=manifest_memory, getsizeof=lambda m: len(m.body) + 200)
-        self._tags: LRUCache[tuple[str, str, str], TagEntry] = LRUCache(maxsize=200_000)
+        self._tags: LRUCache[tuple[str, str, str, str], TagEntry] = LRUCache(maxsize=200_000)
         self._blob_sizes: LRUCache[tuple[str, str], int] = LRUCache(maxsize=500_000)
         self._negative: TLRUCache[tuple[str, str, str], float] = TLRUCache(
             maxsize=100_000, ttu=lambda _k, ttl, now: now + ttl, timer=time.monotonic)
@@ -168,19 +179,20 @@ class Cache:
         await self.store.write(_manifest_key(route, parse_digest(manifest.digest)), data)
         self._manifests[(route.namespace, manifest.digest)] = manifest
 
-    async def _tag(self, route: Route, repository: str, tag: str) -> TagEntry | None:
-        key = (route.namespace, repository, tag)
+    async def _tag(self, route: Route, repository: str, tag: str, view: str) -> TagEntry | None:
+        key = (route.namespace, repository, tag, view)
         entry = self._tags.get(key)
         if entry is None:
-            raw = await self.store.read(_tag_key(route, repository, tag))
+            raw = await self.store.read(_tag_key(route, repository, tag, view))
             entry = TagEntry.decode(raw) if raw is not None else None
             if entry is not None:
                 self._tags[key] = entry
         return entry
 
-    async def _keep_tag(self, route: Route, repository: str, tag: str, entry: TagEntry) -> None:
-        self._tags[(route.namespace, repository, tag)] = entry
-        await self.store.write(_tag_key(route, repository, tag), entry.encode())
+    async def _keep_tag(self, route: Route, repository: str, tag: str, view: str,
+                        entry: TagEntry) -> None:
+        self._tags[(route.namespace, repository, tag, view)] = entry
+        await self.store.write(_tag_key(route, repository, tag, view), entry.encode())
 
     async def _fetch_manifest(self, upstream: Upstream, route: Route, repository: str,
                               reference: str, accept: str | None,
@@ -243,7 +255,10 @@ class Cache:
 
     async def _manifest_by_tag(self, upstream: Upstream, route: Route, repository: str,
                                tag: str, accept: str | None) -> ManifestResult:
-        entry = await self._tag(route, repository, tag)
+        view = _view(accept)
+        entry = await self._tag(route, repository, tag, WIDE)
+        if view == NARROW and not (entry is not None and accepts(accept, entry.media_type)):
+            entry = await self._tag(route, repository, tag, NARROW)
         usable = entry is not None and accepts(accept, entry.media_type)
         if entry is not None and usable and time.time() - entry.checked < route.tag_ttl:
             cached = await self._local_manifest(route, entry.digest)
@@ -253,7 +268,7 @@ class Cache:
         self._check_negative(route, repository, tag)
 
         async def refresh() -> ManifestResult:
-            return await self._refresh_tag(upstream, route, repository, tag, accept,
+            return await self._refresh_tag(upstream, route, repository, tag, accept, view,
                                            entry if usable else None)
 
         result = await self._joined((route.namespace, "tag", repository, tag, accept or ""),
@@ -278,7 +293,8 @@ class Cache:
             raise
 
     async def _refresh_tag(self, upstream: Upstream, route: Route, repository: str, tag: str,
-                           accept: str | None, entry: TagEntry | None) -> ManifestResult:
+                           accept: str | None, view: str,
+                           entry: TagEntry | None) -> ManifestResult:
         cached = await self._local_manifest(route, entry.digest) if entry else None
         path = f"/v2/{repository}/manifests/{tag}"
         headers = {"Accept": manifest_accept(accept)}
@@ -289,7 +305,7 @@ class Cache:
                                               repository=repository, headers=headers)
                 resp.release()
                 if resp.headers.get("Docker-Content-Digest") == entry.digest:
-                    await self._keep_tag(route, repository, tag,
+                    await self._keep_tag(route, repository, tag, view,
                                          TagEntry(entry.digest, entry.media_type, time.time()))
                     return ManifestResult(cached, "HIT")
             manifest = await self._fetch_manifest(upstream, route, repository, tag, accept, None)
@@ -305,7 +321,7 @@ class Cache:
             raise
         await self._keep_manifest(route, manifest)
         if accepts(accept, manifest.media_type):
-            await self._keep_tag(route, repository, tag,
+            await self._keep_tag(route, repository, tag, view,
                                  TagEntry(manifest.digest, manifest.media_type, time.time()))
         return ManifestResult(manifest, "MISS")
 

@@ -8,6 +8,7 @@ in-process fake registry; time is moved with a clock that stands in for `time` i
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from gateway.upstream import Upstream
 from .conftest import Served, make_route
 from .fakes import (
     DOCKER_MANIFEST,
+    OCI_INDEX,
     OCI_MANIFEST,
     Clock,
     FakeRegistry,
@@ -593,6 +595,30 @@ async def test_cached_tag_of_another_media_type_is_not_served(world: MakeWorld) 
     assert (await w.manifest("v1", accept=DOCKER_MANIFEST)).cache == "MISS"
     assert w.fake.count("GET") == 2
     assert w.fake.seen("GET")[-1].headers["Accept"] == DOCKER_MANIFEST
+
+
+async def test_a_manifest_negotiated_down_does_not_stand_for_the_tag(world: MakeWorld) -> None:
+    """An old client that cannot take an index gets a platform's manifest for the tag;
+    the next client, which can, must still get the index, not that platform."""
+    w = await world(tag_ttl=600)
+    platform = image_manifest(b"amd64")
+    platform_digest = w.fake.add_manifest(REPO, platform)
+    index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+        {"mediaType": OCI_MANIFEST, "digest": platform_digest, "size": len(platform),
+         "platform": {"architecture": "amd64", "os": "linux"}}]}).encode()
+
+    async def negotiate(request: web.Request) -> web.StreamResponse:
+        if OCI_INDEX in request.headers.get("Accept", ""):
+            return web.Response(body=index, headers={"Content-Type": OCI_INDEX})
+        return web.Response(body=platform, headers={"Content-Type": OCI_MANIFEST})
+
+    w.fake.override("GET", f"/v2/{REPO}/manifests/multi", negotiate)
+    old = await w.manifest("multi", accept=OCI_MANIFEST)
+    assert old.manifest.body == platform
+    wide = await w.manifest("multi")
+    assert wide.manifest.body == index and wide.cache == "MISS"
+    assert (await w.manifest("multi")).cache == "HIT"
+    assert (await w.manifest("multi")).manifest.body == index
 
 
 @pytest.mark.parametrize("failure", ["500", "503", "429", "refused"])
