@@ -363,21 +363,9 @@ class SandboxDockerd(Dockerd):
         require_tool("containerd")
         self._client = _docker_client()
         assert self.sandbox is not None
-        command = self.sandbox.command(
-            binary, "--config-file", str(self.config_file),
-            "--host", f"unix://{self.socket_path}", "--data-root", str(self.data_root),
-            "--exec-root", str(self.exec_root), "--pidfile", str(self.root / "docker.pid"))
         environment = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                        "HOME": str(self.root)}
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=log, start_new_session=True)
-        try:
-            wait_for(self._answers, what="dockerd", timeout=60, process=self.process,
-                     diagnostics=lambda: self.log()[-4000:])
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(self.sandbox.command(*self.command(binary, self.config_file)), environment)
 
 
 def test_docker_pulls_through_the_mirror_and_by_explicit_host(

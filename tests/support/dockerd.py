@@ -101,13 +101,20 @@ class Dockerd:
             "HTTPS_PROXY": dead_proxy,
             "NO_PROXY": "",
         }
-        command = [
+        self._launch(self.command(binary, config_path), environment)
+
+    def command(self, binary: str, config_path: Path) -> list[str]:
+        """dockerd's command line: its own config file, socket, roots and pidfile."""
+        return [
             binary, "--config-file", str(config_path),
             "--host", f"unix://{self.socket_path}",
             "--data-root", str(self.data_root),
             "--exec-root", str(self.exec_root),
             "--pidfile", str(self.root / "docker.pid"),
         ]
+
+    def _launch(self, command: list[str], environment: dict[str, str]) -> None:
+        """Start dockerd and wait until it answers; stop it again if it never does."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=environment, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=log, start_new_session=True)
