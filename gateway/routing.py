@@ -7,17 +7,21 @@ A registry that no route names is refused: the gateway is never an open proxy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from .config import Config, Route
 from .errors import RegistryError
 from .reference import validate_name
 
 
+Via = Literal["host", "path", "ns", "default"]
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     route: Route
     repository: str  # the repository as the upstream knows it
-    via: str  # host | path | ns | default
+    via: Via
 
 
 class Router:
@@ -60,7 +64,7 @@ class Router:
     def resolve(self, host: str | None, name: str, ns: str | None) -> Resolved:
         """Map (Host, repository path, ns=) to a route and the upstream repository."""
         route = self.by_host(host)
-        via = "host"
+        via: Via = "host"
         if route is None:
             first, sep, rest = name.partition("/")
             if sep and ("." in first or ":" in first or first == "localhost"):

@@ -1,59 +1,60 @@
-"""Building the aiohttp `Application`: routes, middlewares, and what the app owns.
+"""The composition root: builds the app (store, index, cache, upstreams, pipeline,
+handlers) and runs it (listeners, TLS with its reloader, signals, logging).
 
-`create_app(config, data_dir)` builds everything; sessions, the store and cache tasks
-are opened and closed in `cleanup_ctx`. Nothing here runs at import time.
+The only place that wires parts together; nothing here runs at import time, and the
+command line only fills in `ServeOptions`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, api
-from .cache import Cache
-from .cache.fs import FsStore
+from . import admin, api, pipeline
+from .cache import Cache, FsStore, MemoryIndex, ProcessDir
 from .config import Config
-from .errors import RegistryError
+from .logs import start_logging
 from .metrics import Metrics
-from .middleware import add_common_headers, make_middlewares
 from .routing import Router
-from .tls import forwarded_middleware, redirect_middleware
+from .tls import RELOAD_INTERVAL, TlsCertificates
 from .upstream import Upstream
 
-CONFIG = web.AppKey("config", Config)
-METRICS = web.AppKey("metrics", Metrics)
+log = logging.getLogger("gateway")
 
 # A 10 KB repository name must reach the handler (and get an OCI 400), not the parser's
 # plain-text 400; far beyond this the parser refuses on its own.
 MAX_LINE = 65536
+CONFIG, METRICS = admin.CONFIG, admin.METRICS
 
 
 def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
-               https_port: int | None = None) -> web.Application:
-    """`https_port`: plain-HTTP requests are redirected to HTTPS on this port."""
+               https_port: int | None = None,
+               clock: Callable[[], float] = time.time) -> web.Application:
+    """The gateway as one aiohttp app. `https_port`: plain-HTTP requests are redirected to
+    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it."""
     metrics = Metrics()
-    store = FsStore(Path(data_dir))
-    cache = Cache(store, metrics)
-    upstreams = {route.name: Upstream(route, metrics) for route in config.routes}
-    services = api.Services(Router(config), cache, upstreams)
+    data_dir = Path(data_dir)
+    spool = ProcessDir(data_dir / ".spool")
+    store = FsStore(data_dir, spool.path)
+    cache = Cache(store, MemoryIndex(clock), metrics, spool, clock)
+    upstreams = {route.name: Upstream(route, metrics, clock=clock) for route in config.routes}
 
-    # Outermost: a trusted proxy's X-Forwarded-* become the request's host, scheme and
-    # remote before anything logs or routes it. Innermost: the HTTPS redirect.
-    middlewares = make_middlewares(metrics)
-    if config.trusted_proxies:
-        middlewares.insert(0, forwarded_middleware(config.trusted_proxies))
-    if https_port is not None:
-        middlewares.append(redirect_middleware(https_port))
-    app = web.Application(middlewares=middlewares, client_max_size=1 << 20)
+    app = web.Application(middlewares=pipeline.build(config, Router(config), metrics,
+                                                     https_port=https_port),
+                          client_max_size=1 << 20)
     app[CONFIG] = config
     app[METRICS] = metrics
-    app[api.SERVICES] = services
+    app[api.SERVICES] = api.Services(cache, upstreams)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await store.open()  # clears leftovers of transfers cut by a crash
+        await cache.open()
         for upstream in upstreams.values():
             await upstream.start()
         yield
@@ -61,52 +62,102 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await asyncio.gather(*(u.close() for u in upstreams.values()))
 
     app.cleanup_ctx.append(lifecycle)
-    app.on_response_prepare.append(add_common_headers)
-
+    app.on_response_prepare.append(pipeline.add_common_headers)
     router = app.router
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
         router.add_route("HEAD", path, api.base)
     router.add_get("/v2/{tail:.+}", api.dispatch, allow_head=False)
     router.add_route("HEAD", "/v2/{tail:.+}", api.dispatch)
-    router.add_get("/healthz", healthz)
-    router.add_get("/_gateway/routes", gateway_routes)
-    if serve_metrics:
-        add_metrics_route(app, metrics)
-    router.add_route("*", "/{tail:.*}", not_found)
+    admin.add_routes(app, serve_metrics=serve_metrics)
+    router.add_route("*", "/{tail:.*}", admin.not_found)
     return app
 
 
-def add_metrics_route(app: web.Application, metrics: Metrics) -> None:
-    async def handler(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": metrics.content_type})
-
-    app.router.add_get("/metrics", handler)
+Address = tuple[str, int]
 
 
-def create_metrics_app(metrics: Metrics) -> web.Application:
-    app = web.Application()
-    add_metrics_route(app, metrics)
-    return app
+@dataclass(frozen=True)
+class ServeOptions:
+    config: Config
+    data_dir: Path
+    listens: tuple[Address, ...] = (("127.0.0.1", 5000),)
+    tls_listens: tuple[Address, ...] = ()
+    metrics_listen: Address | None = None
+    certs: Path = Path("certs")
+    redirect_http: bool = False
+    tls_reload: float = RELOAD_INTERVAL
+    log_level: str = "info"
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.Response(text="ok\n")
+def _with_certificates(app: web.Application, certificates: TlsCertificates) -> None:
+    """Load the certificates (TlsError if there are none) and watch them for the app's life."""
+
+    async def watch(app: web.Application) -> AsyncIterator[None]:
+        await certificates.start()
+        yield
+        await certificates.close()
+
+    app.cleanup_ctx.insert(0, watch)
 
 
-async def gateway_routes(request: web.Request) -> web.Response:
-    """Route names and the hosts that pick them, for `registry-gateway client` and `doctor`
-    on client machines. Never upstream URLs or credentials."""
-    config = request.app[CONFIG]
-    return web.json_response({
-        "gateway": "registry-gateway",
-        "version": __version__,
-        "base_domains": list(config.base_domains),
-        "default_route": config.default_route,
-        "routes": [{"name": r.name, "label": r.label, "hosts": list(r.hosts),
-                    "aliases": list(r.aliases)} for r in config.routes],
-    })
+async def _serve(options: ServeOptions) -> None:
+    certificates = (TlsCertificates(options.certs, reload_interval=options.tls_reload)
+                    if options.tls_listens else None)
+    https_port = options.tls_listens[0][1] if certificates and options.redirect_http else None
+    app = create_app(options.config, options.data_dir,
+                     serve_metrics=options.metrics_listen is None, https_port=https_port)
+    if certificates is not None:
+        _with_certificates(app, certificates)
+    runners = [web.AppRunner(app, access_log=None, max_line_size=MAX_LINE,
+                             max_field_size=MAX_LINE)]
+    await runners[0].setup()
+    try:
+        for host, port in options.listens:
+            await web.TCPSite(runners[0], host, port, backlog=1024).start()
+        for host, port in options.tls_listens:
+            assert certificates is not None
+            await web.TCPSite(runners[0], host, port, backlog=1024,
+                              ssl_context=certificates.context).start()
+        if options.metrics_listen is not None:
+            runners.append(web.AppRunner(admin.metrics_app(app[METRICS]), access_log=None))
+            await runners[-1].setup()
+            await web.TCPSite(runners[-1], *options.metrics_listen).start()
+        log.info("serving %d routes on %s, data in %s", len(options.config.routes),
+                 ", ".join([f"http://{h}:{p}" for h, p in options.listens] +
+                           [f"https://{h}:{p}" for h, p in options.tls_listens]),
+                 options.data_dir)
+        await _until_stopped(certificates)
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
 
 
-async def not_found(request: web.Request) -> web.Response:
-    raise RegistryError("NOT_FOUND", "not a registry API path; registry clients use /v2/")
+async def _until_stopped(certificates: TlsCertificates | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    def hangup() -> None:
+        # SIGHUP is "reload", never "stop", whatever is listening.
+        if certificates is not None:
+            certificates.reload_soon()
+        log.info("SIGHUP: %s", "looking at the certificates again" if certificates
+                 else "nothing to reload (routes.yaml is read at start)")
+
+    loop.add_signal_handler(signal.SIGHUP, hangup)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def run(options: ServeOptions) -> None:
+    """Serve until SIGINT or SIGTERM. Raises TlsError when certs/ holds no certificate."""
+    listener = start_logging(options.log_level)
+    try:
+        asyncio.run(_serve(options))
+    finally:
+        listener.stop()

@@ -1,25 +1,46 @@
-"""What one request learns on its way through: its id, its parsed registry call, its
-outcome. Set by the handlers, read by the access log; nothing else lives here.
+"""What one request learns on its way through: its id, its resolved registry call, its
+outcome. Set by the pipeline and the handlers, read by the access log; nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from aiohttp import web
 
 from .config import Route
+from .reference import Digest, Reference
+from .routing import Via
+
+Kind = Literal["manifest", "blob", "tags", "referrers"]
 
 
 @dataclass(frozen=True, slots=True)
 class RegistryRequest:
-    """A parsed registry API call: which route, which repository, what is asked."""
+    """A resolved registry API call: which route, which repository, what is asked."""
 
     route: Route
-    repository: str
-    kind: str  # manifest | blob | tags | referrers
-    reference: str  # tag or digest; "list" for tags
-    via: str  # host | path | ns | default
+    repository: str  # as the upstream knows it (Docker Hub's library/ added)
+    kind: Kind
+    target: Reference | Digest | None  # manifest: Reference; blob, referrers: Digest; tags: None
+    via: Via
+
+    @property
+    def digest(self) -> Digest:
+        """The digest of a blob or referrers call."""
+        assert isinstance(self.target, Digest), self.kind
+        return self.target
+
+    @property
+    def reference(self) -> Reference:
+        """The tag or digest of a manifest call."""
+        assert isinstance(self.target, Reference), self.kind
+        return self.target
+
+    def describe(self) -> str | None:
+        """The reference as the access log shows it."""
+        return "list" if self.target is None else str(self.target)
 
 
 @dataclass(slots=True)

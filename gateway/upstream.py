@@ -11,7 +11,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +23,7 @@ from yarl import URL
 from .config import Route
 from .errors import UpstreamError
 from .metrics import Metrics
-
-MANIFEST_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-)
-INDEX_TYPES = MANIFEST_TYPES[:2]
+from .singleflight import SharedCalls
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
@@ -50,20 +43,6 @@ class _Challenge:
     scheme: str  # bearer | basic
     realm: str = ""
     service: str = ""
-
-
-def manifest_accept(client_accept: str | None) -> str:
-    """The Accept to send upstream: the client's manifest types, or all we know.
-
-    `*/*` or no Accept must not reach distribution as such: it would down-convert
-    to a schema1 manifest (or refuse to).
-    """
-    if client_accept:
-        types = [part.split(";", 1)[0].strip() for part in client_accept.split(",")]
-        if any(t in MANIFEST_TYPES or t.startswith("application/vnd.docker.distribution.manifest")
-               for t in types):
-            return client_accept
-    return ", ".join(MANIFEST_TYPES)
 
 
 def _parse_challenge(header: str) -> _Challenge | None:
@@ -86,21 +65,24 @@ def _challenge_scope(header: str) -> str | None:
 class Upstream:
     """The client side of one route. `request` returns a 2xx/3xx-free response or raises."""
 
-    def __init__(self, route: Route, metrics: Metrics, *, read_timeout: float = 60.0) -> None:
+    def __init__(self, route: Route, metrics: Metrics, *, read_timeout: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
         self.route = route
         self.name = route.name
+        self.settings = route.upstream
         self._metrics = metrics
         self._read_timeout = read_timeout
         self._session: aiohttp.ClientSession | None = None
         self._challenge: _Challenge | None = None
         self._tokens: TLRUCache[str, _Token] = TLRUCache(
-            maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=time.monotonic)
-        self._token_locks: dict[str, asyncio.Lock] = {}
+            maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
+        self._token_calls: SharedCalls[str, str] = SharedCalls("token")
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True
-        if self.route.ca_file:
-            ssl_context = ssl.create_default_context(cafile=self.route.ca_file)
+        if self.settings.ca_file:  # reads a file: off the loop
+            ssl_context = await asyncio.to_thread(ssl.create_default_context,
+                                                  cafile=self.settings.ca_file)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=ssl_context,
                                          ttl_dns_cache=300)
         # Per-read timeouts only: a multi-GB layer must not be cut off by a total timeout.
@@ -112,6 +94,7 @@ class Upstream:
         )
 
     async def close(self) -> None:
+        await self._token_calls.close()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -130,51 +113,55 @@ class Upstream:
         than that one was renewed meanwhile and is used as it is.
         """
         key = f"{challenge.realm} {challenge.service} {scope}"
-        lock = self._token_locks.setdefault(key, asyncio.Lock())
-        async with lock:  # one token request per scope at a time
-            cached = self._tokens.get(key)
-            if cached is not None and f"Bearer {cached.value}" != rejected:
-                return cached.value
-            params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
-            headers = {}
-            if self.route.credentials is not None:
-                headers["Authorization"] = aiohttp.encode_basic_auth(
-                    self.route.credentials.username, self.route.credentials.password)
-            try:
-                async with self.session.get(challenge.realm, params=params, headers=headers,
-                                            proxy=self.route.proxy) as resp:
-                    if resp.status in (401, 403):
-                        raise UpstreamError(
-                            "UNAUTHORIZED" if resp.status == 401 else "DENIED",
-                            f"upstream {self.name} refused the gateway's credentials "
-                            f"for {scope or 'access'}", 502 if resp.status == 401 else 403,
-                            retryable=False, upstream_status=resp.status)
-                    if resp.status != 200:
-                        raise self._status_error(resp.status, "token", resp.headers)
-                    body: Any = await resp.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self.transport_error(exc, "token") from None
-            except ValueError:
-                raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint "
-                                    "answered something other than JSON", 502,
-                                    retryable=True) from None
-            value = (body.get("token") or body.get("access_token")) if isinstance(body, dict) \
-                else None
-            if not isinstance(value, str):
-                raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint gave "
-                                    "no token", 502, retryable=True)
-            expires_in = body.get("expires_in", 60)
-            lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
-            # Refresh a little early so a token never expires between check and use.
-            self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
-            return value
+        cached = self._tokens.get(key)
+        if cached is not None and f"Bearer {cached.value}" != rejected:
+            return cached.value
+        value, _started = await self._token_calls.call(
+            key, lambda: self._fetch_token(challenge, scope, key))
+        return value
+
+    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str) -> str:
+        params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
+        headers = {}
+        credentials = self.settings.credentials
+        if credentials is not None:
+            headers["Authorization"] = aiohttp.encode_basic_auth(credentials.username,
+                                                                 credentials.password)
+        try:
+            async with self.session.get(challenge.realm, params=params, headers=headers,
+                                        proxy=self.settings.proxy) as resp:
+                if resp.status in (401, 403):
+                    raise UpstreamError(
+                        "UNAUTHORIZED" if resp.status == 401 else "DENIED",
+                        f"upstream {self.name} refused the gateway's credentials "
+                        f"for {scope or 'access'}", 502 if resp.status == 401 else 403,
+                        retryable=False, upstream_status=resp.status)
+                if resp.status != 200:
+                    raise self._status_error(resp.status, "token", resp.headers)
+                body: Any = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self.transport_error(exc, "token") from None
+        except ValueError:
+            raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint "
+                                "answered something other than JSON", 502,
+                                retryable=True) from None
+        value = (body.get("token") or body.get("access_token")) if isinstance(body, dict) \
+            else None
+        if not isinstance(value, str):
+            raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint gave "
+                                "no token", 502, retryable=True)
+        expires_in = body.get("expires_in", 60)
+        lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
+        # Refresh a little early so a token never expires between check and use.
+        self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
+        return value
 
     async def _authorization(self, scope: str, rejected: str | None = None) -> str | None:
         challenge = self._challenge
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self.route.credentials
+            creds = self.settings.credentials
             return aiohttp.encode_basic_auth(creds.username, creds.password) if creds else None
         return "Bearer " + await self._token(challenge, scope, rejected)
 
@@ -206,7 +193,7 @@ class Upstream:
             resp.release()
             challenge = _parse_challenge(www)
             if challenge is None or (challenge.scheme == "basic"
-                                     and self.route.credentials is None):
+                                     and self.settings.credentials is None):
                 raise UpstreamError(
                     "UNAUTHORIZED", f"upstream {self.name} requires credentials the gateway "
                     "does not have for this repository", 401, retryable=False, upstream_status=401)
@@ -230,10 +217,10 @@ class Upstream:
         params: Mapping[str, str] | None,
         authorization: str | None,
     ) -> aiohttp.ClientResponse:
-        url = self.route.upstream.with_path(path)
+        url = self.settings.url.with_path(path)
         if params:
             url = url.with_query(params)
-        origin = self.route.upstream.origin()
+        origin = self.settings.url.origin()
         send_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         for _ in range(_MAX_REDIRECTS + 1):
             if authorization and url.origin() == origin:
@@ -243,7 +230,7 @@ class Upstream:
                 send_headers.pop("Authorization", None)
             try:
                 resp = await self.session.request(method, url, headers=send_headers,
-                                                  allow_redirects=False, proxy=self.route.proxy)
+                                                  allow_redirects=False, proxy=self.settings.proxy)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:

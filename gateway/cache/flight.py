@@ -48,11 +48,9 @@ class BlobFlight:
         self.size: int | None = None
         self.written = 0
         self.done = False  # every byte is on disk and verified
-        self.committed = False  # ... and renamed into the store
         self.error: BaseException | None = None
         self.readers = 0
         self.resumes = 0
-        self.upstream_bytes = 0
         self._orphan_limit = orphan_limit
         self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
@@ -111,7 +109,6 @@ class BlobFlight:
             self._notify()
             await asyncio.to_thread(os.fsync, fd)
             await commit(self.spool)
-            self.committed = True
         except BaseException as exc:  # including CancelledError: readers must be released
             if not self.done:
                 self.error = exc  # a failure after verification only loses the cache copy
@@ -139,7 +136,6 @@ class BlobFlight:
                 data = await _gather(content, data, GATHER_SECONDS if gather else 0.0)
             gather = True
             on_bytes(len(data))
-            self.upstream_bytes += len(data)
             if skip:
                 cut = min(skip, len(data))
                 data, skip = data[cut:], skip - cut

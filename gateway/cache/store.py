@@ -1,33 +1,75 @@
-"""The small storage interface the cache is written against.
+"""The small storage interface the cache is written against, and the keys it uses.
 
-Keys are relative, '/'-separated paths chosen by the cache (`<namespace>/blobs/...`).
-A store keeps only what was committed whole; it never verifies digests itself.
+A store keeps only what was committed whole; it never verifies digests itself (the
+flight does). What only some stores can do is an optional capability, checked with
+`isinstance`: serving a local file (sendfile) or redirecting to a presigned URL.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
+
+from ..reference import Digest
+
+
+class Upload(Protocol):
+    """One object being written; invisible under its key until `commit()`."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def commit(self) -> None: ...
+
+    async def abort(self) -> None:
+        """Drop what was written; safe to call after a failed write or twice."""
 
 
 class BlobStore(Protocol):
-    spool_dir: Path
-    """Where in-flight fetches are spooled; commit() moves a spool file into the store."""
-
     async def stat(self, key: str) -> int | None:
         """Size of the committed object, or None."""
 
-    def local_path(self, key: str) -> Path | None:
-        """A local file holding the object (for sendfile), or None for remote stores."""
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of a committed object; FileNotFoundError if there is none."""
 
-    async def read(self, key: str) -> bytes | None:
-        """A small object's bytes (manifests, tags), or None."""
+    async def get(self, key: str) -> bytes | None:
+        """A small object whole (manifests, tags), or None."""
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes) -> None:
         """Store a small object atomically."""
 
-    async def commit(self, key: str, spool: Path) -> None:
-        """Move a complete, verified spool file into place atomically."""
+    def upload(self, key: str) -> Upload:
+        """Begin writing a (large) object under `key`."""
 
     async def delete(self, key: str) -> None:
         """Forget an object; missing is fine."""
+
+
+@runtime_checkable
+class LocalFiles(Protocol):
+    """A store whose objects are files on this machine: served by sendfile, and a verified
+    spool file moves in by rename instead of being copied."""
+
+    def local_path(self, key: str) -> Path: ...
+
+    async def adopt(self, key: str, file: Path) -> None:
+        """Move a complete local file (on the same filesystem) in under `key`."""
+
+
+@runtime_checkable
+class Redirecting(Protocol):
+    """A store that can send clients to fetch an object themselves (a presigned URL)."""
+
+    async def redirect_url(self, key: str) -> str | None: ...
+
+
+def blob_key(namespace: str, digest: Digest) -> str:
+    return f"{namespace}/blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def manifest_key(namespace: str, digest: Digest) -> str:
+    return f"{namespace}/manifests/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def tag_key(namespace: str, repository: str, tag: str, view: str) -> str:
+    return f"{namespace}/tags/{repository}/{view}/{tag}"

@@ -1,7 +1,8 @@
-"""Middlewares: error rendering, access log, metrics, the read-only guard, request ids.
+"""Observe: error rendering, the access log, request metrics and request ids.
 
 The one place where any exception becomes an OCI error body: a client never sees a
-traceback. The access log is one JSON line per request and holds no secrets.
+traceback. The access log is one JSON line per request, holds no secrets, and is
+written by the logging thread (see logs.py), never on the event loop.
 """
 
 from __future__ import annotations
@@ -12,16 +13,14 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from .errors import RegistryError
-from .metrics import Metrics
-from .state import STATE, RegistryRequest, RequestState
+from ..errors import RegistryError
+from ..metrics import Metrics
+from ..state import STATE, RegistryRequest, RequestState
 
-READ_ONLY = ("GET", "HEAD")
 REQUEST_ID = "X-Request-Id"
 access_log = logging.getLogger("gateway.access")
 error_log = logging.getLogger("gateway.error")
@@ -43,7 +42,7 @@ def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
     return "metrics" if request.path == "/metrics" else "other"
 
 
-def make_middlewares(metrics: Metrics) -> list[Any]:
+def observe_middleware(metrics: Metrics) -> web.Middleware:
     # Request ids: unique per process start, cheaper than a uuid4 per request.
     id_prefix = f"{secrets.token_hex(4)}-"
     id_counter = itertools.count(1)
@@ -93,15 +92,7 @@ def make_middlewares(metrics: Metrics) -> list[Any]:
         _log(request, metrics, response, started)
         return response
 
-    @web.middleware
-    async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The nginx recipe's `limit_except GET { deny all; }`, built in.
-        if request.method not in READ_ONLY:
-            raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
-                                "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
-        return await handler(request)
-
-    return [observe, read_only]
+    return observe
 
 
 def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | None,
@@ -124,9 +115,9 @@ def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | 
         "method": request.method,
         "path": request.rel_url.raw_path[:512],
         "route": route,
-        "upstream": str(reg.route.upstream) if reg is not None else None,
+        "upstream": str(reg.route.upstream.url) if reg is not None else None,
         "repository": reg.repository if reg is not None else None,
-        "reference": reg.reference if reg is not None else None,
+        "reference": reg.describe() if reg is not None else None,
         "status": status,
         "bytes": sent,
         "duration_ms": round(duration * 1000, 2),

@@ -1,0 +1,59 @@
+"""Operator endpoints: /healthz, /metrics and /_gateway/routes (what client machines read).
+
+Never shows upstream URLs or credentials. Serving these to admin addresses only is the
+access stage's job; here they are plain handlers over the config and the metrics.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import __version__
+from .config import Config
+from .errors import RegistryError
+from .metrics import Metrics
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    collected = request.app[METRICS]
+    return web.Response(body=collected.render(), headers={"Content-Type": collected.content_type})
+
+
+async def routes(request: web.Request) -> web.Response:
+    """Route names and the hosts that pick them, for `registry-gateway client` and `doctor`."""
+    config = request.app[CONFIG]
+    return web.json_response({
+        "gateway": "registry-gateway",
+        "version": __version__,
+        "base_domains": list(config.base_domains),
+        "default_route": config.default_route,
+        "routes": [{"name": r.name, "label": r.label, "hosts": list(r.hosts),
+                    "aliases": list(r.aliases)} for r in config.routes],
+    })
+
+
+async def not_found(request: web.Request) -> web.Response:
+    raise RegistryError("NOT_FOUND", "not a registry API path; registry clients use /v2/")
+
+
+def add_routes(app: web.Application, *, serve_metrics: bool) -> None:
+    router = app.router
+    router.add_get("/healthz", healthz)
+    router.add_get("/_gateway/routes", routes)
+    if serve_metrics:
+        router.add_get("/metrics", metrics)
+
+
+def metrics_app(collected: Metrics) -> web.Application:
+    """The app of a separate `--metrics-listen` address."""
+    app = web.Application()
+    app[METRICS] = collected
+    app.router.add_get("/metrics", metrics)
+    return app

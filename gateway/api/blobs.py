@@ -1,0 +1,202 @@
+"""Blob GET and HEAD: send a committed blob (sendfile on plain HTTP, 1 MiB reads under
+TLS, or the store's stream), or follow its in-flight fetch; one byte range at most.
+
+Never lets a client see a clean end of a body that failed verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import IO
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from ..cache import BlobFlight, Cache, CachedBlob, FetchAborted, read_span
+from ..errors import RegistryError
+from ..oci import OCTET_STREAM
+from ..state import STATE, RegistryRequest
+from ..upstream import Upstream
+
+Span = tuple[int, int]  # [start, end)
+
+
+def headers(reg: RegistryRequest, cache: str, **extra: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict(extra)
+    out["X-Cache"] = cache
+    out["X-Registry-Route"] = reg.route.name
+    return out
+
+
+def _blob_headers(reg: RegistryRequest, cache: str) -> CIMultiDict[str]:
+    return headers(reg, cache, **{"Content-Type": OCTET_STREAM, "Accept-Ranges": "bytes",
+                                  "Docker-Content-Digest": str(reg.digest)})
+
+
+def byte_range(request: web.Request, size: int | None) -> Span | None:
+    """The one byte range asked for (RFC 9110 14.2), as [start, end); None for the whole blob.
+
+    A header aiohttp cannot parse (several ranges, a last byte before the first, odd
+    syntax) is ignored, as the RFC allows: the client gets the whole blob. So is Range
+    with If-Range: we keep no validator to compare it with.
+    """
+    header = request.headers.get("Range")
+    if header is None or size is None or "If-Range" in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None
+    start, stop = wanted.start, wanted.stop
+    if start is None or start < 0 or header.partition("=")[2].startswith("-"):
+        # A suffix: the last N bytes. aiohttp gives -N, and "-0" (no bytes) as 0.
+        suffix = -start if start else 0
+        start, end = max(size - suffix, 0) if suffix else size, size
+    else:
+        end = min(stop, size) if stop is not None else size
+    if start >= end:
+        raise RegistryError("RANGE_INVALID", f"range {header[:100]!r} is outside the blob's "
+                            f"{size} bytes", 416, headers={"Content-Range": f"bytes */{size}"})
+    return start, end
+
+
+def _plain(request: web.Request) -> bool:
+    """A plain-TCP client connection: the kernel can send files to it (no TLS)."""
+    transport = request.transport
+    return transport is not None and transport.get_extra_info("sslcontext") is None
+
+
+async def _sendfile(request: web.Request, file: IO[bytes], offset: int, count: int) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():  # loop.sendfile would raise RuntimeError
+        raise ConnectionResetError("the client went away")
+    await asyncio.get_running_loop().sendfile(transport, file, offset, count)
+
+
+async def _start(request: web.Request, reg: RegistryRequest, status: str, size: int | None,
+                 span: Span | None) -> web.StreamResponse:
+    resp = web.StreamResponse(status=206 if span else 200, headers=_blob_headers(reg, status))
+    if span is not None:
+        resp.headers["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{size}"
+        resp.content_length = span[1] - span[0]
+    elif size is not None:
+        resp.content_length = size
+    await resp.prepare(request)
+    state = request[STATE]
+    state.body_bytes, state.cache = 0, status
+    return resp
+
+
+async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes],
+                     size: int) -> web.StreamResponse:
+    """A committed local blob: sendfile on plain HTTP, 1 MiB reads under TLS (Python's
+    loop.sendfile falls back to 256 KiB writes there: 30-44 MB/s on a 1 GiB blob)."""
+    with file:
+        span = byte_range(request, size)
+        start, end = span if span is not None else (0, size)
+        resp = await _start(request, reg, "HIT", size, span)
+        if end > start:
+            if _plain(request):
+                await _sendfile(request, file, start, end - start)
+            else:
+                async with contextlib.aclosing(read_span(file.fileno(), start, end - start)) as r:
+                    async for chunk in r:
+                        await resp.write(chunk)
+        request[STATE].body_bytes = end - start
+        await resp.write_eof()
+        return resp
+
+
+async def _send_stored(request: web.Request, reg: RegistryRequest, cache: Cache,
+                       found: CachedBlob) -> web.StreamResponse:
+    """A committed blob in a store without local files: its byte range, streamed."""
+    span = byte_range(request, found.size)
+    start, end = span if span is not None else (0, found.size)
+    resp = await _start(request, reg, "HIT", found.size, span)
+    chunks: AsyncIterator[bytes] = cache.store.read(found.key, start, end)
+    async with contextlib.aclosing(chunks):  # type: ignore[type-var]
+        async for chunk in chunks:
+            await resp.write(chunk)
+            request[STATE].body_bytes = (request[STATE].body_bytes or 0) + len(chunk)
+    await resp.write_eof()
+    return resp
+
+
+async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight,
+                  status: str) -> web.StreamResponse:
+    await flight.wait_headers()  # the upstream's error, if any, is the client's answer
+    span = byte_range(request, flight.size)
+    resp = await _start(request, reg, status, flight.size, span)
+    start, end = span if span is not None else (0, None)
+    state = request[STATE]
+    # Plain HTTP with a known length: the kernel copies each stretch from the spool file
+    # (sendfile), so N clients following one fetch cost no Python per byte. TLS, or a
+    # chunked body (upstream sent no length), needs aiohttp's framing: 1 MiB reads.
+    plain = _plain(request) and resp.content_length is not None and not resp.chunked
+    try:
+        # aclosing: a client that goes away must release its reader at once.
+        async with contextlib.aclosing(flight.spans(start, end)) as spans:
+            async for fd, offset, count in spans:
+                if plain:
+                    with os.fdopen(fd, "rb", closefd=False) as file:
+                        await _sendfile(request, file, offset, count)
+                else:
+                    async with contextlib.aclosing(read_span(fd, offset, count)) as chunks:
+                        async for chunk in chunks:
+                            await resp.write(chunk)
+                state.body_bytes = (state.body_bytes or 0) + count
+    except FetchAborted:
+        if request.transport is not None:
+            request.transport.abort()
+        raise asyncio.CancelledError from None
+    await resp.write_eof()
+    return resp
+
+
+async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
+                   upstream: Upstream) -> web.StreamResponse:
+    # The common warm GET: one thread hop to open, then the file goes out.
+    opened = await cache.blobs.open_local(reg.route, reg.digest)
+    if opened is not None:
+        return await _send_file(request, reg, *opened)
+    found = await cache.blobs.get(upstream, reg.route, reg.repository, reg.digest)
+    if isinstance(found, CachedBlob):
+        if found.path is not None:  # committed between our two looks
+            file, size = await asyncio.to_thread(_open, found)
+            return await _send_file(request, reg, file, size)
+        return await _send_stored(request, reg, cache, found)
+    flight, started = found
+    with flight.attached():
+        return await _follow(request, reg, flight, "MISS" if started else "COALESCED")
+
+
+def _open(found: CachedBlob) -> tuple[IO[bytes], int]:
+    assert found.path is not None
+    file = open(found.path, "rb")  # noqa: SIM115  (closed by _send_file)
+    return file, os.fstat(file.fileno()).st_size
+
+
+async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
+                    upstream: Upstream) -> web.StreamResponse:
+    digest = reg.digest
+    cached = await cache.blobs.cached(reg.route, digest, check_store=False)
+    status, size = "HIT", cached.size if cached is not None else None
+    if cached is None:
+        flight = cache.blobs.inflight(reg.route, digest)
+        if flight is not None:
+            await flight.wait_headers()
+            status, size = "COALESCED", flight.size
+        else:
+            resp = await upstream.request("HEAD", f"/v2/{reg.repository}/blobs/{digest}",
+                                          kind="blob", repository=reg.repository)
+            resp.release()
+            status, size = "MISS", resp.content_length
+    out = web.StreamResponse(headers=_blob_headers(reg, status))
+    if size is not None:
+        out.content_length = size
+    await out.prepare(request)
+    await out.write_eof()
+    return out

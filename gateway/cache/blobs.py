@@ -1,0 +1,163 @@
+"""Blobs by digest: what is committed in the store, and the one in-flight fetch of each.
+
+A blob is served from the store, or followed live from its flight's spool; it is kept
+only once the flight verified it. Counts every GET's cache outcome exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import aiohttp
+
+from ..config import Route
+from ..metrics import Metrics
+from ..reference import Digest
+from ..singleflight import SingleFlight
+from ..upstream import Upstream
+from .flight import BlobFlight, IntegrityError, read_span
+from .index import BlobKey, Index
+from .store import BlobStore, LocalFiles, blob_key
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    key: str  # the store's key
+    size: int
+    path: Path | None  # a local file to send, when the store has LocalFiles
+
+
+def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
+    file = open(path, "rb")  # noqa: SIM115  (the caller closes it after sending)
+    return file, os.fstat(file.fileno()).st_size
+
+
+class Blobs:
+    def __init__(self, store: BlobStore, index: Index, metrics: Metrics,
+                 scratch: Callable[[], Path]) -> None:
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self._scratch = scratch  # the process's spool directory
+        self._local = store if isinstance(store, LocalFiles) else None
+        self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
+
+    def _count(self, route: Route, result: str) -> None:
+        self.metrics.cache.labels(route.name, "blob", result).inc()
+
+    async def open_local(self, route: Route, digest: Digest) -> tuple[IO[bytes], int] | None:
+        """The committed blob opened for sending, with its size: one thread hop, which also
+        proves the file is still there. Counts a hit."""
+        if self._local is None:
+            return None
+        key = (route.namespace, str(digest))
+        try:
+            opened = await asyncio.to_thread(
+                _open_with_size, self._local.local_path(blob_key(route.namespace, digest)))
+        except FileNotFoundError:
+            await self.index.forget_blob(key)
+            return None
+        self._count(route, "hit")
+        await self.index.touch(key)
+        return opened
+
+    async def cached(self, route: Route, digest: Digest, *,
+                     check_store: bool = True) -> CachedBlob | None:
+        """The committed blob, if any. `check_store=False` trusts the index (HEAD); a GET
+        asks the store, so a file deleted behind our back is fetched again rather than
+        answered with a 404 that says HIT."""
+        key = (route.namespace, str(digest))
+        store_key = blob_key(route.namespace, digest)
+        size = await self.index.blob_size(key) if not check_store else None
+        if size is None:
+            size = await self.store.stat(store_key)
+            if size is None:
+                await self.index.forget_blob(key)
+                return None
+            await self.index.set_blob(key, size)
+        path = self._local.local_path(store_key) if self._local is not None else None
+        return CachedBlob(store_key, size, path)
+
+    async def get(self, upstream: Upstream, route: Route, repository: str,
+                  digest: Digest) -> CachedBlob | tuple[BlobFlight, bool]:
+        """For a GET: the cached blob, or its in-flight fetch (started if needed: True)."""
+        found = await self.cached(route, digest)
+        if found is None:
+            # A fetch may have committed while we asked the store: the index learns the
+            # size before the flight ends, so this check closes the gap.
+            size = await self.index.blob_size((route.namespace, str(digest)))
+            if size is not None:
+                store_key = blob_key(route.namespace, digest)
+                path = self._local.local_path(store_key) if self._local is not None else None
+                found = CachedBlob(store_key, size, path)
+        if found is not None:
+            self._count(route, "hit")
+            await self.index.touch((route.namespace, str(digest)))
+            return found
+        flight, started = self.fetch(upstream, route, repository, digest)
+        self._count(route, "miss" if started else "coalesced")
+        return flight, started
+
+    def inflight(self, route: Route, digest: Digest) -> BlobFlight | None:
+        return self.flights.get((route.namespace, str(digest)))
+
+    def fetch(self, upstream: Upstream, route: Route, repository: str,
+              digest: Digest) -> tuple[BlobFlight, bool]:
+        """The in-flight fetch of a blob, started if needed; True if this call started it."""
+        key = (route.namespace, str(digest))
+
+        def start() -> tuple[BlobFlight, Coroutine[Any, Any, None]]:
+            store_key = blob_key(route.namespace, digest)
+            spool = self._scratch() / f"{digest.hex}.{secrets.token_hex(4)}"
+            final = self._local.local_path(store_key) if self._local is not None else None
+            flight = BlobFlight(digest, spool, final,
+                                orphan_limit=route.cache.orphan_fetch_limit)
+            return flight, self._run(flight, upstream, route, repository, store_key)
+
+        return self.flights.join(key, start)
+
+    async def _commit(self, store_key: str, spool: Path, size: int) -> None:
+        if self._local is not None:
+            await self._local.adopt(store_key, spool)
+            return
+        upload = self.store.upload(store_key)
+        fd = await asyncio.to_thread(os.open, spool, os.O_RDONLY)
+        try:
+            async for data in read_span(fd, 0, size):
+                await upload.write(data)
+            await upload.commit()
+        except BaseException:
+            await upload.abort()
+            raise
+        finally:
+            os.close(fd)
+            await asyncio.to_thread(spool.unlink, True)
+
+    async def _run(self, flight: BlobFlight, upstream: Upstream, route: Route,
+                   repository: str, store_key: str) -> None:
+        path = f"/v2/{repository}/blobs/{flight.digest}"
+
+        async def open_upstream(headers: dict[str, str]) -> aiohttp.ClientResponse:
+            return await upstream.request("GET", path, kind="blob", repository=repository,
+                                          headers=headers)
+
+        async def commit(spool: Path) -> None:
+            await self._commit(store_key, spool, flight.written)
+            await self.index.set_blob((route.namespace, str(flight.digest)), flight.written)
+
+        gauge = self.metrics.inflight.labels(route.name)
+        gauge.inc()
+        try:
+            await flight.run(open_upstream, commit,
+                             on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
+                             on_resume=self.metrics.resumed.labels(route.name).inc)
+            if isinstance(flight.error, IntegrityError):
+                self.metrics.integrity_failures.labels(route.name, "blob").inc()
+        finally:
+            gauge.dec()

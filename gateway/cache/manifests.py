@@ -1,0 +1,243 @@
+"""Manifests: by digest (immutable, verified against the digest), and tags → digest
+(revalidated with a HEAD after their TTL, served stale when the upstream fails).
+
+One upstream call per key however many clients ask at once; never keeps or serves a
+manifest whose bytes do not hash to the digest the upstream or the client named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cachetools import LRUCache
+
+from ..config import Route
+from ..errors import RegistryError, UpstreamError
+from ..metrics import Metrics
+from ..oci import MANIFEST_MAX, MANIFEST_TYPES, SCHEMA1_TYPES, manifest_accept
+from ..reference import Digest, Reference, parse_digest
+from ..singleflight import SharedCalls
+from ..upstream import Upstream
+from . import policy
+from .flight import IntegrityError
+from .index import Index, TagKey
+from .policy import TagEntry, View
+from .store import BlobStore, manifest_key, tag_key
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestResult:
+    manifest: Manifest
+    cache: str  # HIT | MISS | STALE | COALESCED
+
+
+class Manifests:
+    def __init__(self, store: BlobStore, index: Index, metrics: Metrics,
+                 clock: Callable[[], float], *, memory: int = 64 << 20) -> None:
+        self.store = store
+        self.index = index
+        self.metrics = metrics
+        self._clock = clock
+        self._memory: LRUCache[tuple[str, str], Manifest] = LRUCache(
+            maxsize=memory, getsizeof=lambda m: len(m.body) + 200)
+        self.calls: SharedCalls[tuple[Any, ...], ManifestResult] = SharedCalls("manifest")
+
+    # ------------------------------------------------------------ storage
+
+    async def local(self, route: Route, digest: str) -> Manifest | None:
+        key = (route.namespace, digest)
+        manifest = self._memory.get(key)
+        if manifest is not None:
+            return manifest
+        raw = await self.store.get(manifest_key(route.namespace, parse_digest(digest)))
+        if raw is None:
+            return None
+        media_type, _, body = raw.partition(b"\n")
+        manifest = Manifest(digest, media_type.decode(), body)
+        self._memory[key] = manifest
+        return manifest
+
+    async def _keep(self, route: Route, manifest: Manifest) -> None:
+        data = manifest.media_type.encode() + b"\n" + manifest.body
+        await self.store.put(manifest_key(route.namespace, parse_digest(manifest.digest)), data)
+        self._memory[(route.namespace, manifest.digest)] = manifest
+
+    async def _tag(self, key: TagKey) -> TagEntry | None:
+        entry = await self.index.tag(key)
+        if entry is None:
+            raw = await self.store.get(tag_key(*key))
+            entry = TagEntry.decode(raw) if raw is not None else None
+            if entry is not None:
+                await self.index.set_tag(key, entry)
+        return entry
+
+    async def _keep_tag(self, key: TagKey, entry: TagEntry) -> None:
+        await self.index.set_tag(key, entry)
+        await self.store.put(tag_key(*key), entry.encode())
+
+    # ------------------------------------------------------------ upstream
+
+    async def _fetch(self, upstream: Upstream, route: Route, repository: str, reference: str,
+                     accept: str | None, want: Digest | None) -> Manifest:
+        """GET a manifest upstream and verify it; raise rather than return anything doubtful."""
+        resp = await upstream.request("GET", f"/v2/{repository}/manifests/{reference}",
+                                      kind="manifest", repository=repository,
+                                      headers={"Accept": manifest_accept(accept)})
+        media_type = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
+        claimed = resp.headers.get("Docker-Content-Digest")
+        length = resp.content_length
+        body = await upstream.read_body(resp, MANIFEST_MAX, "manifest")
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        _refuse_schema1(media_type, parsed, repository, reference)
+        if length is not None and len(body) != length:
+            self.metrics.integrity_failures.labels(route.name, "manifest").inc()
+            raise IntegrityError(f"manifest {reference}: upstream sent {len(body)} of "
+                                 f"{length} bytes")
+        if parsed is None:
+            self.metrics.integrity_failures.labels(route.name, "manifest").inc()
+            raise RegistryError("MANIFEST_INVALID",
+                                f"upstream {route.name} sent a manifest that is not JSON", 502)
+        algorithm = want.algorithm if want is not None else "sha256"
+        digest = f"{algorithm}:{hashlib.new(algorithm, body).hexdigest()}"
+        if (want is not None and digest != str(want)) or (
+                claimed and claimed.startswith(algorithm + ":") and claimed != digest):
+            self.metrics.integrity_failures.labels(route.name, "manifest").inc()
+            raise IntegrityError(f"manifest {reference}: upstream bytes hash to {digest}")
+        if media_type not in MANIFEST_TYPES and isinstance(parsed, dict) and \
+                isinstance(parsed.get("mediaType"), str):
+            media_type = parsed["mediaType"]
+        return Manifest(digest, media_type or "application/json", body)
+
+    async def _remember_missing(self, route: Route, repository: str, reference: str,
+                                fetch: Awaitable[T]) -> T:
+        """Await `fetch`; an upstream 404 is remembered for the route's negative_ttl so a
+        crash-looping deployment does not hammer the upstream."""
+        try:
+            return await fetch
+        except UpstreamError as exc:
+            if exc.upstream_status == 404:
+                await self.index.set_missing((route.namespace, repository, reference),
+                                             route.cache.negative_ttl)
+            raise
+
+    async def _check_missing(self, route: Route, repository: str, reference: str) -> None:
+        if await self.index.missing((route.namespace, repository, reference)):
+            raise RegistryError("MANIFEST_UNKNOWN", f"manifest {repository}@{reference} not "
+                                f"found at upstream {route.name} (remembered)")
+
+    # ------------------------------------------------------------ the two lookups
+
+    async def get(self, upstream: Upstream, route: Route, repository: str,
+                  reference: Reference, accept: str | None) -> ManifestResult:
+        if reference.digest is not None:
+            result = await self._by_digest(upstream, route, repository, reference.digest,
+                                           accept)
+            kind = "manifest"
+        else:
+            assert reference.tag is not None
+            result = await self._by_tag(upstream, route, repository, reference.tag, accept)
+            kind = "tag"
+        self.metrics.cache.labels(route.name, kind, result.cache.lower()).inc()
+        return result
+
+    async def _shared(self, key: tuple[Any, ...],
+                      compute: Callable[[], Awaitable[ManifestResult]]) -> ManifestResult:
+        result, started = await self.calls.call(key, compute)
+        if not started and result.cache == "MISS":
+            return ManifestResult(result.manifest, "COALESCED")
+        return result
+
+    async def _by_digest(self, upstream: Upstream, route: Route, repository: str,
+                         digest: Digest, accept: str | None) -> ManifestResult:
+        cached = await self.local(route, str(digest))
+        if cached is not None:
+            return ManifestResult(cached, "HIT")
+        await self._check_missing(route, repository, str(digest))
+
+        async def fetch() -> ManifestResult:
+            manifest = await self._remember_missing(
+                route, repository, str(digest),
+                self._fetch(upstream, route, repository, str(digest), accept, digest))
+            await self._keep(route, manifest)
+            return ManifestResult(manifest, "MISS")
+
+        # Existence is per repository upstream, so the repository is part of the key.
+        return await self._shared((route.namespace, "digest", repository, str(digest)), fetch)
+
+    async def _by_tag(self, upstream: Upstream, route: Route, repository: str, tag: str,
+                      accept: str | None) -> ManifestResult:
+        view = policy.view(accept)
+        entry = await self._tag((route.namespace, repository, tag, policy.WIDE))
+        if view == policy.NARROW and not policy.usable(entry, accept):
+            entry = await self._tag((route.namespace, repository, tag, policy.NARROW))
+        usable = entry if policy.usable(entry, accept) else None
+        if usable is not None and policy.fresh(usable, route.cache, self._clock()):
+            cached = await self.local(route, usable.digest)
+            if cached is not None:
+                return ManifestResult(cached, "HIT")
+        await self._check_missing(route, repository, tag)
+
+        async def refresh() -> ManifestResult:
+            return await self._refresh(upstream, route, repository, tag, accept, view, usable)
+
+        return await self._shared((route.namespace, "tag", repository, tag, accept or ""),
+                                  refresh)
+
+    async def _refresh(self, upstream: Upstream, route: Route, repository: str, tag: str,
+                       accept: str | None, view: View, entry: TagEntry | None) -> ManifestResult:
+        cached = await self.local(route, entry.digest) if entry else None
+        key: TagKey = (route.namespace, repository, tag, view)
+        try:
+            if entry is not None and cached is not None:
+                # A HEAD does not count against Docker Hub's pull limit; only a new digest GETs.
+                resp = await upstream.request(
+                    "HEAD", f"/v2/{repository}/manifests/{tag}", kind="manifest",
+                    repository=repository, headers={"Accept": manifest_accept(accept)})
+                resp.release()
+                if resp.headers.get("Docker-Content-Digest") == entry.digest:
+                    await self._keep_tag(key, entry.confirmed(self._clock()))
+                    return ManifestResult(cached, "HIT")
+            manifest = await self._fetch(upstream, route, repository, tag, accept, None)
+        except UpstreamError as exc:
+            if exc.upstream_status == 404:
+                await self.index.set_missing((route.namespace, repository, tag),
+                                             route.cache.negative_ttl)
+                raise
+            if exc.retryable and entry is not None and cached is not None and \
+                    policy.may_serve_stale(entry, route.cache, self._clock()):
+                self.metrics.stale_served.labels(route.name).inc()
+                return ManifestResult(cached, "STALE")
+            raise
+        await self._keep(route, manifest)
+        if policy.usable(TagEntry(manifest.digest, manifest.media_type, 0), accept):
+            await self._keep_tag(key, TagEntry(manifest.digest, manifest.media_type,
+                                               self._clock()))
+        return ManifestResult(manifest, "MISS")
+
+
+def _refuse_schema1(media_type: str, parsed: object, repository: str, reference: str) -> None:
+    """distribution converts to signed schema1 when the Accept leaves nothing else (only an
+    index type, or only schema1): the client's choice, not a corrupt upstream."""
+    if media_type in SCHEMA1_TYPES or (isinstance(parsed, dict)
+                                       and parsed.get("schemaVersion") == 1):
+        raise RegistryError(
+            "MANIFEST_UNKNOWN", f"{repository}:{reference} has no manifest of a type your "
+            "Accept header names that this gateway serves (the upstream offered a Docker "
+            "schema1 manifest, which is not supported): accept "
+            + ", ".join(MANIFEST_TYPES), 404)

@@ -1,0 +1,53 @@
+"""OCI and Docker media types and the manifest content negotiation rules.
+
+Shared by the cache and the upstream client; pure values and functions, no I/O and
+no imports from the rest of the gateway.
+"""
+
+from __future__ import annotations
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_TYPES = (OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+# Signed schema1 (distribution converts to it when the client's Accept leaves no other
+# choice). Docker Hub stopped serving it; the gateway does not serve it either.
+SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+prettyjws",
+                 "application/vnd.docker.distribution.manifest.v1+json")
+OCTET_STREAM = "application/octet-stream"
+MANIFEST_MAX = 4 << 20  # distribution's limit on a manifest's size
+
+
+def media_types(accept: str | None) -> set[str]:
+    """The media types an Accept header names, parameters dropped."""
+    if not accept:
+        return set()
+    return {part.split(";", 1)[0].strip() for part in accept.split(",")} - {""}
+
+
+def manifest_accept(client_accept: str | None) -> str:
+    """The Accept to send upstream: the client's manifest types, or all we know.
+
+    `*/*` or no Accept must not reach distribution as such: it would down-convert
+    to a schema1 manifest (or refuse to).
+    """
+    if client_accept:
+        types = media_types(client_accept)
+        if any(t in MANIFEST_TYPES or t.startswith("application/vnd.docker.distribution.manifest")
+               for t in types):
+            return client_accept
+    return ", ".join(MANIFEST_TYPES)
+
+
+def accepts(accept: str | None, media_type: str) -> bool:
+    """Whether a client's Accept header admits a cached manifest's media type."""
+    types = media_types(accept)
+    return not types or media_type in types or "*/*" in types
+
+
+def takes_index(accept: str | None) -> bool:
+    """Whether the answer negotiated for this Accept may be an index (every index type)."""
+    negotiated = media_types(manifest_accept(accept))
+    return all(t in negotiated for t in INDEX_TYPES)

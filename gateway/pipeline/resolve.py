@@ -1,0 +1,75 @@
+"""Resolve before policy: a `/v2/` request becomes one typed `RegistryRequest` (route,
+repository, kind, parsed reference) before access rules, limits or handlers run.
+
+Also the read-only guard. Parsing only: no upstream, no cache, no policy decisions.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from ..errors import RegistryError
+from ..reference import Digest, Reference, parse_digest
+from ..routing import Router
+from ..state import STATE, Kind, RegistryRequest
+
+READ_ONLY = ("GET", "HEAD")
+V2_PREFIX = "/v2/"
+# Names may contain "manifests" etc. as components: the lazy name grows until the rest
+# is one endpoint keyword and one segment.
+_PATH_RE = re.compile(r"(?P<name>.+?)/(?P<kind>manifests|blobs|tags|referrers)/(?P<rest>[^/]+)")
+_KINDS: dict[str, Kind] = {"manifests": "manifest", "blobs": "blob", "tags": "tags",
+                           "referrers": "referrers"}
+
+
+def parse(host: str | None, tail: str, ns: str | None, router: Router) -> RegistryRequest:
+    """`tail` is the path after /v2/ (still percent-decoded by aiohttp)."""
+    if "/blobs/uploads" in f"/{tail}":
+        raise RegistryError("UNSUPPORTED", "this registry mirror is read-only: no uploads", 405,
+                            headers={"Allow": "GET, HEAD"})
+    match = _PATH_RE.fullmatch(tail)
+    if match is None:
+        # Length first: a huge path is a name problem, not an unknown endpoint.
+        if len(tail) > 512:
+            raise RegistryError("NAME_INVALID", f"request path of {len(tail)} characters is "
+                                "too long for a repository")
+        raise RegistryError("NOT_FOUND", "no such registry API endpoint")
+    kind, rest = _KINDS[match.group("kind")], match.group("rest")
+    resolved = router.resolve(host, match.group("name"), ns)
+    target: Reference | Digest | None
+    if kind == "manifest":
+        target = Reference.parse(rest)
+    elif kind == "tags":
+        if rest != "list":
+            raise RegistryError("NOT_FOUND", "no such registry API endpoint")
+        target = None
+    else:
+        target = parse_digest(rest)
+    return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
+
+
+def read_only_middleware() -> web.Middleware:
+    @web.middleware
+    async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # The nginx recipe's `limit_except GET { deny all; }`, built in.
+        if request.method not in READ_ONLY:
+            raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
+                                "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
+        return await handler(request)
+
+    return read_only
+
+
+def resolve_middleware(router: Router) -> web.Middleware:
+    @web.middleware
+    async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
+            request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
+                                            request.query.get("ns"), router)
+        return await handler(request)
+
+    return resolve
