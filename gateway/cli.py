@@ -1,4 +1,4 @@
-"""The command line: `serve` and `check`; `client` and `doctor` (clientconf.py, doctor.py).
+"""The command line: `serve` and `check`; `client` and `doctor` (gateway/client/).
 
 Parses arguments, loads the config, configures logging and runs the server; the
 only module that reads the environment (through `load_config_file`).
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__, clientconf, doctor
+from . import __version__
+from .client import commands as client_commands
 from .config import Config, load_config_file
 from .errors import ConfigError
 from .server import MAX_LINE, METRICS, create_app, create_metrics_app
@@ -79,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a route table and print the routes")
     check.add_argument("routes", nargs="?", default="routes.yaml")
 
-    clientconf.add_commands(sub)
-    doctor.add_command(sub)
+    client_commands.add_commands(sub)
+    client_commands.add_doctor(sub)
     return parser
 
 

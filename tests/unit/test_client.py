@@ -1,9 +1,10 @@
-"""`registry-gateway client` (gateway/clientconf.py): targets, per-route endpoints, the
-files each runtime gets (parsed back with the runtime's own format), safe writing, and
-docs/clients.md showing exactly what the command writes."""
+"""`registry-gateway client` (gateway/client/): targets, per-route endpoints, the files each
+runtime gets (parsed back with the runtime's own format), safe writing, the routes it reads
+(the gateway's listing, routes.yaml), and docs/clients.md showing exactly what it writes."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -17,39 +18,37 @@ import trustme
 import yaml
 
 from gateway import cli
-from gateway.clientconf import (
-    DROP_IN_NAME,
+from gateway.client.containerd import containerd_plan
+from gateway.client.docker import docker_plan, merge_daemon_json
+from gateway.client.k8s import k8s_text
+from gateway.client.plan import FileWrite, Plan, apply
+from gateway.client.podman import DROP_IN_NAME, podman_plan, registries_conf
+from gateway.client.routes_file import read_routes_file
+from gateway.client.source import info_from_listing
+from gateway.client.target import (
     ClientConfError,
-    FileWrite,
     GatewayInfo,
-    Plan,
-    RouteInfo,
     Target,
-    apply,
-    containerd_plan,
     docker_hub_mirror,
-    docker_plan,
-    k8s_text,
-    merge_daemon_json,
     parse_target,
-    podman_plan,
-    registries_conf,
 )
 from gateway.config import load_config
 from gateway.server import create_app
+from gateway.wire import GatewayListing, RouteListing
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
+GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 CA_PEM = trustme.CA().cert_pem.bytes()
 
 
 def info(**overrides: Any) -> GatewayInfo:
     base: dict[str, Any] = {
-        "routes": (RouteInfo("docker.io", "hub"), RouteInfo("ghcr.io", "ghcr"),
-                   RouteInfo("quay.io", None, ("quay-mirror.corp.test",)),
-                   RouteInfo("private.registry.test:5000")),
-        "base_domains": ("gw.test",), "default_route": "docker.io", "source": "test"}
+        "routes": (RouteListing("docker.io", "hub"), RouteListing("ghcr.io", "ghcr"),
+                   RouteListing("quay.io", None, ("quay-mirror.corp.test",)),
+                   RouteListing("private.registry.test:5000")),
+        "base_domains": ("gw.test",), "default_route": "docker.io"}
     base.update(overrides)
-    return GatewayInfo(**base)
+    return GatewayInfo(GatewayListing(**base), "test")
 
 
 # -- targets and endpoints ---------------------------------------------------------------
@@ -258,20 +257,68 @@ def test_apply_writes_atomically_and_reports_what_it_cannot_write(tmp_path: Path
 # -- the gateway's route document --------------------------------------------------------------
 
 
-async def test_route_document_round_trip(aiohttp_client: Any, tmp_path: Path) -> None:
-    config = load_config("""
-base_domains: [gw.test]
+ROUTES_YAML = """
+base_domains: [GW.test.]
 routes:
   docker.io: {upstream: "http://127.0.0.1:9", hosts: [127.0.0.2]}
+  ghcr.io: {label: null, hosts: Ghcr-Mirror.corp.test}
+  quay.io:
+    upstream: "http://127.0.0.1:9"
+    credentials: {username: someone, password_env: QUAY_PASSWORD_NOT_SET}
   my.registry.test: {upstream: "http://127.0.0.1:9", label: mine}
-""")
+"""
+
+
+async def test_the_client_reads_the_gateways_listing_as_the_gateway_serves_it(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    config = load_config(ROUTES_YAML, env={"QUAY_PASSWORD_NOT_SET": "x"})
     client = await aiohttp_client(create_app(config, tmp_path / "data"))
     document = await (await client.get("/_gateway/routes")).json()
-    parsed = GatewayInfo.from_document(document, "test")
-    assert parsed.routes == GatewayInfo.from_config(config).routes
+    parsed = info_from_listing(document, "test")
+    assert parsed.routes == tuple(RouteListing(r.name, r.label, r.hosts, r.aliases)
+                                  for r in config.routes)
     assert parsed.base_domains == ("gw.test",) and parsed.default_route == "docker.io"
+    assert parsed.listing.to_json() == document  # the wire shape, key for key
     with pytest.raises(ClientConfError, match="did not answer with a route list"):
-        GatewayInfo.from_document({"errors": []}, "test")
+        info_from_listing({"errors": []}, "test")
+    with pytest.raises(ClientConfError, match="serves no routes"):
+        info_from_listing({"routes": []}, "test")
+
+
+def test_routes_yaml_gives_the_routes_the_gateway_would_list(tmp_path: Path) -> None:
+    """--routes on a client machine: the same names, labels, hosts, base domains and
+    default route as the server's config, without resolving any secret."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES_YAML)
+    config = load_config(ROUTES_YAML, env={"QUAY_PASSWORD_NOT_SET": "x"})
+    listing = read_routes_file(routes)
+    assert listing.routes == tuple(RouteListing(r.name, r.label, r.hosts) for r in config.routes)
+    assert listing.base_domains == config.base_domains == ("gw.test",)
+    assert listing.default_route == config.default_route == "docker.io"
+    assert read_routes_file(_write(tmp_path, "routes: {ghcr.io: {}}\n")).default_route is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, r"missing\.yaml: cannot read: No such file"),
+    ("routes: [\n", r"bad\.yaml:2: not valid YAML"),
+    ("- docker.io\n", "top level must be a mapping"),
+    ("base_domains: [gw.test]\n", "routes: want a mapping of registry names"),
+    ("routes: {docker.io: [x]}\n", r"routes\.docker\.io: a route is a mapping"),
+    ("routes: {docker.io: {hosts: {a: b}}}\n", r"routes\.docker\.io\.hosts: want a list"),
+    ("default_route: quay.io\nroutes: {docker.io: {}}\n", "default_route: 'quay.io' is not"),
+])
+def test_a_routes_yaml_the_client_cannot_use_is_refused_with_the_place(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | None,
+        message: str) -> None:
+    path = tmp_path / "missing.yaml" if text is None else _write(tmp_path, text)
+    assert cli.main(["client", "podman", "gw.test", "--routes", str(path), "--dry-run"]) == 1
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _write(directory: Path, text: str) -> Path:
+    path = directory / "bad.yaml"
+    path.write_text(text)
+    return path
 
 
 # -- the docs show exactly what the command writes ---------------------------------------------
@@ -307,3 +354,36 @@ def test_docs_snippets_are_what_the_command_writes() -> None:
         found = sum(1 for block in blocks if text.strip("\n") in block)
         assert found >= 2, f"docs/clients.md must show the {what} snippet in English and " \
                            f"Chinese, exactly as written:\n{text}"
+
+
+# -- the client tools stand apart from the server -----------------------------------------------
+
+
+def _gateway_imports(path: Path) -> set[str]:
+    """The gateway modules a file imports, as dotted names (relative imports resolved)."""
+    package = ".".join(path.relative_to(GATEWAY.parent).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "gateway"}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            if module.split(".")[0] == "gateway":
+                found |= {f"{module}.{a.name}" if not node.module else module
+                          for a in node.names}
+    return found
+
+
+def test_the_client_tools_import_nothing_of_the_server() -> None:
+    allowed = ("gateway.client", "gateway.wire", "gateway.presets", "gateway.reference",
+               "gateway.errors")
+    seen = set()
+    for path in sorted((GATEWAY / "client").glob("*.py")):
+        for module in _gateway_imports(path):
+            assert module.startswith(allowed), f"{path.name} imports {module}"
+            seen.add(module)
+    assert {"gateway.wire", "gateway.presets", "gateway.client.target"} <= seen  # it sees them
+    assert "gateway.config" in _gateway_imports(GATEWAY / "cli.py")  # and would see this
+    for shared in ("wire.py", "presets.py"):
+        assert _gateway_imports(GATEWAY / shared) <= {"gateway.presets"}, shared

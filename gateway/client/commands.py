@@ -1,0 +1,137 @@
+"""The command line of the client-machine tools: `client docker|containerd|podman|k8s` and
+`doctor` added to the CLI's subparsers, and what each runs. Turns ClientConfError into a
+message and an exit status; the work is in the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from .containerd import containerd_plan
+from .docker import docker_plan
+from .doctor import Doctor
+from .k8s import k8s_text
+from .plan import Plan, apply, read_text
+from .podman import podman_plan
+from .source import gateway_info, read_ca
+from .target import ClientConfError, GatewayInfo, Target, parse_target, probe_urls
+
+
+def _plan(args: argparse.Namespace, info: GatewayInfo, target: Target,
+          ca: tuple[Path, bytes] | None) -> Plan:
+    if args.runtime == "docker":
+        return docker_plan(info, target, daemon_json=args.daemon_json,
+                           existing=read_text(args.daemon_json),
+                           certs_dir=args.certs_dir, ca=ca)
+    if args.runtime == "containerd":
+        return containerd_plan(info, target, config_path=args.config_path, ca=ca,
+                               containerd_config=(args.containerd_config,
+                                                  read_text(args.containerd_config)))
+    return podman_plan(info, target, conf_d=args.conf_d, certs_dir=args.certs_dir, ca=ca)
+
+
+def _run_client(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    out, err = sys.stdout, sys.stderr
+    try:
+        target = parse_target(args.gateway)
+        ca = read_ca(args.ca)
+        info = gateway_info(args, target, err)
+        if args.runtime == "k8s":
+            out.write(k8s_text(info, target, ca=args.ca))
+            return 0
+        plan = _plan(args, info, target, ca)
+        if args.dry_run:
+            out.write(plan.render())
+            return 0
+        apply(plan, out)
+        if plan.notes:
+            out.write("\n" + "\n".join(plan.notes) + "\n")
+        return 0
+    except ClientConfError as exc:
+        print(f"registry-gateway client: {exc}", file=err)
+        return 1
+
+
+def _runtime_arguments(parser: argparse.ArgumentParser, *, writes: bool = True) -> None:
+    """What every `client <runtime>` takes."""
+    parser.add_argument("gateway", help="base domain (example.com, example.com:8443: one "
+                        "host per registry) or URL (https://mirror.example.com)")
+    parser.add_argument("--ca", type=Path, help="the private CA that signed the gateway's "
+                        "certificate (omit for a public CA such as Let's Encrypt)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--routes", help="read the routes from this routes.yaml instead of "
+                        "asking the gateway")
+    source.add_argument("--presets", action="store_true", help="assume every preset "
+                        "route under its standard label instead of asking the gateway")
+    parser.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    if writes:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the files instead of writing them")
+    parser.set_defaults(run=_run_client)
+
+
+def add_commands(sub: Any) -> None:
+    """`client docker|containerd|podman|k8s` on the CLI's subparsers."""
+    client = sub.add_parser("client", help="write a container runtime's configuration for "
+                            "pulling through the gateway")
+    runtimes = client.add_subparsers(dest="runtime", required=True)
+
+    docker = runtimes.add_parser("docker", help="merge registry-mirrors into daemon.json")
+    _runtime_arguments(docker)
+    docker.add_argument("--daemon-json", type=Path, default=Path("/etc/docker/daemon.json"))
+    docker.add_argument("--certs-dir", type=Path, default=Path("/etc/docker/certs.d"),
+                        help="where dockerd looks for <host:port>/ca.crt")
+
+    containerd = runtimes.add_parser("containerd", help="write hosts.toml per registry")
+    _runtime_arguments(containerd)
+    containerd.add_argument("--config-path", type=Path, default=Path("/etc/containerd/certs.d"),
+                            help="the hosts directory (containerd's registry config_path)")
+    containerd.add_argument("--containerd-config", type=Path,
+                            default=Path("/etc/containerd/config.toml"),
+                            help="containerd's config.toml, checked for config_path")
+
+    podman = runtimes.add_parser("podman", help="write a registries.conf.d drop-in (podman, "
+                                 "skopeo, buildah, CRI-O)")
+    _runtime_arguments(podman)
+    podman.add_argument("--conf-d", type=Path, default=Path("/etc/containers/registries.conf.d"))
+    podman.add_argument("--certs-dir", type=Path, default=Path("/etc/containers/certs.d"))
+
+    k8s = runtimes.add_parser("k8s", help="print what to do on Kubernetes nodes")
+    _runtime_arguments(k8s, writes=False)
+
+
+def _run_doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    out: TextIO = sys.stdout
+    try:
+        target = parse_target(args.gateway)
+        read_ca(args.ca)
+    except ClientConfError as exc:
+        print(f"registry-gateway doctor: {exc}", file=sys.stderr)
+        return 2
+    docker_host = args.docker_host or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    doctor = Doctor(target, ca=args.ca, timeout=args.timeout, docker_host=docker_host,
+                    daemon_json=args.daemon_json, docker_certs_dir=args.docker_certs_dir)
+    print(f"registry-gateway doctor: checking {probe_urls(target)[0]} from this machine",
+          file=out)
+    report = asyncio.run(doctor.run())
+    out.write(report.render())
+    return 1 if report.problems else 0
+
+
+def add_doctor(sub: Any) -> None:
+    """`doctor` on the CLI's subparsers."""
+    doctor = sub.add_parser("doctor", help="check from a client machine that the gateway "
+                            "works and that this machine uses it")
+    doctor.add_argument("gateway", help="base domain (example.com) or URL "
+                        "(https://mirror.example.com), as given to `client`")
+    doctor.add_argument("--ca", type=Path, help="the gateway's private CA, if it uses one")
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per check")
+    doctor.add_argument("--docker-host", help="Docker daemon socket (default: $DOCKER_HOST "
+                        "or unix:///var/run/docker.sock)")
+    doctor.add_argument("--daemon-json", type=Path, default=Path("/etc/docker/daemon.json"))
+    doctor.add_argument("--docker-certs-dir", type=Path, default=Path("/etc/docker/certs.d"))
+    doctor.set_defaults(run=_run_doctor)
