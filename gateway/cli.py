@@ -1,48 +1,22 @@
 """The command line: `serve` and `check`; `client` and `doctor` (gateway/client/).
 
-Parses arguments, loads the config, configures logging and runs the server; the
-only module that reads the environment (through `load_config_file`).
+Parses arguments and hands them over: the server side is built and run by
+server.py, the client-machine tools by gateway/client/.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from aiohttp import web
-
-from . import __version__
+from . import __version__, server
 from .client import commands as client_commands
 from .config import Config, load_config_file
 from .errors import ConfigError
-from .server import MAX_LINE, METRICS, create_app, create_metrics_app
-from .tls import RELOAD_INTERVAL, TlsCertificates, TlsError
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        if record.name == "gateway.access":
-            return record.getMessage()
-        data = {"level": record.levelname.lower(), "logger": record.name,
-                "msg": record.getMessage()}
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data)
-
-
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+from .tls import RELOAD_INTERVAL, TlsError
 
 
 def _listen(value: str) -> tuple[str, int]:
@@ -98,51 +72,6 @@ def _describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-async def _serve(config: Config, data_dir: Path, listens: list[tuple[str, int]],
-                 metrics_listen: tuple[str, int] | None, *,
-                 tls_listens: list[tuple[str, int]] | None = None, certs: Path = Path("certs"),
-                 redirect_http: bool = False, tls_reload: float = RELOAD_INTERVAL) -> None:
-    tls_listens = tls_listens or []
-    certificates = None
-    if tls_listens:
-        certificates = TlsCertificates(certs, reload_interval=tls_reload)
-        await certificates.start()  # TlsError when certs/ holds no usable certificate
-    https_port = tls_listens[0][1] if tls_listens and redirect_http else None
-    app = create_app(config, data_dir, serve_metrics=metrics_listen is None,
-                     https_port=https_port)
-    runner = web.AppRunner(app, access_log=None, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
-    await runner.setup()
-    runners = [runner]
-    for host, port in listens:
-        await web.TCPSite(runner, host, port, backlog=1024).start()
-    for host, port in tls_listens:
-        assert certificates is not None
-        await web.TCPSite(runner, host, port, backlog=1024,
-                          ssl_context=certificates.context).start()
-    if metrics_listen is not None:
-        metrics_runner = web.AppRunner(create_metrics_app(app[METRICS]), access_log=None)
-        await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, *metrics_listen).start()
-        runners.append(metrics_runner)
-    logging.getLogger("gateway").info(
-        "serving %d routes on %s, data in %s", len(config.routes),
-        ", ".join([f"http://{h}:{p}" for h, p in listens] +
-                  [f"https://{h}:{p}" for h, p in tls_listens]), data_dir)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    if certificates is not None:
-        loop.add_signal_handler(signal.SIGHUP, certificates.reload_soon)
-    try:
-        await stop.wait()
-    finally:
-        for r in reversed(runners):
-            await r.cleanup()
-        if certificates is not None:
-            await certificates.close()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("client", "doctor"):  # client machines: no routes.yaml
@@ -158,12 +87,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.redirect_http and not args.tls_listen:
         print("registry-gateway: --redirect-http needs a --tls-listen address", file=sys.stderr)
         return 1
-    _setup_logging(args.log_level)
     listens = args.listen or ([] if args.tls_listen else [("127.0.0.1", 5000)])
     try:
-        asyncio.run(_serve(config, Path(args.data_dir), listens, args.metrics_listen,
-                           tls_listens=args.tls_listen, certs=Path(args.certs),
-                           redirect_http=args.redirect_http, tls_reload=args.tls_reload))
+        server.run(server.ServeOptions(
+            config, Path(args.data_dir), listens=tuple(listens),
+            tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
+            certs=Path(args.certs), redirect_http=args.redirect_http,
+            tls_reload=args.tls_reload, log_level=args.log_level))
     except TlsError as exc:
         print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
         return 1
