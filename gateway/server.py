@@ -19,8 +19,8 @@ from .config import Config
 from .errors import RegistryError
 from .metrics import Metrics
 from .middleware import add_common_headers, make_middlewares
+from .pipeline.edge import forwarded_middleware, redirect_middleware
 from .routing import Router
-from .tls import forwarded_middleware, redirect_middleware
 from .upstream import Upstream
 
 CONFIG = web.AppKey("config", Config)
