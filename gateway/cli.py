@@ -17,13 +17,14 @@ from .client import commands as client_commands
 from .config import Config, load_config_file
 from .errors import ConfigError
 from .tls import RELOAD_INTERVAL, TlsError
+from .net import parse_hostport
 
 
 def _listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"{value!r}: want HOST:PORT, e.g. 127.0.0.1:5000")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    try:
+        return parse_hostport(value)
+    except ValueError as exc:  # argparse keeps the message of ArgumentTypeError only
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,5 @@
-"""TLS termination (gateway/tls.py): finding certificates in the layouts acme.sh, certbot
-and Kubernetes write, choosing one by SNI, protocol rules, reload without restart; and
-the trusted-proxy X-Forwarded-* handling and the HTTPS redirect, in process."""
+"""TLS termination (gateway/tls/): finding certificates in the layouts acme.sh, certbot
+and Kubernetes write, choosing one by SNI, protocol rules, reload without restart."""
 
 from __future__ import annotations
 
@@ -8,31 +7,21 @@ import asyncio
 import datetime
 import re
 import ssl
+import threading
 from collections.abc import AsyncIterator, Callable
-from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.config import load_config
-from gateway.errors import ConfigError
-from gateway.server import create_app
-from gateway.tls import (
-    TlsCertificates,
-    TlsError,
-    build_table,
-    forwarded_middleware,
-    load_table,
-    redirect_middleware,
-    scan_directory,
-)
+from gateway.tls import TlsCertificates, TlsError
+from gateway.tls.certs import scan_directory
+from gateway.tls.table import build_table, load_table
 
 NOW = datetime.datetime.now(datetime.UTC)
 
@@ -193,6 +182,34 @@ def test_a_half_written_renewal_keeps_the_previous_certificate(tmp_path: Path,
     assert third.select("hub.gw.test") is not old_context
 
 
+async def test_every_certificate_is_loaded_off_the_event_loop(
+        tmp_path: Path, ca: trustme.CA, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_pair(tmp_path / "wild", ca.issue_cert("*.gw.test"))
+    loop_thread = threading.current_thread()
+    loaded_in: list[threading.Thread] = []
+    load_cert_chain = ssl.SSLContext.load_cert_chain
+
+    def recording(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loaded_in.append(threading.current_thread())
+        load_cert_chain(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_cert_chain", recording)
+    tls = TlsCertificates(tmp_path)
+    with pytest.raises(RuntimeError):
+        tls.context  # noqa: B018  # nothing is loaded before start()
+    await tls.start()
+    try:
+        write_pair(tmp_path / "other", ca.issue_cert("registry.other.test"))
+        assert await tls.reload(force=True)
+    finally:
+        await tls.close()
+    # The table's (the first certificate at start, the new one on reload: the unchanged one
+    # is reused) and the listener's own.
+    assert len(loaded_in) == 3
+    assert loop_thread not in loaded_in
+    assert tls.context.sni_callback is not None
+
+
 # -- a real TLS listener -----------------------------------------------------------------
 
 
@@ -324,92 +341,3 @@ async def test_start_without_certificates_fails_clearly(tmp_path: Path) -> None:
     tls = TlsCertificates(tmp_path)
     with pytest.raises(TlsError, match=re.escape(str(tmp_path))):
         await tls.start()
-
-
-# -- X-Forwarded-* from trusted proxies; redirect to HTTPS ----------------------------------
-
-
-async def _echo(request: web.Request) -> web.Response:
-    return web.json_response({"host": request.host, "scheme": request.scheme,
-                              "remote": request.remote})
-
-
-async def echo_client(aiohttp_client: Any, middlewares: list[Any]) -> TestClient[Any, Any]:
-    app = web.Application(middlewares=middlewares)
-    app.router.add_get("/{tail:.*}", _echo)
-    client: TestClient[Any, Any] = await aiohttp_client(app)
-    return client
-
-
-FORWARDED = {"X-Forwarded-Host": "ghcr.gw.test", "X-Forwarded-Proto": "https",
-             "X-Forwarded-For": "203.0.113.9, 10.0.0.7"}
-
-
-async def test_forwarded_headers_from_a_trusted_proxy_are_used(aiohttp_client: Any) -> None:
-    trusted = (ip_network("127.0.0.0/8"), ip_network("10.0.0.0/8"))
-    client = await echo_client(aiohttp_client, [forwarded_middleware(trusted)])
-    response = await client.get("/", headers={"Host": "internal:5000", **FORWARDED})
-    # 10.0.0.7 is a trusted hop too, so the client is the address left of it.
-    assert await response.json() == {"host": "ghcr.gw.test", "scheme": "https",
-                                     "remote": "203.0.113.9"}
-
-
-async def test_forwarded_headers_from_anyone_else_are_ignored(aiohttp_client: Any) -> None:
-    client = await echo_client(aiohttp_client, [forwarded_middleware((ip_network("10.0.0.0/8"),))])
-    response = await client.get("/", headers={"Host": "hub.gw.test", **FORWARDED})
-    assert await response.json() == {"host": "hub.gw.test", "scheme": "http",
-                                     "remote": "127.0.0.1"}
-
-
-async def test_a_client_cannot_spoof_its_address_through_a_trusted_proxy(
-        aiohttp_client: Any) -> None:
-    client = await echo_client(aiohttp_client, [forwarded_middleware((ip_network("127.0.0.1"),))])
-    # The client sent "X-Forwarded-For: 127.0.0.1"; the proxy appended the real address.
-    response = await client.get("/", headers={
-        "X-Forwarded-For": "127.0.0.1, 198.51.100.4",
-        "X-Forwarded-Host": "evil.test, not a host"})
-    body = await response.json()
-    assert body["remote"] == "198.51.100.4"
-    assert body["host"].startswith("127.0.0.1")  # an invalid forwarded host is not used
-
-
-async def test_plain_http_is_redirected_but_health_checks_are_not(aiohttp_client: Any) -> None:
-    client = await echo_client(aiohttp_client, [
-        forwarded_middleware((ip_network("127.0.0.1"),)), redirect_middleware(8443)])
-    response = await client.get("/v2/library/alpine/manifests/3?ns=docker.io",
-                                headers={"Host": "hub.gw.test:8080"}, allow_redirects=False)
-    assert response.status == 308
-    assert response.headers["Location"] == \
-        "https://hub.gw.test:8443/v2/library/alpine/manifests/3?ns=docker.io"
-    health = await client.get("/healthz", allow_redirects=False)
-    assert health.status == 200
-    # A TLS-terminating proxy in front says the client used https: serve, don't loop.
-    proxied = await client.get("/v2/", headers={"X-Forwarded-Proto": "https"},
-                               allow_redirects=False)
-    assert proxied.status == 200
-
-
-async def test_gateway_routes_by_the_forwarded_host(aiohttp_client: Any, tmp_path: Path) -> None:
-    config = load_config("""
-base_domains: [gw.test]
-trusted_proxies: [127.0.0.1]
-routes:
-  docker.io: {upstream: "http://127.0.0.1:9"}
-  ghcr.io: {upstream: "http://127.0.0.1:9"}
-""")
-    client = await aiohttp_client(create_app(config, tmp_path / "data"))
-    response = await client.get("/v2/owner/image/manifests/v1",
-                                headers={"Host": "hub.gw.test", "X-Forwarded-Host": "ghcr.gw.test"})
-    assert response.headers["X-Registry-Route"] == "ghcr.io"
-    routes = await (await client.get("/_gateway/routes")).json()
-    assert [r["name"] for r in routes["routes"]] == ["docker.io", "ghcr.io"]
-    assert "127.0.0.1:9" not in str(routes)  # upstreams are not published
-
-
-def test_trusted_proxies_config_errors_name_the_line() -> None:
-    with pytest.raises(ConfigError, match=r"<config>:2: trusted_proxies\[1\]: 'nope'"):
-        load_config("routes: {docker.io: {upstream: 'http://127.0.0.1:9'}}\n"
-                    "trusted_proxies: [10.0.0.0/8, nope]\n")
-    config = load_config("routes: {docker.io: {upstream: 'http://127.0.0.1:9'}}\n"
-                         "trusted_proxies: 192.168.1.10\n")
-    assert [str(n) for n in config.trusted_proxies] == ["192.168.1.10/32"]
