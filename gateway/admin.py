@@ -12,6 +12,7 @@ from . import __version__
 from .config import Config
 from .errors import RegistryError
 from .metrics import Metrics
+from .wire import ROUTES_PATH, GatewayListing, RouteListing
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
@@ -29,14 +30,10 @@ async def metrics(request: web.Request) -> web.Response:
 async def routes(request: web.Request) -> web.Response:
     """Route names and the hosts that pick them, for `registry-gateway client` and `doctor`."""
     config = request.app[CONFIG]
-    return web.json_response({
-        "gateway": "registry-gateway",
-        "version": __version__,
-        "base_domains": list(config.base_domains),
-        "default_route": config.default_route,
-        "routes": [{"name": r.name, "label": r.label, "hosts": list(r.hosts),
-                    "aliases": list(r.aliases)} for r in config.routes],
-    })
+    return web.json_response(GatewayListing(
+        routes=tuple(RouteListing(r.name, r.label, r.hosts, r.aliases) for r in config.routes),
+        base_domains=config.base_domains, default_route=config.default_route,
+        version=__version__).to_json())
 
 
 async def not_found(request: web.Request) -> web.Response:
@@ -46,7 +43,7 @@ async def not_found(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, *, serve_metrics: bool) -> None:
     router = app.router
     router.add_get("/healthz", healthz)
-    router.add_get("/_gateway/routes", routes)
+    router.add_get(ROUTES_PATH, routes)
     if serve_metrics:
         router.add_get("/metrics", metrics)
 

@@ -31,7 +31,7 @@ _PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "htt
                     "all_proxy", "NO_PROXY", "no_proxy")
 
 
-def _check_loopback_routes(routes: dict[str, Any]) -> None:
+def check_loopback_routes(routes: dict[str, Any]) -> None:
     for name, route in (routes.get("routes") or {}).items():
         upstream = (route or {}).get("upstream")
         if not upstream:
@@ -86,7 +86,7 @@ class Gateway:
             return ""
 
     def write_routes(self) -> None:
-        _check_loopback_routes(self.routes)
+        check_loopback_routes(self.routes)
         self.routes_path.write_text(yaml.safe_dump(self.routes, sort_keys=False))
 
     def start(self) -> None:

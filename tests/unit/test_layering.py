@@ -60,14 +60,14 @@ def module_name(root: Path, path: Path) -> str:
 def part_of(module: str) -> str:
     """The map entry a module belongs to: its longest listed prefix."""
     name = module
-    while name not in MAP:
-        if "." not in name:
+    while name not in MAP or (name == GATEWAY.name and module != name):
+        if "." not in name:  # the package itself is a part only for what it holds
             raise AssertionError(f"{module} is in no part of the module map")
         name = name.rsplit(".", 1)[0]
     return name
 
 
-def imports(root: Path, path: Path) -> list[tuple[int, str]]:
+def imports(root: Path, path: Path, modules: set[str]) -> list[tuple[int, str]]:
     """(line, absolute module) for every import of the package in one file."""
     here = module_name(root, path)
     package = here if path.name == "__init__.py" else here.rsplit(".", 1)[0]
@@ -82,18 +82,23 @@ def imports(root: Path, path: Path) -> list[tuple[int, str]]:
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
-            # `from . import api` imports the module gateway.api, not just the package.
-            found += [(node.lineno, f"{target}.{alias.name}") for alias in node.names]
+            # `from . import api` imports the module gateway.api, not just the package;
+            # `from . import __version__` imports a name of the package.
+            found += [(node.lineno, f"{target}.{alias.name}"
+                       if f"{target}.{alias.name}" in modules else target)
+                      for alias in node.names]
     return [(line, name) for line, name in found
             if name == root.name or name.startswith(root.name + ".")]
 
 
 def violations(root: Path) -> list[str]:
     problems = []
-    for path in sorted(root.rglob("*.py")):
+    files = sorted(root.rglob("*.py"))
+    modules = {module_name(root, path) for path in files}
+    for path in files:
         importer = part_of(module_name(root, path))
         allowed = MAP[importer]
-        for line, target in imports(root, path):
+        for line, target in imports(root, path, modules):
             # `from .x import name`: the module is the longest prefix the map knows.
             imported = part_of(target)
             if imported == importer or "*" in allowed or imported in allowed:
