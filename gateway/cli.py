@@ -67,9 +67,10 @@ def _describe(config: Config) -> str:
         hosts = list(route.hosts)
         if route.label:
             hosts += [f"{route.label}.{d}" for d in config.base_domains] or [f"{route.label}.*"]
-        auth = f", credentials for {route.credentials.username}" if route.credentials else ""
-        lines.append(f"  {route.name:<20} -> {route.upstream}  hosts: {', '.join(hosts) or '-'}"
-                     f"  tag_ttl: {route.tag_ttl:g}s{auth}")
+        credentials = route.upstream.credentials
+        auth = f", credentials for {credentials.username}" if credentials else ""
+        lines.append(f"  {route.name:<20} -> {route.upstream.url}  hosts: "
+                     f"{', '.join(hosts) or '-'}  tag_ttl: {route.cache.tag_ttl:g}s{auth}")
     return "\n".join(lines)
 
 

@@ -14,15 +14,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
+from gateway import cli
 from gateway.config import (
     FOREVER,
     PRESETS,
+    SECTIONS,
+    CachePolicy,
     Config,
     Credentials,
+    CredentialsRef,
+    Route,
+    SecretRef,
+    UpstreamSettings,
     load_config,
     load_config_file,
+    parse_config,
     parse_duration,
+    parse_size,
+    resolve_secrets,
+    settings_section,
+    yaml_key,
 )
+from gateway.config.document import Document
+from gateway.config.values import duration, size
 from gateway.errors import ConfigError
 
 SHIPPED_ROUTES = Path(__file__).resolve().parents[2] / "routes.yaml"
@@ -67,14 +81,14 @@ def test_a_preset_needs_nothing_else() -> None:
           ghcr.io:
     """)
     hub = config.route("docker.io")
-    assert hub.upstream == URL("https://registry-1.docker.io")
+    assert hub.upstream.url == URL("https://registry-1.docker.io")
     assert hub.label == "hub"
     assert hub.library_prefix is True
     assert "registry-1.docker.io" in hub.aliases and "index.docker.io" in hub.aliases
     assert hub.namespace == "docker.io"
-    assert (hub.tag_ttl, hub.negative_ttl, hub.stale_if_error) == (600.0, 30.0, FOREVER)
+    assert hub.cache == CachePolicy(tag_ttl=600.0, negative_ttl=30.0, stale_if_error=FOREVER)
     ghcr = config.route("ghcr.io")
-    assert ghcr.upstream == URL("https://ghcr.io") and ghcr.label == "ghcr"
+    assert ghcr.upstream.url == URL("https://ghcr.io") and ghcr.label == "ghcr"
     assert ghcr.library_prefix is False and ghcr.aliases == ()
     assert config.default_route == "docker.io"  # docker.io present: registry-mirrors mode
     assert config.source == "routes.yaml"
@@ -83,7 +97,7 @@ def test_a_preset_needs_nothing_else() -> None:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_loads_with_its_upstream_and_label(name: str) -> None:
     route = load(f"routes:\n  {name}: {{}}\n").route(name)
-    assert route.upstream == URL(PRESETS[name].upstream)
+    assert route.upstream.url == URL(PRESETS[name].upstream)
     assert route.label == PRESETS[name].label
 
 
@@ -116,14 +130,15 @@ def test_overrides_replace_preset_values() -> None:
     """)
     assert config.base_domains == ("example.com", "mirror.corp")
     ghcr = config.route("ghcr.io")
-    assert ghcr.upstream == URL("http://127.0.0.1:5001")
+    assert ghcr.upstream.url == URL("http://127.0.0.1:5001")
     assert ghcr.label == "gh"
     assert ghcr.hosts == ("ghcr.corp.example", "ghcr-mirror")
     assert ghcr.aliases == ("ghcr-alias.example",)
-    assert (ghcr.tag_ttl, ghcr.negative_ttl, ghcr.stale_if_error) == (60.0, 10.0, 0.0)
-    assert ghcr.orphan_fetch_limit == 1024
+    assert (ghcr.cache.tag_ttl, ghcr.cache.negative_ttl, ghcr.cache.stale_if_error) == \
+        (60.0, 10.0, 0.0)
+    assert ghcr.cache.orphan_fetch_limit == 1024
     other = config.route("registry.example.org")
-    assert other.label is None and other.tag_ttl == 300.0 and other.library_prefix is True
+    assert other.label is None and other.cache.tag_ttl == 300.0 and other.library_prefix is True
     assert other.namespace == "registry.example.org"
 
 
@@ -138,7 +153,11 @@ def test_config_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.default_route = "x"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.routes[0].tag_ttl = 1  # type: ignore[misc]
+        config.routes[0].cache.tag_ttl = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.routes[0].upstream.proxy = "http://x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.routes[0].label = "x"  # type: ignore[misc]
 
 
 def test_shipped_routes_yaml_loads() -> None:
@@ -149,9 +168,9 @@ def test_shipped_routes_yaml_loads() -> None:
     assert config.default_route == "docker.io"
     assert config.source == str(SHIPPED_ROUTES)
     for route in config.routes:
-        assert route.tag_ttl == 600.0 and route.negative_ttl == 30.0
-        assert route.stale_if_error == FOREVER
-        assert route.credentials is None
+        assert route.cache.tag_ttl == 600.0 and route.cache.negative_ttl == 30.0
+        assert route.cache.stale_if_error == FOREVER
+        assert route.upstream.credentials is None
 
 
 def test_missing_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
@@ -188,6 +207,56 @@ def test_random_durations_are_a_number_or_value_error(value: Any) -> None:
     assert seconds >= 0
 
 
+# ------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(("value", "size"), [
+    (0, 0), (1024, 1024), ("1024", 1024), ("1B", 1), ("10KB", 10_000), ("10 kb", 10_000),
+    ("5MB", 5_000_000), ("2GB", 2 * 10**9), ("1TB", 10**12), ("1KiB", 1024),
+    ("512MiB", 512 << 20), ("200GiB", 200 << 30), ("8gib", 8 << 30), ("2TiB", 2 << 40),
+    ("1.5GiB", 3 << 29), ("0.5KiB", 512), (" 7 MiB ", 7 << 20), (1 << 50, 1 << 50),
+])
+def test_sizes(value: Any, size: int) -> None:
+    assert parse_size(value) == size
+
+
+@pytest.mark.parametrize("value", [
+    -1, "-1", "1.5", 1.5, 2.0, True, False, None, [], "", "GiB", "lots", "10 GiBs", "10XB",
+    "10%", "1.5B", "1e3",
+])
+def test_bad_sizes(value: Any) -> None:
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+@given(st.one_of(st.text(max_size=12), st.integers(), st.floats(allow_nan=False)))
+def test_random_sizes_are_whole_bytes_or_value_error(value: Any) -> None:
+    try:
+        size = parse_size(value)
+    except ValueError:
+        return
+    assert isinstance(size, int) and size >= 0
+
+
+def test_orphan_fetch_limit_takes_a_size() -> None:
+    config = load("defaults: {orphan_fetch_limit: 512MiB}\nroutes: {ghcr.io: {}, "
+                  "quay.io: {orphan_fetch_limit: 1GB}}")
+    assert config.route("ghcr.io").cache.orphan_fetch_limit == 512 << 20
+    assert config.route("quay.io").cache.orphan_fetch_limit == 10**9
+
+
+def test_bad_orphan_fetch_limit_in_defaults_names_the_defaults_line() -> None:
+    text = """
+        defaults:
+          orphan_fetch_limit: lots
+        routes:
+          ghcr.io: {}
+    """
+    error = config_error(text)
+    assert_located(error, text, "orphan_fetch_limit", "defaults.orphan_fetch_limit")
+    assert "GiB" in str(error)
+
+
 def test_bad_duration_in_a_route_names_its_line() -> None:
     text = """
         routes:
@@ -220,8 +289,8 @@ def test_credentials_from_environment() -> None:
               username: me
               password_env: HUB_TOKEN
     """, env={"HUB_TOKEN": SECRET}).route("docker.io")
-    assert route.credentials == Credentials("me", SECRET)
-    assert SECRET not in repr(route.credentials) and SECRET not in repr(route)
+    assert route.upstream.credentials == Credentials("me", SECRET)
+    assert SECRET not in repr(route.upstream.credentials) and SECRET not in repr(route)
 
 
 def test_username_from_environment_and_password_from_file(tmp_path: Path) -> None:
@@ -240,15 +309,15 @@ def test_username_from_environment_and_password_from_file(tmp_path: Path) -> Non
               username_file: {user_file}
               password_file: {secret_file}
     """, env={"HUB_USER": "env-user"})
-    assert config.route("docker.io").credentials == Credentials("env-user", SECRET)
-    assert config.route("ghcr.io").credentials == Credentials("file-user", SECRET)
+    assert config.route("docker.io").upstream.credentials == Credentials("env-user", SECRET)
+    assert config.route("ghcr.io").upstream.credentials == Credentials("file-user", SECRET)
 
 
 def test_environment_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RGW_UNIT_TEST_TOKEN", SECRET)
     config = load_config("routes:\n  docker.io:\n    credentials: {username: u, "
                          "password_env: RGW_UNIT_TEST_TOKEN}\n")
-    assert config.route("docker.io").credentials == Credentials("u", SECRET)
+    assert config.route("docker.io").upstream.credentials == Credentials("u", SECRET)
 
 
 def test_inline_password_is_refused_without_echoing_it() -> None:
@@ -363,6 +432,97 @@ def test_unknown_credentials_key() -> None:
     assert "password_env" in str(error)
 
 
+# ------------------------------------------- parse first, resolve secrets second
+
+
+CREDENTIALS_TEXT = """
+    routes:
+      docker.io:
+        credentials:
+          username: me
+          password_env: HUB_TOKEN
+      ghcr.io:
+        credentials:
+          username_env: GHCR_USER
+          password_file: /run/secrets/ghcr-token
+      quay.io: {}
+"""
+
+
+def test_parsing_reads_no_secret() -> None:
+    """No environment and no secret file is needed to parse: the refs say where secrets are."""
+    config = parse_config(textwrap.dedent(CREDENTIALS_TEXT), "routes.yaml")
+    hub, ghcr = config.route("docker.io").upstream, config.route("ghcr.io").upstream
+    assert hub.credentials is None and ghcr.credentials is None
+    assert hub.credentials_ref == CredentialsRef(SecretRef("inline", "me"),
+                                                 SecretRef("env", "HUB_TOKEN"))
+    assert ghcr.credentials_ref == CredentialsRef(SecretRef("env", "GHCR_USER"),
+                                                  SecretRef("file", "/run/secrets/ghcr-token"))
+    assert config.route("quay.io").upstream.credentials_ref is None
+
+
+def test_resolving_fills_credentials_in_a_new_config(tmp_path: Path) -> None:
+    token = tmp_path / "ghcr-token"
+    token.write_text(f"{SECRET}\n")
+    parsed = parse_config(textwrap.dedent(CREDENTIALS_TEXT).replace(
+        "/run/secrets/ghcr-token", str(token)), "routes.yaml")
+    resolved = resolve_secrets(parsed, {"HUB_TOKEN": "hub-secret", "GHCR_USER": "gh"})
+    assert resolved.route("docker.io").upstream.credentials == Credentials("me", "hub-secret")
+    assert resolved.route("ghcr.io").upstream.credentials == Credentials("gh", SECRET)
+    assert resolved.route("quay.io") == parsed.route("quay.io")
+    assert resolved.route("ghcr.io").upstream.credentials_ref == \
+        parsed.route("ghcr.io").upstream.credentials_ref
+    assert parsed.route("ghcr.io").upstream.credentials is None  # frozen: a new Config
+    assert SECRET not in repr(resolved)
+
+
+def test_resolving_later_still_names_file_line_and_key() -> None:
+    text = CREDENTIALS_TEXT
+    parsed = parse_config(textwrap.dedent(text), "routes.yaml")
+    with pytest.raises(ConfigError) as caught:
+        resolve_secrets(parsed, {"GHCR_USER": "gh"})
+    assert_located(caught.value, text, "password_env", "routes.docker.io.credentials.password_env")
+    with pytest.raises(ConfigError) as caught:
+        resolve_secrets(parsed, {"HUB_TOKEN": "x", "GHCR_USER": "gh"})
+    assert_located(caught.value, text, "password_file",
+                   "routes.ghcr.io.credentials.password_file")
+
+
+def test_every_route_is_parsed_before_any_secret_is_resolved() -> None:
+    """A mistake anywhere in the file is reported before an unset variable is looked up."""
+    text = """
+        routes:
+          docker.io:
+            credentials: {username: me, password_env: NOT_SET_ANYWHERE}
+          ghcr.io:
+            tag_ttl: soon
+    """
+    assert_located(config_error(text), text, "tag_ttl", "routes.ghcr.io.tag_ttl")
+
+
+def test_secret_refs_compare_by_source_and_value_only() -> None:
+    first = parse_config("routes: {docker.io: {credentials: {username: u, password_env: A}}}",
+                         "one.yaml")
+    second = parse_config("\n\nroutes:\n  docker.io:\n    credentials:\n      username: u\n"
+                          "      password_env: A\n", "two.yaml")
+    assert first.route("docker.io").upstream == second.route("docker.io").upstream
+
+
+def test_check_parses_and_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("routes:\n  docker.io:\n    credentials:\n      username: me\n"
+                      "      password_env: RGW_UNIT_CHECK_TOKEN\n")
+    monkeypatch.delenv("RGW_UNIT_CHECK_TOKEN", raising=False)
+    assert cli.main(["check", str(routes)]) == 1
+    assert f"{routes}:5: routes.docker.io.credentials.password_env" in capsys.readouterr().err
+    monkeypatch.setenv("RGW_UNIT_CHECK_TOKEN", SECRET)
+    assert cli.main(["check", str(routes)]) == 0
+    out = capsys.readouterr().out
+    assert "-> https://registry-1.docker.io" in out and "tag_ttl: 600s" in out
+    assert "credentials for me" in out and SECRET not in out
+
+
 # ----------------------------------------------------------- duplicates
 
 
@@ -449,6 +609,91 @@ def test_unknown_defaults_key() -> None:
         routes: {ghcr.io: {}}
     """
     assert_located(config_error(text), text, "label", "defaults.label")
+
+
+def _yaml_keys(*classes: type[Any]) -> set[str]:
+    """What the field metadata says routes.yaml may write (the table is derived from it)."""
+    return {field.metadata["routes.yaml"].name or field.name
+            for cls in classes for field in dataclasses.fields(cls)
+            if "routes.yaml" in field.metadata}
+
+
+def _listed_keys(error: ConfigError) -> set[str]:
+    return set(str(error).split("valid keys: ")[1].split(", "))
+
+
+def test_route_keys_are_the_fields_of_route_upstream_and_cache_policy() -> None:
+    error = config_error("routes: {ghcr.io: {bogus: 1}}")
+    assert _listed_keys(error) == _yaml_keys(Route, UpstreamSettings, CachePolicy) == {
+        "upstream", "label", "hosts", "aliases", "library_prefix", "tag_ttl", "negative_ttl",
+        "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit"}
+
+
+def test_defaults_keys_are_the_cache_policy_and_proxy() -> None:
+    error = config_error("defaults: {bogus: 1}\nroutes: {ghcr.io: {}}")
+    assert _listed_keys(error) == {f.name for f in dataclasses.fields(CachePolicy)} | {"proxy"}
+
+
+def test_top_level_keys_are_the_sections() -> None:
+    error = config_error("routes: {ghcr.io: {}}\nbogus: 1")
+    assert _listed_keys(error) == set(SECTIONS) == {
+        "base_domains", "default_route", "defaults", "routes", "trusted_proxies"}
+
+
+def test_a_settings_section_is_parsed_from_its_fields() -> None:
+    """What adding a top-level section (cache:, storage:, ...) takes: a dataclass whose
+    fields carry yaml_key(...) and one SECTIONS entry made by settings_section."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Limits:
+        max_size: int | None = dataclasses.field(default=None, metadata=yaml_key(size))
+        window: float = dataclasses.field(default=1.0, metadata=yaml_key(duration))
+
+    section = settings_section(Limits, "limits")
+    text = "limits:\n  max_size: 2GiB\n  window: 1m\n  bogus: 1\n"
+    document = Document.parse(text, "routes.yaml")
+    at = document.at("limits")
+    assert section.field == "limits"
+    assert section.parse({"max_size": "2GiB"}, at, {}) == Limits(max_size=2 << 30)
+    assert section.parse(None, at, {}) == Limits()
+    with pytest.raises(ConfigError) as caught:
+        section.parse(document.data["limits"], at, {})
+    assert (caught.value.line, caught.value.key) == (4, "limits.bogus")
+    assert _listed_keys(caught.value) == {"max_size", "window"}
+    with pytest.raises(ConfigError) as caught:
+        section.parse({"window": "soon"}, at, {})
+    assert caught.value.key == "limits.window"
+
+
+# ------------------------------------------------- null, presets and defaults
+
+
+def test_null_label_takes_away_the_preset_label() -> None:
+    assert load("routes: {ghcr.io: {label: null}}").route("ghcr.io").label is None
+
+
+def test_null_aliases_and_hosts_keep_their_defaults() -> None:
+    hub = load("routes: {docker.io: {aliases: null, hosts: null}}").route("docker.io")
+    assert hub.aliases == PRESETS["docker.io"].aliases and hub.hosts == ()
+
+
+def test_a_route_can_take_back_the_default_proxy() -> None:
+    config = load("defaults: {proxy: 'http://10.0.0.1:3128', tag_ttl: 1m}\n"
+                  "routes: {ghcr.io: {}, quay.io: {proxy: null}}")
+    assert config.route("ghcr.io").upstream.proxy == "http://10.0.0.1:3128"
+    assert config.route("quay.io").upstream.proxy is None
+    assert config.route("quay.io").cache.tag_ttl == 60.0
+
+
+def test_credentials_in_a_bad_upstream_url_are_not_echoed() -> None:
+    text = f"""
+        routes:
+          registry.example.org:
+            upstream: ftp://me:{SECRET}@registry.example.org/v2
+    """
+    error = config_error(text)
+    assert_located(error, text, "upstream:", "routes.registry.example.org.upstream")
+    assert SECRET not in str(error)
 
 
 # ------------------------------------------------------- bad values
@@ -575,7 +820,7 @@ def test_missing_ca_file(tmp_path: Path) -> None:
     """
     assert_located(config_error(text), text, "ca_file", "routes.ghcr.io.ca_file")
     (tmp_path / "ca.pem").write_text("pem")
-    assert load(text).route("ghcr.io").ca_file == str(tmp_path / "ca.pem")
+    assert load(text).route("ghcr.io").upstream.ca_file == str(tmp_path / "ca.pem")
 
 
 def test_proxy_must_be_http() -> None:
@@ -586,7 +831,7 @@ def test_proxy_must_be_http() -> None:
     """
     assert_located(config_error(text), text, "proxy", "routes.ghcr.io.proxy")
     good = load("routes: {ghcr.io: {proxy: 'http://10.0.0.1:3128'}}")
-    assert good.route("ghcr.io").proxy == "http://10.0.0.1:3128"
+    assert good.route("ghcr.io").upstream.proxy == "http://10.0.0.1:3128"
 
 
 def test_bad_proxy_in_defaults_names_the_defaults_line() -> None:

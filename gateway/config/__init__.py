@@ -1,0 +1,56 @@
+"""routes.yaml into frozen dataclasses, per section: parse first, resolve secrets second.
+
+The public names; the parts: model.py (the dataclasses), load.py (sections and routes),
+values.py (durations, sizes, URLs), secrets.py (the only reader of the environment).
+"""
+
+from __future__ import annotations
+
+from .load import (
+    SECTIONS,
+    Section,
+    load_config,
+    load_config_file,
+    parse_config,
+    parse_config_file,
+    settings_section,
+)
+from .model import (
+    CachePolicy,
+    Config,
+    Credentials,
+    CredentialsRef,
+    Route,
+    SecretRef,
+    UpstreamSettings,
+)
+from .presets import PRESETS, Preset
+from .schema import yaml_key
+from .secrets import resolve_secret, resolve_secrets
+from .values import FOREVER, Network, parse_duration, parse_size
+
+__all__ = [
+    "FOREVER",
+    "PRESETS",
+    "SECTIONS",
+    "CachePolicy",
+    "Config",
+    "Credentials",
+    "CredentialsRef",
+    "Network",
+    "Preset",
+    "Route",
+    "SecretRef",
+    "Section",
+    "UpstreamSettings",
+    "load_config",
+    "load_config_file",
+    "parse_config",
+    "parse_config_file",
+    "parse_duration",
+    "parse_size",
+    "resolve_secret",
+    "resolve_secrets",
+    "settings_section",
+    "yaml_key",
+]

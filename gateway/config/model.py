@@ -1,0 +1,146 @@
+"""The configuration as frozen dataclasses, and which routes.yaml key sets which field.
+
+A field's `yaml_key(...)` metadata names its key and value parser; load.py derives its key
+tables from these, so adding such a field adds the key. Nothing here reads files or the
+environment: secrets stay `SecretRef`s until secrets.py resolves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from yarl import URL
+
+from .document import Location, Place
+from .schema import check_keys, yaml_key
+from .values import (
+    FOREVER,
+    Network,
+    boolean,
+    dns_label,
+    duration,
+    host_names,
+    proxy_url,
+    readable_file,
+    registry_url,
+    size,
+)
+
+SecretSource = Literal["inline", "env", "file"]
+# How a secret is written: `password_env: VAR` reads the environment variable VAR.
+_SUFFIXES: Mapping[str, SecretSource] = {"": "inline", "_env": "env", "_file": "file"}
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str
+    password: str = field(repr=False)
+
+    def __repr__(self) -> str:  # never show the secret, even in a debugger
+        return f"Credentials(username={self.username!r}, password=***)"
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret comes from: an environment variable's name, a file's path, or (for a
+    username only) the value itself. Never the secret."""
+
+    source: SecretSource
+    value: str
+    # Where it was written, so that resolving it later still names file, line and key.
+    location: Location | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class CredentialsRef:
+    username: SecretRef
+    password: SecretRef = field(metadata={"inline": False})  # never written in the file
+
+
+def _secret_ref(spec: Mapping[str, Any], at: Place, what: str,
+                inline: bool) -> SecretRef | None:
+    """`<what>`, `<what>_env` or `<what>_file`: at most one of them."""
+    given = [what + suffix for suffix in _SUFFIXES if spec.get(what + suffix) is not None]
+    if len(given) > 1:
+        raise at.child(given[1]).error(f"give only one of {', '.join(given)}")
+    if not given:
+        return None
+    key = given[0]
+    if key == what and not inline:
+        raise at.child(key).error(f"{what}s are never written inline: "
+                                  f"use {what}_env or {what}_file")
+    source = _SUFFIXES[key[len(what):]]
+    return SecretRef(source, str(spec[key]), at.child(key).location())
+
+
+def credentials_ref(value: Any, at: Place) -> CredentialsRef | None:
+    """`credentials: {username[_env|_file]: ..., password_env|password_file: ...}`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise at.error("want username and password_env or password_file")
+    fields = dataclasses.fields(CredentialsRef)
+    check_keys(at, value, [f.name + suffix for f in fields for suffix in _SUFFIXES])
+    refs = {f.name: _secret_ref(value, at, f.name, f.metadata.get("inline", True))
+            for f in fields}
+    given = {name: ref for name, ref in refs.items() if ref is not None}
+    if len(given) < len(refs):
+        raise at.error("credentials need a username and a password_env or password_file")
+    return CredentialsRef(**given)
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """How the gateway talks to one upstream registry."""
+
+    url: URL = field(metadata=yaml_key(registry_url, name="upstream"))  # no path
+    credentials: Credentials | None = None  # filled by resolve_secrets from credentials_ref
+    credentials_ref: CredentialsRef | None = field(
+        default=None, metadata=yaml_key(credentials_ref, name="credentials"))
+    ca_file: str | None = field(default=None, metadata=yaml_key(readable_file))
+    proxy: str | None = field(default=None, metadata=yaml_key(proxy_url, inherit=True))
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How long answers about one route's tags are believed, and what a fetch may cost."""
+
+    tag_ttl: float = field(default=600.0, metadata=yaml_key(duration, inherit=True))
+    negative_ttl: float = field(default=30.0, metadata=yaml_key(duration, inherit=True))
+    stale_if_error: float = field(default=FOREVER, metadata=yaml_key(duration, inherit=True))
+    # A fetch that no client waits for any more still completes up to this size,
+    # so the next pull is a hit; larger ones are abandoned.
+    orphan_fetch_limit: int = field(default=8 << 30, metadata=yaml_key(size, inherit=True))
+
+
+@dataclass(frozen=True)
+class Route:
+    """One upstream registry and how the gateway serves it."""
+
+    name: str  # the registry name clients use: path prefix, ns=, metrics label
+    namespace: str  # directory of this upstream's cache inside the data dir
+    upstream: UpstreamSettings
+    cache: CachePolicy = field(default_factory=CachePolicy)
+    label: str | None = field(default=None, metadata=yaml_key(dns_label))
+    hosts: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
+    aliases: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
+    library_prefix: bool = field(default=False, metadata=yaml_key(boolean))
+
+
+@dataclass(frozen=True)
+class Config:
+    routes: tuple[Route, ...]
+    base_domains: tuple[str, ...] = ()
+    default_route: str | None = None
+    source: str = "<config>"
+    # Peers (a proxy or load balancer in front) whose X-Forwarded-* headers are believed.
+    trusted_proxies: tuple[Network, ...] = ()
+
+    def route(self, name: str) -> Route:
+        for route in self.routes:
+            if route.name == name:
+                return route
+        raise KeyError(name)
