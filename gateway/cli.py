@@ -16,8 +16,8 @@ from . import __version__, server
 from .client import commands as client_commands
 from .config import Config, load_config_file
 from .errors import ConfigError
-from .tls import RELOAD_INTERVAL, TlsError
 from .net import parse_hostport
+from .tls import RELOAD_INTERVAL, TlsError
 
 
 def _listen(value: str) -> tuple[str, int]:

@@ -13,7 +13,6 @@ from .config import Config, Route
 from .errors import RegistryError
 from .reference import validate_name
 
-
 Via = Literal["host", "path", "ns", "default"]
 
 

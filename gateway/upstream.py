@@ -24,6 +24,7 @@ from .config import Route
 from .errors import UpstreamError
 from .metrics import Metrics
 from .singleflight import SharedCalls
+
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')

@@ -6,6 +6,7 @@ values.py (durations, sizes, URLs), secrets.py (the only reader of the environme
 
 from __future__ import annotations
 
+from ..presets import PRESETS, Preset
 from .load import (
     SECTIONS,
     Section,
@@ -24,7 +25,6 @@ from .model import (
     SecretRef,
     UpstreamSettings,
 )
-from .presets import PRESETS, Preset
 from .schema import yaml_key
 from .secrets import resolve_secret, resolve_secrets
 from .values import FOREVER, Network, parse_duration, parse_size

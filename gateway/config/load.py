@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..presets import PRESETS
 from .document import Document, Place
 from .model import CachePolicy, Config, Route, UpstreamSettings
-from .presets import PRESETS
 from .schema import Key, build, check_keys, keys_of, parse_keys
 from .secrets import resolve_secrets
 from .values import ABSENT, domains, networks

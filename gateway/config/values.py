@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from ..net import Network as Network
 from .document import Place
 
 FOREVER = float("inf")
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Absent(enum.Enum):

@@ -9,7 +9,7 @@ on a resolved request, so a rule sees the route and repository, never a raw path
 
 from __future__ import annotations
 
-from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from ..config import Config
 from ..metrics import Metrics
@@ -22,8 +22,8 @@ __all__ = ["add_common_headers", "build", "render"]
 
 
 def build(config: Config, router: Router, metrics: Metrics, *,
-          https_port: int | None = None) -> list[web.Middleware]:
-    stages: list[web.Middleware] = []
+          https_port: int | None = None) -> list[Middleware]:
+    stages: list[Middleware] = []
     if config.trusted_proxies:
         # First, so the log, the routing and the rules see the real client and host.
         stages.append(forwarded_middleware(config.trusted_proxies))

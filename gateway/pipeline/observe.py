@@ -15,7 +15,7 @@ import secrets
 import time
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import RegistryError
 from ..metrics import Metrics
@@ -42,7 +42,7 @@ def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
     return "metrics" if request.path == "/metrics" else "other"
 
 
-def observe_middleware(metrics: Metrics) -> web.Middleware:
+def observe_middleware(metrics: Metrics) -> Middleware:
     # Request ids: unique per process start, cheaper than a uuid4 per request.
     id_prefix = f"{secrets.token_hex(4)}-"
     id_counter = itertools.count(1)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
@@ -51,7 +51,7 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def read_only_middleware() -> web.Middleware:
+def read_only_middleware() -> Middleware:
     @web.middleware
     async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
@@ -63,7 +63,7 @@ def read_only_middleware() -> web.Middleware:
     return read_only
 
 
-def resolve_middleware(router: Router) -> web.Middleware:
+def resolve_middleware(router: Router) -> Middleware:
     @web.middleware
     async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from gateway import api
-from gateway.config import Config, Route, load_config
+from gateway.config import CachePolicy, Config, Route, UpstreamSettings, load_config
 from gateway.metrics import Metrics
 from gateway.server import MAX_LINE, METRICS, create_app
 from gateway.upstream import Upstream
@@ -54,7 +54,15 @@ async def registry(aiohttp_server: Any) -> Callable[..., Awaitable[Served]]:
 
 
 def make_route(url: str, name: str = "fake.test", **overrides: Any) -> Route:
-    return Route(name=name, upstream=URL(url), namespace=name, **overrides)
+    """A route to `url`; keyword arguments go to the upstream settings, the cache policy
+    or the route itself, by name."""
+    parts: dict[type, dict[str, Any]] = {UpstreamSettings: {}, CachePolicy: {}}
+    for cls, values in parts.items():
+        names = {f.name for f in fields(cls)}
+        values.update({k: overrides.pop(k) for k in list(overrides) if k in names})
+    return Route(name=name, namespace=name,
+                 upstream=UpstreamSettings(URL(url), **parts[UpstreamSettings]),
+                 cache=CachePolicy(**parts[CachePolicy]), **overrides)
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
 """cache/: blobs and manifests by digest, tags with TTL and stale-if-error, single flight.
 
 The real `Cache` over an `FsStore` in tmp_path, talking through a real `Upstream` to an
-in-process fake registry; time is moved with a clock that stands in for `time` inside
-`gateway.cache`.
+in-process fake registry; time is moved with the clock the cache is given.
 """
 
 from __future__ import annotations
@@ -18,13 +17,20 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.cache import Cache, FetchAborted, ManifestResult
-from gateway.cache.flight import BlobFlight, IntegrityError
-from gateway.cache.fs import FsStore
+from gateway.cache import (
+    BlobFlight,
+    Cache,
+    FetchAborted,
+    FsStore,
+    IntegrityError,
+    ManifestResult,
+    MemoryIndex,
+    ProcessDir,
+)
 from gateway.config import Route
 from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
-from gateway.reference import parse_digest
+from gateway.reference import Reference, parse_digest
 from gateway.upstream import Upstream
 
 from .conftest import Served, make_route
@@ -59,10 +65,11 @@ class World:
         return self.served.fake
 
     async def manifest(self, reference: str, accept: str | None = None) -> ManifestResult:
-        return await self.cache.manifest(self.upstream, self.route, REPO, reference, accept)
+        return await self.cache.manifests.get(self.upstream, self.route, REPO,
+                                              Reference.parse(reference), accept)
 
     def flight(self, digest: str) -> tuple[BlobFlight, bool]:
-        return self.cache.flight(self.upstream, self.route, REPO, parse_digest(digest))
+        return self.cache.blobs.fetch(self.upstream, self.route, REPO, parse_digest(digest))
 
     def metric(self, name: str, **labels: str) -> float:
         value = self.metrics.registry.get_sample_value(name, {"route": self.route.name,
@@ -71,8 +78,9 @@ class World:
 
     async def settled(self, digest: str) -> None:
         """Wait until the blob's fetch is over (committed or abandoned)."""
-        await wait_until(lambda: self.cache.inflight(self.route, parse_digest(digest)) is None,
-                         what="the fetch to end")
+        await wait_until(
+            lambda: self.cache.blobs.inflight(self.route, parse_digest(digest)) is None,
+            what="the fetch to end")
 
 
 MakeWorld = Callable[..., Awaitable[World]]
@@ -84,7 +92,6 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
     caches: list[Cache] = []
     upstreams: list[Upstream] = []
     clock = Clock()
-    monkeypatch.setattr("gateway.cache.time", clock)
 
     async def make(*, served: Served | None = None, store: FsStore | None = None,
                    name: str = "fake.test", **route_overrides: Any) -> World:
@@ -94,10 +101,11 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         upstream = Upstream(route, metrics)
         await upstream.start()
         upstreams.append(upstream)
+        spool = ProcessDir(tmp_path / "data" / ".spool")
         if store is None:
-            store = FsStore(tmp_path / "data")
-            await store.open()
-        cache = Cache(store, metrics)
+            store = FsStore(tmp_path / "data", spool.path)
+        cache = Cache(store, MemoryIndex(clock.time), metrics, spool, clock.time)
+        await cache.open()
         caches.append(cache)
         return World(served, route, upstream, cache, store, metrics, clock)
 
@@ -129,7 +137,8 @@ def blob_path(world: World, digest: str) -> Path:
 
 
 def spool_files(world: World) -> list[Path]:
-    return list(world.store.spool_dir.iterdir())
+    """What the process's spool holds besides its owner lock."""
+    return [p for p in world.cache.spool.path.iterdir() if p.name != ".owner"]
 
 
 # ------------------------------------------------------------ blob flights
@@ -160,11 +169,11 @@ async def test_concurrent_readers_share_one_upstream_fetch(world: MakeWorld) -> 
 
     await w.settled(digest)
     assert blob_path(w, digest).read_bytes() == data
-    cached = await w.cache.cached_blob(w.route, parse_digest(digest))
+    cached = await w.cache.blobs.cached(w.route, parse_digest(digest))
     assert cached is not None and cached.size == len(data)
     assert spool_files(w) == []
     # A reader that comes after the commit starts no new fetch.
-    assert w.cache.inflight(w.route, parse_digest(digest)) is None
+    assert w.cache.blobs.inflight(w.route, parse_digest(digest)) is None
 
 
 async def test_reader_joining_after_the_fetch_finished_reads_the_committed_file(
@@ -200,7 +209,7 @@ async def test_wrong_bytes_are_never_kept_and_readers_are_aborted(world: MakeWor
     assert (flight.error.code, flight.error.status) == ("DIGEST_INVALID", 502)
     assert not flight.done
     assert not blob_path(w, digest).exists()
-    assert await w.cache.cached_blob(w.route, parse_digest(digest)) is None
+    assert await w.cache.blobs.cached(w.route, parse_digest(digest)) is None
     assert spool_files(w) == []
     assert w.metric("gateway_integrity_failures_total", kind="blob") == 1
 
@@ -236,7 +245,7 @@ async def test_truncated_transfer_is_resumed_with_range(world: MakeWorld) -> Non
     assert second.headers["Range"] == f"bytes={flight.written - (len(data) - half)}-"
     assert second.headers["Range"] == f"bytes={half}-"
     assert flight.resumes == 1
-    assert flight.upstream_bytes == len(data)  # nothing fetched twice
+    assert w.metric("gateway_upstream_bytes_total") == len(data)  # nothing fetched twice
     assert w.metric("gateway_upstream_resumed_transfers_total") == 1
     assert blob_path(w, digest).read_bytes() == data
 
@@ -439,8 +448,8 @@ async def test_blobs_of_two_routes_are_kept_apart(world: MakeWorld,
     digest = a.fake.add_blob(data)
     assert await read_all(a.flight(digest)[0]) == data
     await a.settled(digest)
-    assert await a.cache.cached_blob(a.route, parse_digest(digest)) is not None
-    assert await b.cache.cached_blob(b.route, parse_digest(digest)) is None
+    assert await a.cache.blobs.cached(a.route, parse_digest(digest)) is not None
+    assert await b.cache.blobs.cached(b.route, parse_digest(digest)) is None
 
 
 # -------------------------------------------------------------- manifests
@@ -726,7 +735,8 @@ async def test_missing_digest_is_remembered_per_repository(world: MakeWorld) -> 
         assert (caught.value.code, caught.value.status) == ("MANIFEST_UNKNOWN", 404)
     assert w.fake.count("GET", f"/v2/{REPO}/manifests/{digest}") == 1
     # Another repository that has it is not affected by what REPO's 404 taught.
-    result = await w.cache.manifest(w.upstream, w.route, "other/img", digest, None)
+    result = await w.cache.manifests.get(w.upstream, w.route, "other/img",
+                                         Reference.parse(digest), None)
     assert (result.cache, result.manifest.body) == ("MISS", body)
 
 
@@ -748,7 +758,8 @@ async def test_cancelled_manifest_request_does_not_cancel_the_fetch(world: MakeW
     with pytest.raises(asyncio.CancelledError):
         await first
     gate.set()
-    await wait_until(lambda: not w.cache._manifest_flights, what="the fetch to finish")
+    tag_file = w.store.root / w.route.namespace / "tags" / REPO / "_tags" / "v1"
+    await wait_until(tag_file.exists, what="the fetch to finish")
     result = await w.manifest("v1")
     assert (result.cache, result.manifest.body) == ("HIT", body)
     assert w.fake.count("GET", path) == 1
@@ -771,7 +782,7 @@ async def test_stalled_transfer_is_resumed_after_the_read_timeout(world: MakeWor
             return w.fake.blob_response(request, digest)
 
         w.fake.override("GET", path, stall_first)
-        flight, _ = w.cache.flight(stalled_upstream, w.route, REPO, parse_digest(digest))
+        flight, _ = w.cache.blobs.fetch(stalled_upstream, w.route, REPO, parse_digest(digest))
         assert await asyncio.wait_for(read_all(flight), 10) == data
         await w.settled(digest)
         assert [s.headers.get("Range") for s in w.fake.seen("GET", path)] == [

@@ -85,6 +85,7 @@ async def test_keys_are_independent_and_close_cancels_the_work() -> None:
     a, began_a = flights.join("a", lambda: start("a"))
     b, began_b = flights.join("b", lambda: start("b"))
     again, began_again = flights.join("a", lambda: start("a2"))
+    await asyncio.sleep(0)  # let both tasks begin
     assert (began_a, began_b, began_again) == (True, True, False)
     assert again is a and flights.get("b") is b and len(flights) == 2
     await flights.close()

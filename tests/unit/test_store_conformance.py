@@ -68,7 +68,7 @@ async def test_an_aborted_upload_leaves_nothing(store: BlobStore, tmp_path: Path
     await upload.abort()
     await upload.abort()
     assert await store.stat("ns/blobs/sha256/cc/cccc") is None
-    leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+    leftovers = await asyncio.to_thread(lambda: [p for p in tmp_path.rglob("*") if p.is_file()])
     assert leftovers == [], leftovers
 
 
@@ -107,3 +107,52 @@ async def test_local_files_capability(store: BlobStore, tmp_path: Path) -> None:
     assert not spool.exists(), "adopting moves the file, it does not copy it"
     assert store.local_path("ns/blobs/sha256/11/1111").read_bytes() == b"verified bytes"
     assert await store.stat("ns/blobs/sha256/11/1111") == len(b"verified bytes")
+
+
+# ------------------------------------------------- the filesystem store's own promises
+
+
+@pytest.fixture
+def fs_store(tmp_path: Path) -> FsStore:
+    scratch = tmp_path / ".spool" / "me"
+    scratch.mkdir(parents=True)
+    return FsStore(tmp_path, scratch)
+
+
+async def test_fs_a_failed_put_leaves_the_old_object_and_no_temp_file(
+        fs_store: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "ns/manifests/sha256/ab/abcd"
+    await fs_store.put(key, b"old")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        await fs_store.put(key, b"new")
+    monkeypatch.undo()
+    assert await fs_store.get(key) == b"old"
+    assert list(fs_store.scratch.iterdir()) == []
+
+
+async def test_fs_puts_and_uploads_are_fsynced_before_they_are_renamed(
+        fs_store: FsStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    await fs_store.put("ns/x", b"data")
+    upload = fs_store.upload("ns/y")
+    await upload.write(b"data")
+    await upload.commit()
+    monkeypatch.undo()
+    assert events == ["fsync", "replace"] * 2

@@ -19,7 +19,8 @@ from yarl import URL
 from gateway.config import Credentials
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
-from gateway.upstream import MANIFEST_TYPES, Upstream, manifest_accept
+from gateway.oci import MANIFEST_TYPES, manifest_accept
+from gateway.upstream import Upstream
 
 from .conftest import Served, make_route
 from .fakes import (
