@@ -348,6 +348,8 @@ async def test_blob_miss_then_hit(setup: MakeSetup) -> None:
     digest = s.hub.fake.add_blob(data)
     path = f"/v2/owner/img/blobs/{digest}"
     for expected in ("MISS", "HIT"):
+        before = {result: s.gw.sample("gateway_cache_requests_total", route="docker.io",
+                                      kind="blob", result=result) for result in ("miss", "hit")}
         resp = await s.client.get(path)
         assert resp.status == 200
         assert await resp.read() == data
@@ -357,7 +359,25 @@ async def test_blob_miss_then_hit(setup: MakeSetup) -> None:
         assert resp.headers["X-Cache"] == expected
         assert resp.headers["X-Registry-Route"] == "docker.io"
         await wait_until(lambda: not s.inflight(), what="the commit")
+        # Every hit ratio is built on this counter: each answer moves its result by 1.
+        after = {result: s.gw.sample("gateway_cache_requests_total", route="docker.io",
+                                     kind="blob", result=result) for result in ("miss", "hit")}
+        assert {r: after[r] - before[r] for r in after} == {
+            "miss": int(expected == "MISS"), "hit": int(expected == "HIT")}
     assert s.hub.fake.count("GET", path) == 1
+
+
+@pytest.mark.parametrize("header", [None, "bytes=0-99", "bytes=-10"])
+async def test_every_cached_blob_answer_counts_one_hit(setup: MakeSetup,
+                                                       header: str | None) -> None:
+    s = await setup()
+    path = await _cached_blob(s, os.urandom(1000))
+    hits = s.gw.sample("gateway_cache_requests_total", route="docker.io", kind="blob",
+                       result="hit")
+    resp = await s.client.get(path, headers={"Range": header} if header else {})
+    assert resp.status in (200, 206) and resp.headers["X-Cache"] == "HIT"
+    assert s.gw.sample("gateway_cache_requests_total", route="docker.io", kind="blob",
+                       result="hit") == hits + 1
 
 
 async def test_head_blob(setup: MakeSetup) -> None:
