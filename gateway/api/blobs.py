@@ -15,7 +15,7 @@ from typing import IO
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..cache import BlobFlight, Cache, CachedBlob, FetchAborted, read_span
+from ..cache import BlobFlight, Cache, CachedBlob, FetchAborted, OpenBlob, read_span
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, RegistryRequest
@@ -158,33 +158,22 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
 
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    # The common warm GET: one thread hop to open, then the file goes out.
-    opened = await cache.blobs.open_local(reg.route, reg.digest)
-    if opened is not None:
-        return await _send_file(request, reg, *opened)
     found = await cache.blobs.get(upstream, reg.route, reg.repository, reg.digest)
+    if isinstance(found, OpenBlob):  # the common warm GET: one thread hop, then the file
+        return await _send_file(request, reg, found.file, found.size)
     if isinstance(found, CachedBlob):
-        if found.path is not None:  # committed between our two looks
-            file, size = await asyncio.to_thread(_open, found)
-            return await _send_file(request, reg, file, size)
         return await _send_stored(request, reg, cache, found)
     flight, started = found
     with flight.attached():
         return await _follow(request, reg, flight, "MISS" if started else "COALESCED")
 
 
-def _open(found: CachedBlob) -> tuple[IO[bytes], int]:
-    assert found.path is not None
-    file = open(found.path, "rb")  # noqa: SIM115  (closed by _send_file)
-    return file, os.fstat(file.fileno()).st_size
-
-
 async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
                     upstream: Upstream) -> web.StreamResponse:
     digest = reg.digest
-    cached = await cache.blobs.cached(reg.route, digest, check_store=False)
-    status, size = "HIT", cached.size if cached is not None else None
-    if cached is None:
+    size = await cache.blobs.cached_size(reg.route, digest)
+    status = "HIT"
+    if size is None:
         flight = cache.blobs.inflight(reg.route, digest)
         if flight is not None:
             await flight.wait_headers()

@@ -3,7 +3,7 @@
 This module only re-exports; each concern has its own module (see ARCHITECTURE.md).
 """
 
-from .blobs import Blobs, CachedBlob
+from .blobs import Blobs, CachedBlob, OpenBlob
 from .core import Cache
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
 from .fs import FsStore
@@ -15,5 +15,5 @@ from .store import BlobStore, LocalFiles, Redirecting, Upload
 __all__ = [
     "BlobFlight", "BlobStore", "Blobs", "Cache", "CachedBlob", "FetchAborted", "FsStore",
     "Index", "IntegrityError", "LocalFiles", "Manifest", "ManifestResult", "Manifests",
-    "MemoryIndex", "ProcessDir", "Redirecting", "Upload", "read_span",
+    "MemoryIndex", "OpenBlob", "ProcessDir", "Redirecting", "Upload", "read_span",
 ]

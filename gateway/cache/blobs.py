@@ -28,9 +28,18 @@ from .store import BlobStore, LocalFiles, blob_key
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    key: str  # the store's key
+    """A committed blob in a store without local files: read it through the store."""
+
+    key: str
     size: int
-    path: Path | None  # a local file to send, when the store has LocalFiles
+
+
+@dataclass(frozen=True, slots=True)
+class OpenBlob:
+    """A committed blob in a local file, opened: the caller sends it and closes it."""
+
+    file: IO[bytes]
+    size: int
 
 
 def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
@@ -51,54 +60,48 @@ class Blobs:
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache.labels(route.name, "blob", result).inc()
 
-    async def open_local(self, route: Route, digest: Digest) -> tuple[IO[bytes], int] | None:
-        """The committed blob opened for sending, with its size: one thread hop, which also
-        proves the file is still there. Counts a hit."""
-        if self._local is None:
-            return None
-        key = (route.namespace, str(digest))
-        try:
-            opened = await asyncio.to_thread(
-                _open_with_size, self._local.local_path(blob_key(route.namespace, digest)))
-        except FileNotFoundError:
-            await self.index.forget_blob(key)
-            return None
-        self._count(route, "hit")
-        await self.index.touch(key)
-        return opened
-
-    async def cached(self, route: Route, digest: Digest, *,
-                     check_store: bool = True) -> CachedBlob | None:
-        """The committed blob, if any. `check_store=False` trusts the index (HEAD); a GET
-        asks the store, so a file deleted behind our back is fetched again rather than
-        answered with a 404 that says HIT."""
-        key = (route.namespace, str(digest))
+    async def _open(self, route: Route, digest: Digest) -> OpenBlob | CachedBlob | None:
+        """The committed blob: opened, if the store has local files (one thread hop, which
+        also proves the file is there), else as the store's key and size."""
         store_key = blob_key(route.namespace, digest)
-        size = await self.index.blob_size(key) if not check_store else None
-        if size is None:
-            size = await self.store.stat(store_key)
-            if size is None:
-                await self.index.forget_blob(key)
-                return None
-            await self.index.set_blob(key, size)
-        path = self._local.local_path(store_key) if self._local is not None else None
-        return CachedBlob(store_key, size, path)
+        if self._local is None:
+            stored = await self.store.stat(store_key)
+            return CachedBlob(store_key, stored) if stored is not None else None
+        try:
+            file, size = await asyncio.to_thread(_open_with_size,
+                                                 self._local.local_path(store_key))
+        except FileNotFoundError:
+            return None
+        return OpenBlob(file, size)
 
-    async def get(self, upstream: Upstream, route: Route, repository: str,
-                  digest: Digest) -> CachedBlob | tuple[BlobFlight, bool]:
-        """For a GET: the cached blob, or its in-flight fetch (started if needed: True)."""
-        found = await self.cached(route, digest)
-        if found is None:
-            # A fetch may have committed while we asked the store: the index learns the
-            # size before the flight ends, so this check closes the gap.
-            size = await self.index.blob_size((route.namespace, str(digest)))
+    async def cached_size(self, route: Route, digest: Digest) -> int | None:
+        """The size of the committed blob, from the index if it knows (HEAD)."""
+        key = (route.namespace, str(digest))
+        size = await self.index.blob_size(key)
+        if size is None:
+            size = await self.store.stat(blob_key(route.namespace, digest))
             if size is not None:
-                store_key = blob_key(route.namespace, digest)
-                path = self._local.local_path(store_key) if self._local is not None else None
-                found = CachedBlob(store_key, size, path)
+                await self.index.set_blob(key, size)
+        return size
+
+    async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest
+                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool]:
+        """For a GET: the committed blob, or its in-flight fetch (True: started here).
+        Counts the outcome once."""
+        key = (route.namespace, str(digest))
+        found = await self._open(route, digest)
+        if found is None and await self.index.blob_size(key) is not None:
+            # Committed while we looked (the index learns of a commit before its flight
+            # ends), or deleted behind our back: a second look tells which.
+            found = await self._open(route, digest)
+            if found is None:
+                await self.index.forget_blob(key)
         if found is not None:
             self._count(route, "hit")
-            await self.index.touch((route.namespace, str(digest)))
+            if found.size != await self.index.blob_size(key):
+                await self.index.set_blob(key, found.size)
+            else:
+                await self.index.touch(key)
             return found
         flight, started = self.fetch(upstream, route, repository, digest)
         self._count(route, "miss" if started else "coalesced")
