@@ -11,11 +11,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.gateway import Gateway
-from support.images import make_image, sha256_digest
-from support.pulls import fetch, pull_image
-from support.upstreams import Upstream, unique_repository
-from support.world import World
+
+from tests.support.gateway import Gateway
+from tests.support.images import make_image, sha256_digest
+from tests.support.pulls import fetch, pull_image
+from tests.support.upstreams import Upstream, unique_repository
+from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 

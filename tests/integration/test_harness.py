@@ -11,11 +11,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support.client import RegistryClient, raw_request
-from support.images import ACCEPT_ALL_MANIFESTS, make_image, make_index, push_image
-from support.proxy import CountingProxy
-from support.registry import TokenServer
-from support.upstreams import run_upstream, unique_repository
+
+from tests.support.client import RegistryClient, raw_request
+from tests.support.images import ACCEPT_ALL_MANIFESTS, make_image, make_index, push_image
+from tests.support.proxy import CountingProxy
+from tests.support.registry import TokenServer
+from tests.support.upstreams import run_upstream, unique_repository
 
 pytestmark = pytest.mark.integration
 
