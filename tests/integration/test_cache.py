@@ -6,6 +6,7 @@ one blob cost one upstream transfer."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -125,5 +126,9 @@ async def test_concurrent_pulls_of_one_blob_cost_one_upstream_transfer(
     for fetched in results:
         assert fetched.status == 200, fetched.describe()
         assert sha256_digest(fetched.body) == layer.digest
+    # One request started the fetch; the others joined it (or, if late, found it cached).
+    served = Counter(fetched.headers.get("X-Cache", "<missing>") for fetched in results)
+    assert served["MISS"] == 1 and served["COALESCED"] >= 1, dict(served)
+    assert set(served) <= {"MISS", "COALESCED", "HIT"}, dict(served)
     assert len(upstream.proxy.blob_requests(repository)) == 1, upstream.proxy.blob_requests()
     assert upstream.proxy.blob_bytes(repository) == layer.size
