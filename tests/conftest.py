@@ -7,7 +7,6 @@ and the logs of the live ones are attached to every failing test's report.
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -16,14 +15,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-# `support` is a package next to this file; make it importable whatever --import-mode is.
-_TESTS = str(Path(__file__).resolve().parent)
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
-
-from support.gateway import Gateway, run_gateway  # noqa: E402
-from support.upstreams import Upstream, run_upstream  # noqa: E402
-from support.world import (  # noqa: E402
+from tests.support.gateway import Gateway, run_gateway
+from tests.support.upstreams import Upstream, run_upstream
+from tests.support.world import (
     BASIC_ROUTE,
     BASIC_USERNAME_ENV,
     LISTEN_HOSTS,

@@ -23,7 +23,6 @@ that crash.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -32,11 +31,14 @@ from pathlib import Path
 
 import pytest
 import trustme
-from support.gateway import REPOSITORY_ROOT, Gateway
-from support.images import OCI_MANIFEST, Blob, make_image, make_index, push_image, push_index
-from support.net import free_port, wait_for
-from support.tools import require_tool
-from support.upstreams import Upstream
+
+from tests.support.gateway import Gateway
+from tests.support.images import OCI_MANIFEST, Blob, make_image, make_index, push_image, push_index
+from tests.support.net import free_port
+from tests.support.tls_gateway import tls_answers
+from tests.support.tools import local_tool
+from tests.support.upstreams import Upstream
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -48,10 +50,7 @@ EMPTY_BLOB = Blob("application/octet-stream", b"")
 
 
 def conformance_binary() -> str:
-    built = REPOSITORY_ROOT / ".tools" / "bin" / "conformance.test"
-    if built.is_file() and os.access(built, os.X_OK):
-        return str(built)
-    return require_tool("conformance.test")
+    return local_tool("conformance.test")
 
 
 @dataclass
@@ -104,22 +103,9 @@ def tls_gateway(start_upstream: Callable[..., Upstream], start_gateway: Callable
     gateway = start_gateway({"default_route": None, "routes": {
         ROUTE: {"upstream": upstream.url, "hosts": [GATEWAY_ADDRESS]}}},
         extra_args=("--tls-listen", f"{GATEWAY_ADDRESS}:{tls_port}", "--certs", str(certs)))
-    wait_for(lambda: _https_answers(tls_port, ca_path), what="gateway TLS listener",
-             process=gateway.process, diagnostics=gateway.log)
+    wait_for(lambda: tls_answers(tls_port, ca_path, GATEWAY_ADDRESS, host=GATEWAY_ADDRESS),
+             what="gateway TLS listener", process=gateway.process, diagnostics=gateway.log)
     yield gateway, tls_port, ca_path, upstream
-
-
-def _https_answers(port: int, ca_path: Path) -> bool:
-    import socket
-    import ssl
-
-    context = ssl.create_default_context(cafile=str(ca_path))
-    try:
-        with socket.create_connection((GATEWAY_ADDRESS, port), timeout=2) as raw, \
-                context.wrap_socket(raw, server_hostname=GATEWAY_ADDRESS):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass

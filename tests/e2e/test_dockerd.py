@@ -8,10 +8,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.dockerd import Dockerd, run_dockerd
-from support.images import Image, host_architecture, make_image, make_index
-from support.upstreams import unique_repository
-from support.world import HUB_HOST, World
+
+from tests.support.dockerd import Dockerd, run_dockerd
+from tests.support.images import Image, host_architecture, make_image, make_index
+from tests.support.upstreams import unique_repository
+from tests.support.world import HUB_HOST, World
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from support.dockerd import run_dockerd
+
+from tests.support.dockerd import run_dockerd
 
 pytestmark = pytest.mark.e2e
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.images import Image, make_image, make_index
-from support.skopeo import DirLayout, OciLayout, Skopeo
-from support.upstreams import unique_repository
-from support.world import GHCR_HOST, PRIVATE_ROUTE, World
+
+from tests.support.images import Image, make_image, make_index
+from tests.support.skopeo import DirLayout, OciLayout, Skopeo
+from tests.support.upstreams import unique_repository
+from tests.support.world import GHCR_HOST, PRIVATE_ROUTE, World
 
 pytestmark = pytest.mark.e2e
 

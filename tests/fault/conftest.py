@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .support_fault import FakeUpstream, RunningFake, run_fake
+from tests.support.fake_registry import RunningFake, run_fake_registry
 
 LARGE = 1 << 20
 
@@ -32,5 +32,6 @@ def _drop_large_files(tmp_path: Path) -> Iterator[None]:
 
 @pytest.fixture
 def fake_upstream() -> Iterator[RunningFake]:
-    """A scriptable fake upstream (blobs only), served from a thread; stopped at the end."""
-    yield from run_fake(FakeUpstream())
+    """The scripted fake registry, served from a thread; stopped at the end."""
+    with run_fake_registry() as running:
+        yield running

@@ -17,19 +17,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.gateway import Gateway
-from support.images import make_image, sha256_digest
-from support.pulls import fetch
-from support.upstreams import Upstream, route_entry, unique_repository
 
-from .support_fault import (
-    Transfer,
-    blob_path,
-    client_tasks,
-    poll,
-    read_then_hang_up,
-    stream_get,
-)
+from tests.support.datadir import blob_path
+from tests.support.gateway import Gateway
+from tests.support.images import make_image, sha256_digest
+from tests.support.pulls import fetch
+from tests.support.transfers import Transfer, client_tasks, read_then_hang_up, stream_get
+from tests.support.upstreams import Upstream, route_entry, unique_repository
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -43,12 +38,11 @@ def mirror_routes(upstream: Upstream, **route: Any) -> dict[str, Any]:
 
 
 def proxy_blob_bytes(upstream: Upstream, repository: str, digest: str) -> int:
-    return sum(s.body_bytes for s in upstream.proxy.blob_requests(repository)
-               if s.path.endswith(digest))
+    return upstream.proxy.blob_bytes(repository, digest=digest)
 
 
 def proxy_blob_gets(upstream: Upstream, repository: str, digest: str) -> int:
-    return sum(1 for s in upstream.proxy.blob_requests(repository) if s.path.endswith(digest))
+    return len(upstream.proxy.blob_requests(repository, digest=digest))
 
 
 def push_random_blob(upstream: Upstream, repository: str, size: int) -> tuple[bytes, str]:
@@ -93,7 +87,7 @@ async def test_concurrent_clients_of_a_cold_image_cost_one_upstream_transfer(
 
     proxy = upstream.proxy
     for blob in blobs:
-        gets = [s for s in proxy.blob_requests(repository) if s.path.endswith(blob.digest)]
+        gets = proxy.blob_requests(repository, digest=blob.digest)
         assert len(gets) == 1, f"blob {blob.digest} was fetched upstream {len(gets)} times"
         assert gets[0].body_bytes == blob.size, (
             f"blob {blob.digest}: upstream sent {gets[0].body_bytes} bytes for {blob.size}")
@@ -132,18 +126,18 @@ async def test_first_bytes_reach_clients_while_a_throttled_upstream_is_still_sen
     async with aiohttp.ClientSession() as one, aiohttp.ClientSession() as two, \
             client_tasks() as spawn:
         first = spawn(stream_get(one, url, on_chunk=first_bytes("first")))
-        await poll(lambda: "first" in upstream_sent_at_first_bytes or first.done(),
-                   what="the first client gets bytes", attempts=1200)
+        await wait_until(lambda: "first" in upstream_sent_at_first_bytes or first.done(),
+                         what="the first client to get bytes", timeout=60)
         assert upstream_sent_at_first_bytes.get("first", size) < size // 4, (
             f"the first client's first bytes came after the upstream sent "
             f"{upstream_sent_at_first_bytes.get('first')} of {size} bytes")
 
-        await poll(lambda: sent() >= size // 2 or first.done(),
-                   what="the upstream sends half the blob", attempts=2400)
+        await wait_until(lambda: sent() >= size // 2 or first.done(),
+                         what="the upstream to send half the blob", timeout=120)
         joined_at = sent()
         second = spawn(stream_get(two, url, on_chunk=first_bytes("second")))
-        await poll(lambda: "second" in upstream_sent_at_first_bytes or second.done(),
-                   what="the second client gets bytes", attempts=2400)
+        await wait_until(lambda: "second" in upstream_sent_at_first_bytes or second.done(),
+                         what="the second client to get bytes", timeout=120)
         at_second = upstream_sent_at_first_bytes.get("second", size)
         assert at_second < size, (
             f"the client that joined at {joined_at} bytes got its first bytes only after the "
@@ -187,8 +181,8 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
 
     async with aiohttp.ClientSession() as session, client_tasks() as spawn:
         starting = spawn(starter())
-        await poll(lambda: proxy_blob_gets(upstream, repository, digest) == 1,
-                   what="the starter's GET reaches the upstream")
+        await wait_until(lambda: proxy_blob_gets(upstream, repository, digest) == 1,
+                         what="the starter's GET to reach the upstream")
         waiting = await stream_get(session, url, on_chunk=note_waiter)
         hung_up = await starting
 
@@ -205,8 +199,8 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
         # Readers get the last byte once it is verified; the file is renamed into the
         # store just after (fsync first). Wait for that state, not for a time.
         data_dir = gateway.data_dir
-        await poll(lambda: blob_path(data_dir, "docker.io", digest).exists(),
-                   what="the verified blob committed to the store")
+        await wait_until(lambda: blob_path(data_dir, "docker.io", digest).exists(),
+                         what="the verified blob to be committed to the store")
         third = await stream_get(session, url)
         assert third.clean and third.digest == digest
         assert third.cache == "HIT"

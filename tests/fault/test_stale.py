@@ -17,12 +17,13 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-from support.client import Response, raw_request
-from support.dockerd import Dockerd, run_dockerd
-from support.gateway import Gateway
-from support.images import ACCEPT_ALL_MANIFESTS, Image, make_image, sha256_digest
-from support.tools import require_tool
-from support.upstreams import Upstream, route_entry, unique_repository
+
+from tests.support.client import Response, raw_request
+from tests.support.dockerd import Dockerd, run_dockerd
+from tests.support.gateway import Gateway
+from tests.support.images import ACCEPT_ALL_MANIFESTS, Image, make_image, sha256_digest
+from tests.support.tools import require_tool
+from tests.support.upstreams import Upstream, route_entry, unique_repository
 
 pytestmark = pytest.mark.fault
 

@@ -18,11 +18,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.client import Response, raw_request
-from support.gateway import Gateway
-from support.images import ACCEPT_ALL_MANIFESTS, Image, make_image
-from support.pulls import assert_oci_error, fetch
-from support.upstreams import Upstream, route_entry, unique_repository
+
+from tests.support.client import Response, raw_request
+from tests.support.gateway import Gateway
+from tests.support.images import ACCEPT_ALL_MANIFESTS, Image, make_image
+from tests.support.pulls import assert_oci_error, fetch
+from tests.support.upstreams import Upstream, route_entry, unique_repository
 
 pytestmark = pytest.mark.fault
 

@@ -17,22 +17,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.gateway import Gateway
-from support.images import sha256_digest
 
-from .support_fault import FAKE_ROUTE as ROUTE
-from .support_fault import (
-    BlobPlan,
-    RunningFake,
-    blob_path,
-    client_tasks,
-    corrupt,
-    fake_routes,
-    files_at_least,
-    files_holding,
-    poll,
-    stream_get,
-)
+from tests.support.datadir import blob_path, files_at_least, files_holding
+from tests.support.fake_registry import FAKE_ROUTE as ROUTE
+from tests.support.fake_registry import FakeRegistry, RunningFake, fake_routes
+from tests.support.faults import Fault, corrupt
+from tests.support.gateway import Gateway
+from tests.support.images import sha256_digest
+from tests.support.transfers import client_tasks, stream_get
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -42,6 +35,10 @@ REPOSITORY = "fault/blob"
 
 def blob_url(gateway: Gateway, digest: str) -> str:
     return f"{gateway.url()}/v2/{REPOSITORY}/blobs/{digest}"
+
+
+def upstream_path(digest: str) -> str:
+    return f"/v2/{REPOSITORY}/blobs/{digest}"
 
 
 @pytest.mark.parametrize(
@@ -58,20 +55,24 @@ async def test_cut_transfer_is_resumed_with_range(
     cuts: tuple[int, ...], honour_range: bool,
 ) -> None:
     fake = fake_upstream.fake
-    plan = fake.add(BlobPlan(os.urandom(SIZE), cuts=cuts, honour_range=honour_range))
+    fake.honour_range = honour_range
+    digest = fake.add_blob(os.urandom(SIZE))
+    # The k-th GET is cut at the k-th offset (a FIN after flushing); the next is whole.
+    fake.queue("GET", upstream_path(digest), *(Fault(cut_at=cut) for cut in cuts))
     gateway = start_gateway(fake_routes(fake_upstream.url))
-    url = blob_url(gateway, plan.digest)
+    url = blob_url(gateway, digest)
 
     async with aiohttp.ClientSession() as session:
         got = await stream_get(session, url)
         assert got.status == 200, got
         assert got.error is None, f"the client's read failed: {got.error!r}"
         assert got.received == SIZE
-        assert got.digest == plan.digest, "the resumed blob has the wrong bytes"
+        assert got.digest == digest, "the resumed blob has the wrong bytes"
         assert got.cache == "MISS"
 
-        gets = fake.blob_gets(plan.digest)
+        gets = fake.blob_requests(digest=digest)
         assert len(gets) == len(cuts) + 1, f"want one GET plus one per cut: {gets}"
+        assert fake.pending() == []
         assert gets[0].range is None
         previous = 0
         for request, cut in zip(gets[1:], cuts, strict=True):
@@ -84,26 +85,37 @@ async def test_cut_transfer_is_resumed_with_range(
             previous = offset
 
         # Verified bytes reach clients before the fsync and rename: wait for the commit.
-        await poll(lambda: blob_path(gateway.data_dir, ROUTE, plan.digest).exists(),
-                   what="the resumed blob committed to the store")
+        await wait_until(lambda: blob_path(gateway.data_dir, ROUTE, digest).exists(),
+                         what="the resumed blob committed to the store")
         again = await stream_get(session, url)
-        assert again.clean and again.digest == plan.digest
+        assert again.clean and again.digest == digest
         assert again.cache == "HIT", "the resumed blob was not kept"
-        assert len(fake.blob_gets(plan.digest)) == len(cuts) + 1, "a HIT went upstream"
+        assert len(fake.blob_requests(digest=digest)) == len(cuts) + 1, "a HIT went upstream"
 
 
-def _plan(kind: str, data: bytes) -> BlobPlan:
+def _script(kind: str, fake: FakeRegistry, data: bytes) -> tuple[str, int]:
+    """Serve `data` wrongly in the way `kind` says; return its digest and the offset of
+    the byte that is wrong."""
+    digest = fake.add_blob(data)
+    path = upstream_path(digest)
     if kind == "same-length":
-        return BlobPlan(data, served=corrupt(data, SIZE // 3))
-    if kind == "chunked-no-length":
-        return BlobPlan(data, served=corrupt(data, SIZE // 3), chunked=True)
-    if kind == "bad-bytes-after-resume":
+        wrong = SIZE // 3
+        fake.always("GET", path, Fault(corrupt_at=(wrong,)))
+    elif kind == "chunked-no-length":
+        wrong = SIZE // 3
+        fake.always("GET", path, Fault(corrupt_at=(wrong,), chunked=True))
+    elif kind == "bad-bytes-after-resume":
         # The first response is right but cut; the resumed rest is corrupt.
-        return BlobPlan(data, served=corrupt(data, 3 * SIZE // 4), cuts=(SIZE // 2,))
-    if kind == "last-byte-wrong":
+        wrong = 3 * SIZE // 4
+        fake.queue("GET", path, Fault(cut_at=SIZE // 2, corrupt_at=(wrong,)))
+        fake.always("GET", path, Fault(corrupt_at=(wrong,)))
+    elif kind == "last-byte-wrong":
         # Only the very end is wrong: the byte a streaming gateway must hold back.
-        return BlobPlan(data, served=corrupt(data, SIZE - 1))
-    raise AssertionError(kind)
+        wrong = SIZE - 1
+        fake.always("GET", path, Fault(corrupt_at=(wrong,)))
+    else:
+        raise AssertionError(kind)
+    return digest, wrong
 
 
 @pytest.mark.parametrize(
@@ -112,11 +124,12 @@ async def test_wrong_bytes_are_never_served_complete_nor_kept(
     fake_upstream: RunningFake, start_gateway: Callable[..., Gateway], kind: str,
 ) -> None:
     fake = fake_upstream.fake
-    plan = fake.add(_plan(kind, os.urandom(SIZE)))
-    wrong_digest = sha256_digest(plan.body)
-    assert wrong_digest != plan.digest
+    data = os.urandom(SIZE)
+    digest, wrong = _script(kind, fake, data)
+    wrong_digest = sha256_digest(corrupt(data, wrong))
+    assert wrong_digest != digest
     gateway = start_gateway(fake_routes(fake_upstream.url))
-    url = blob_url(gateway, plan.digest)
+    url = blob_url(gateway, digest)
 
     async with aiohttp.ClientSession() as session:
         # Three clients at once: the one that starts the fetch and two that join it.
@@ -132,16 +145,19 @@ async def test_wrong_bytes_are_never_served_complete_nor_kept(
 
         # Nothing of the transfer stays: not as the blob, not as a spool file.
         data_dir = gateway.data_dir
-        await poll(lambda: not files_at_least(data_dir, SIZE // 2),
-                   what=f"the data dir drops the failed transfer: {files_at_least(data_dir, 1)}")
-        assert not blob_path(data_dir, ROUTE, plan.digest).exists()
+        await wait_until(lambda: not files_at_least(data_dir, SIZE // 2),
+                         what="the data dir to drop the failed transfer",
+                         diagnostics=lambda: str(files_at_least(data_dir, 1)))
+        assert not blob_path(data_dir, ROUTE, digest).exists()
         assert not files_holding(data_dir, wrong_digest)
 
         # And the next request is not answered from cache.
         again = await stream_get(session, url)
         assert again.cache != "HIT", "a blob that failed verification was cached"
         assert not (again.status == 200 and again.error is None and again.received == SIZE)
-    assert fake.blob_gets(plan.digest), "the fake was never asked"
+    assert fake.blob_requests(digest=digest), "the fake was never asked"
+    if kind == "bad-bytes-after-resume":
+        assert fake.pending() == [], "the first response was never cut"
 
 
 async def test_range_on_inflight_blob_is_answered_before_it_completes(
@@ -151,14 +167,15 @@ async def test_range_on_inflight_blob_is_answered_before_it_completes(
     size = 16 << 20
     gate = size // 2  # the upstream sends this much, then holds the rest back
     data = os.urandom(size)
-    plan = fake.add(BlobPlan(data, gate_at=gate))
+    digest = fake.add_blob(data)
+    fake.queue("GET", upstream_path(digest), Fault(stall_at=gate))
     gateway = start_gateway(fake_routes(fake_upstream.url))
-    url = blob_url(gateway, plan.digest)
+    url = blob_url(gateway, digest)
 
     async with aiohttp.ClientSession() as session, client_tasks() as spawn:
         whole = spawn(stream_get(session, url))  # starts the fetch
-        reached = await asyncio.to_thread(fake.reached_gate.wait, 60)
-        assert reached, "the gateway never fetched the first half of the blob"
+        await wait_until(lambda: fake.gate.reached, timeout=60,
+                         what="the gateway to fetch the first half of the blob")
 
         # The upstream has sent exactly `gate` bytes and sends no more until released,
         # so whatever is answered now comes from the partial, in-flight file.
@@ -174,7 +191,7 @@ async def test_range_on_inflight_blob_is_answered_before_it_completes(
         except TimeoutError:
             pytest.fail("a Range request on an in-flight blob was not answered while the "
                         "upstream held back the rest of the blob")
-        assert not fake.gate.is_set()
+        assert not fake.gate.is_open
         got = ranged["got"]
         assert got.status == 206, got
         assert got.error is None, got.error
@@ -192,10 +209,11 @@ async def test_range_on_inflight_blob_is_answered_before_it_completes(
             session, url, headers={"Range": f"bytes={gate - 10}-"}, keep=True))
         fake.release()
         first, rest = await whole, await tail
-        assert first.clean and first.digest == plan.digest and first.cache == "MISS"
+        assert first.clean and first.digest == digest and first.cache == "MISS"
         assert rest.status == 206 and rest.error is None
         assert rest.headers.get("Content-Range") == f"bytes {gate - 10}-{size - 1}/{size}"
         assert rest.body == data[gate - 10:]
 
-    gets = fake.blob_gets(plan.digest)
+    gets = fake.blob_requests(digest=digest)
     assert len(gets) == 1, f"Range requests went upstream: {gets}"
+    assert fake.blob_bytes(digest=digest) == size

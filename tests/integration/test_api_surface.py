@@ -9,12 +9,13 @@ from collections.abc import Iterator
 
 import aiohttp
 import pytest
-from support.client import raw_request
-from support.images import DOCKER_MANIFEST, make_image
-from support.pulls import assert_oci_error, fetch, oci_errors
-from support.tools import require_tool
-from support.upstreams import unique_repository
-from support.world import World
+
+from tests.support.client import raw_request
+from tests.support.images import DOCKER_MANIFEST, make_image
+from tests.support.pulls import assert_oci_error, fetch, oci_errors
+from tests.support.tools import require_tool
+from tests.support.upstreams import unique_repository
+from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 

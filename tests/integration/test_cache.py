@@ -6,16 +6,18 @@ one blob cost one upstream transfer."""
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from support.gateway import Gateway
-from support.images import make_image, sha256_digest
-from support.pulls import fetch, pull_image
-from support.upstreams import Upstream, unique_repository
-from support.world import World
+
+from tests.support.gateway import Gateway
+from tests.support.images import make_image, sha256_digest
+from tests.support.pulls import fetch, pull_image, wait_cached
+from tests.support.upstreams import Upstream, unique_repository
+from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 
@@ -26,6 +28,7 @@ async def test_second_pull_is_served_from_cache(world: World, http: aiohttp.Clie
     base = world.gateway.url()
 
     first = await pull_image(http, base, f"ghcr.io/{repository}", "latest", image)
+    await wait_cached(http, base, f"ghcr.io/{repository}", image)
     upstream_blob_gets = len(world.ghcr.proxy.blob_requests(repository))
     upstream_manifest_gets = len(world.ghcr.proxy.manifest_requests(repository, methods=("GET",)))
     upstream_bytes = world.ghcr.proxy.blob_bytes(repository)
@@ -58,6 +61,7 @@ async def test_cached_image_pulls_with_upstream_stopped(
     repository = unique_repository()
     image = upstream.push(repository, make_image())
     await pull_image(http, gateway.url(), f"ghcr.io/{repository}", "latest", image)
+    await wait_cached(http, gateway.url(), f"ghcr.io/{repository}", image)
 
     upstream.stop()  # registry and proxy gone: connections are refused
 
@@ -124,5 +128,9 @@ async def test_concurrent_pulls_of_one_blob_cost_one_upstream_transfer(
     for fetched in results:
         assert fetched.status == 200, fetched.describe()
         assert sha256_digest(fetched.body) == layer.digest
+    # One request started the fetch; the others joined it (or, if late, found it cached).
+    served = Counter(fetched.headers.get("X-Cache", "<missing>") for fetched in results)
+    assert served["MISS"] == 1 and served["COALESCED"] >= 1, dict(served)
+    assert set(served) <= {"MISS", "COALESCED", "HIT"}, dict(served)
     assert len(upstream.proxy.blob_requests(repository)) == 1, upstream.proxy.blob_requests()
     assert upstream.proxy.blob_bytes(repository) == layer.size

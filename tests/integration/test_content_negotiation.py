@@ -5,10 +5,11 @@ type rather than one comma-separated line; every line counts (RFC 9110 section 5
 from __future__ import annotations
 
 import pytest
-from support.client import raw_request
-from support.images import DOCKER_MANIFEST_LIST, Blob, make_image, make_index
-from support.upstreams import unique_repository
-from support.world import World
+
+from tests.support.client import raw_request
+from tests.support.images import DOCKER_MANIFEST_LIST, Blob, make_image, make_index
+from tests.support.upstreams import unique_repository
+from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 

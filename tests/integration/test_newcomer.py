@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port, http_answers, wait_for
+from tests.support.net import free_port, http_answers
 from tests.support.tools import require_tool
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
-from support.images import make_image, make_index
-from support.pulls import assert_oci_error, fetch, pull_image, pull_index
-from support.upstreams import unique_repository
-from support.world import BASE_DOMAIN, GHCR_HOST, HUB_HOST, World
+
+from tests.support.images import make_image, make_index
+from tests.support.pulls import assert_oci_error, fetch, pull_image, pull_index
+from tests.support.upstreams import unique_repository
+from tests.support.world import BASE_DOMAIN, GHCR_HOST, HUB_HOST, World
 
 pytestmark = pytest.mark.integration
 

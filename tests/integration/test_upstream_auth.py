@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
-from support.images import make_image
-from support.pulls import pull_image
-from support.upstreams import unique_repository
-from support.world import BASIC_ROUTE, PRIVATE_ROUTE, World
+
+from tests.support.images import make_image
+from tests.support.pulls import pull_image
+from tests.support.upstreams import unique_repository
+from tests.support.world import BASIC_ROUTE, PRIVATE_ROUTE, World
 
 pytestmark = pytest.mark.integration
 

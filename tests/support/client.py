@@ -68,6 +68,11 @@ def raw_request(
         connection.close()
 
 
+def basic_header(username: str, password: str) -> str:
+    """The Authorization header value of HTTP Basic auth."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+
+
 def parse_challenge(value: str) -> tuple[str, dict[str, str]]:
     scheme, _, rest = value.partition(" ")
     return scheme.lower(), dict(_CHALLENGE_PARAM.findall(rest))
@@ -131,8 +136,7 @@ class RegistryClient:
         return raw_request(self.host, self.port, method, target, headers=headers, body=body)
 
     def _basic(self) -> str:
-        pair = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(pair).decode()
+        return basic_header(str(self.username), str(self.password))
 
     def _auth_header(self, scope: str | None) -> str | None:
         token = self._tokens.get(scope or "")

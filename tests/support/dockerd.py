@@ -18,18 +18,18 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .net import stop_process, wait_for
+from .net import stop_process
 from .tools import require_tool
+from .wait import wait_for
 
 
-def _docker_client() -> str:
+def docker_client() -> str:
     # /usr/bin/docker comes with docker.io and matches the daemon's version; any other
     # client on PATH negotiates the API version down and works too.
     if os.access("/usr/bin/docker", os.X_OK):
@@ -77,7 +77,7 @@ class Dockerd:
 
     def start(self) -> None:
         binary = require_tool("dockerd")
-        self._client = _docker_client()
+        self._client = docker_client()
         require_tool("containerd")
         config = {
             "registry-mirrors": list(self.registry_mirrors),
@@ -171,10 +171,10 @@ class Dockerd:
         # dockerd starts containerd in a session of its own; make sure it is gone too.
         if containerd_pid is not None and self._is_ours(containerd_pid):
             os.kill(containerd_pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while _pid_alive(containerd_pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            if _pid_alive(containerd_pid):
+            try:
+                wait_for(lambda: not _pid_alive(containerd_pid), what="containerd to exit",
+                         timeout=15, interval=0.1)
+            except AssertionError:
                 os.kill(containerd_pid, signal.SIGKILL)
         if self._refusing is not None:
             self._refusing.close()

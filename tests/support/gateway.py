@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from .client import RegistryClient
-from .net import ensure_loopback, free_port, http_answers, stop_process, wait_for
+from .net import ensure_loopback, free_port, http_answers, stop_process
+from .wait import wait_for
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 

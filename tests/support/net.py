@@ -1,4 +1,4 @@
-"""Loopback helpers: free ports and waiting for a server to answer HTTP.
+"""Loopback helpers: free ports, whether a server answers HTTP, stopping a process.
 
 Only 127.0.0.0/8 addresses are ever used; nothing here may reach another host.
 """
@@ -9,8 +9,6 @@ import http.client
 import ipaddress
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 
 
 def ensure_loopback(host: str) -> None:
@@ -53,28 +51,6 @@ def http_answers(host: str, port: int, path: str = "/v2/") -> bool:
     finally:
         connection.close()
     return True
-
-
-def wait_for(
-    predicate: Callable[[], bool],
-    *,
-    what: str,
-    timeout: float = 30.0,
-    process: subprocess.Popen[bytes] | None = None,
-    diagnostics: Callable[[], str] = lambda: "",
-) -> None:
-    """Poll `predicate` until it holds; give up early if `process` exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(
-                f"{what}: process exited with status {process.returncode}\n{diagnostics()}"
-            )
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready after {timeout}s\n{diagnostics()}")
-        time.sleep(0.05)
 
 
 def stop_process(process: subprocess.Popen[bytes], *, grace: float = 10.0) -> None:

@@ -1,24 +1,26 @@
-"""A counting reverse proxy in front of one upstream registry (loopback only).
+"""The one counting proxy: a reverse proxy in front of one real upstream registry
+(loopback only) that records every request (request_log.py) with the status and body
+bytes it sent, and applies the same scripted faults as the fake registry (faults.py).
 
-It records every request by (method, path), counts the blob body bytes it sends,
-and can throttle (bytes/s), add latency, or answer every request with a fixed
-failure. Absolute `Location` headers that point at the upstream are rewritten to
-point at the proxy, so uploads and redirects keep working through it.
+Absolute `Location` headers that point at the upstream are rewritten to point at the
+proxy, so uploads and redirects keep working through it. It never alters bytes unless a
+fault says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
-import threading
-from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
+from .faults import NO_FAULT, Fault, Scripted, fault_answer, pieces, send_body
 from .net import ensure_loopback
+from .request_log import RequestLog, Seen
 from .threaded import ThreadedServer
 
 _HOP_BY_HOP = frozenset(
@@ -26,35 +28,26 @@ _HOP_BY_HOP = frozenset(
                         "TE", "Trailers", "Transfer-Encoding", "Upgrade", "Host",
                         "Content-Length")
 )
-_BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[a-z0-9]+:[a-f0-9]+)$")
-_MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
+_CONTENT_RANGE_START = re.compile(r"bytes (\d+)-")
 
 
-@dataclass
-class Seen:
-    """One request as the proxy saw it. Status and bytes are filled in *before* the
-    bytes go out, so a client that has read a body always finds it counted."""
+class CountingProxy(RequestLog, Scripted):
+    """Reverse proxy to `upstream` (http://127.0.0.1:PORT) with request accounting.
 
-    method: str
-    path: str
-    query: str
-    status: int = 0
-    body_bytes: int = 0
-
-
-class CountingProxy:
-    """Reverse proxy to `upstream` (http://127.0.0.1:PORT) with request accounting."""
+    `throttle_bytes_per_second`, `latency` and `fail_status` apply to every request
+    (a fault of the script's takes precedence for the request it matches).
+    """
 
     def __init__(self, upstream: str, *, throttle_bytes_per_second: int | None = None,
                  latency: float = 0.0) -> None:
+        RequestLog.__init__(self)
+        Scripted.__init__(self)
         host = upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
         ensure_loopback(host)
         self.upstream = upstream.rstrip("/")
         self.throttle_bytes_per_second = throttle_bytes_per_second
         self.latency = latency
         self.fail_status: int | None = None
-        self._lock = threading.Lock()
-        self._seen: list[Seen] = []
         self._session: aiohttp.ClientSession | None = None
         self.server = ThreadedServer(self._build_app)
 
@@ -72,46 +65,8 @@ class CountingProxy:
         self.server.start()
 
     def stop(self) -> None:
+        self.release()  # a response parked at the gate must not hold the shutdown
         self.server.stop()
-
-    def seen(self) -> list[Seen]:
-        with self._lock:
-            return [Seen(s.method, s.path, s.query, s.status, s.body_bytes) for s in self._seen]
-
-    def reset(self) -> None:
-        with self._lock:
-            self._seen.clear()
-
-    def counts(self) -> Counter[tuple[str, str]]:
-        return Counter((s.method, s.path) for s in self.seen())
-
-    def blob_requests(self, repository: str | None = None, *,
-                      methods: tuple[str, ...] = ("GET",)) -> list[Seen]:
-        """Blob requests (GET by default), optionally for one repository only."""
-        return self._matching(_BLOB_PATH, repository, methods)
-
-    def manifest_requests(self, repository: str | None = None, *,
-                          methods: tuple[str, ...] = ("GET", "HEAD")) -> list[Seen]:
-        return self._matching(_MANIFEST_PATH, repository, methods)
-
-    def blob_bytes(self, repository: str | None = None) -> int:
-        return sum(s.body_bytes for s in self.blob_requests(repository))
-
-    def requests_for(self, repository: str) -> list[Seen]:
-        """Every request whose path names `repository` (manifests, blobs, tags, referrers)."""
-        prefix = f"/v2/{repository}/"
-        return [s for s in self.seen() if s.path.startswith(prefix)]
-
-    def _matching(self, pattern: re.Pattern[str], repository: str | None,
-                  methods: tuple[str, ...]) -> list[Seen]:
-        found = []
-        for seen in self.seen():
-            match = pattern.match(seen.path)
-            if match and seen.method in methods and (
-                repository is None or match["repository"] == repository
-            ):
-                found.append(seen)
-        return found
 
     # -- proxying ------------------------------------------------------------------------
 
@@ -126,30 +81,36 @@ class CountingProxy:
         yield
         await self._session.close()
 
-    def _begin(self, request: web.Request) -> Seen:
-        seen = Seen(request.method, request.path, request.query_string)
-        with self._lock:
-            self._seen.append(seen)
-        return seen
-
-    def _update(self, seen: Seen, *, status: int | None = None, sent: int = 0) -> None:
-        with self._lock:
-            if status is not None:
-                seen.status = status
-            seen.body_bytes += sent
-
     async def _forward(self, request: web.Request) -> web.StreamResponse:
-        seen = self._begin(request)
+        seen = self.record(Seen(request.method, request.path, dict(request.query),
+                                CIMultiDict(request.headers)))
         if self.latency:
             await asyncio.sleep(self.latency)
+        step = self.script.take(request.method, request.path)
+        if step is not None and not isinstance(step, Fault):
+            response = await step(request)
+            self.update(seen, status=response.status)
+            return response
+        fault = step or NO_FAULT
+        if fault.delay:
+            await asyncio.sleep(fault.delay)
+        if fault.status is not None:
+            self.update(seen, status=fault.status)
+            return fault_answer(fault)
         if self.fail_status is not None:
-            self._update(seen, status=self.fail_status)
+            self.update(seen, status=self.fail_status)
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "injected by CountingProxy"}]},
                 status=self.fail_status,
             )
+        if fault.throttle is None and self.throttle_bytes_per_second:
+            fault = dataclasses.replace(fault, throttle=self.throttle_bytes_per_second)
+        return await self._relay(request, seen, fault)
+
+    async def _relay(self, request: web.Request, seen: Seen, fault: Fault) -> web.StreamResponse:
         assert self._session is not None
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        skip = _HOP_BY_HOP | ({"range"} if fault.ignore_range else set())
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         body = await request.read() if request.can_read_body else None
         try:
             upstream = await self._session.request(
@@ -157,13 +118,13 @@ class CountingProxy:
                 allow_redirects=False,
             )
         except aiohttp.ClientError:
-            self._update(seen, status=502)
+            self.update(seen, status=502)
             return web.json_response(
                 {"errors": [{"code": "UNAVAILABLE", "message": "upstream unreachable"}]},
                 status=502,
             )
         async with upstream:
-            self._update(seen, status=upstream.status)
+            self.update(seen, status=upstream.status)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in upstream.headers.items():
                 if name.lower() in _HOP_BY_HOP:
@@ -171,17 +132,23 @@ class CountingProxy:
                 if name.lower() == "location" and value.startswith(self.upstream):
                     value = f"http://{request.host}{value[len(self.upstream):]}"
                 response.headers.add(name, value)
-            if upstream.content_length is not None:
+            response.headers.update(fault.headers)
+            if fault.content_range is not None:
+                response.headers["Content-Range"] = fault.content_range
+            started = _CONTENT_RANGE_START.match(upstream.headers.get("Content-Range", ""))
+            start = int(started.group(1)) if started else 0
+            replaced = fault.body
+            if fault.chunked and request.method != "HEAD":
+                response.enable_chunked_encoding()
+            elif replaced is not None:
+                response.content_length = max(0, len(replaced) - start)
+            elif upstream.content_length is not None:
                 response.content_length = upstream.content_length
             await response.prepare(request)
             if request.method != "HEAD":
-                chunk_size = 64 * 1024
-                if self.throttle_bytes_per_second:
-                    chunk_size = max(1, min(chunk_size, self.throttle_bytes_per_second // 10))
-                async for chunk in upstream.content.iter_chunked(chunk_size):
-                    self._update(seen, sent=len(chunk))
-                    await response.write(chunk)
-                    if self.throttle_bytes_per_second:
-                        await asyncio.sleep(len(chunk) / self.throttle_bytes_per_second)
+                chunks = (pieces(replaced, start, len(replaced)) if replaced is not None
+                          else upstream.content.iter_chunked(64 * 1024))
+                await send_body(request, response, chunks, start=start, fault=fault,
+                                gate=self.gate, on_sent=lambda n: self.update(seen, sent=n))
             await response.write_eof()
             return response

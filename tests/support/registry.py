@@ -28,9 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from .client import RegistryClient
-from .net import free_port, http_answers, stop_process, wait_for
+from .net import free_port, http_answers, stop_process
 from .threaded import ThreadedServer
 from .tools import require_tool
+from .wait import wait_for
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 

@@ -1,6 +1,6 @@
 """Run an aiohttp application in a background thread with its own event loop.
 
-The token server, the counting proxy and fault fakes run this way so that a test
+The token server, the counting proxy and the fake registry run this way so that a test
 can block on a subprocess (skopeo, docker) while they keep serving.
 """
 
@@ -88,9 +88,7 @@ class ThreadedServer:
             loop.run_until_complete(runner.setup())
             site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
             loop.run_until_complete(site.start())
-            server = site._server
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = server.sockets[0].getsockname()[1]
+            self.port = runner.addresses[0][1]
         except BaseException as error:  # handed to start() in the test thread
             self._startup_error = error
             if runner is not None:

@@ -1,4 +1,5 @@
-"""Fixtures for unit tests: fake registries on 127.0.0.1 and the gateway app in process.
+"""Fixtures for unit tests: fake registries (tests/support/fake_registry.py) on 127.0.0.1
+and the gateway app in process.
 
 Every server started here is closed by the fixture that started it, even on failure.
 """
@@ -22,8 +23,7 @@ from gateway.config import CachePolicy, Config, Route, UpstreamSettings, load_co
 from gateway.metrics import Metrics
 from gateway.server import MAX_LINE, METRICS, create_app
 from gateway.upstream import Upstream
-
-from .fakes import FakeRegistry
+from tests.support.fake_registry import FakeRegistry
 
 
 @dataclass
@@ -42,15 +42,19 @@ class Served:
 
 
 @pytest.fixture
-async def registry(aiohttp_server: Any) -> Callable[..., Awaitable[Served]]:
+async def registry(aiohttp_server: Any) -> AsyncIterator[Callable[..., Awaitable[Served]]]:
     """Factory: `await registry(auth="bearer", ...)` → a running FakeRegistry."""
+    fakes: list[FakeRegistry] = []
 
     async def start(**kwargs: Any) -> Served:
         fake = FakeRegistry(**kwargs)
+        fakes.append(fake)
         server = await aiohttp_server(fake.app)
         return Served(fake, server)
 
-    return start
+    yield start
+    for fake in fakes:
+        fake.release()  # responses stalled at the gate end before the servers close
 
 
 def make_route(url: str, name: str = "fake.test", **overrides: Any) -> Route:

@@ -26,16 +26,12 @@ from yarl import URL
 
 from gateway.api.blobs import byte_range
 from gateway.errors import RegistryError
+from tests.support.fake_registry import image_manifest, stream_in_parts
+from tests.support.images import OCI_INDEX, OCI_MANIFEST
+from tests.support.images import sha256_digest as digest_of
+from tests.support.wait import wait_until
 
 from .conftest import Gateway, Served
-from .fakes import (
-    OCI_INDEX,
-    OCI_MANIFEST,
-    digest_of,
-    image_manifest,
-    stream_in_parts,
-    wait_until,
-)
 
 MiB = 1 << 20
 SECRET = "api-test-secret-value"

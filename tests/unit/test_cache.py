@@ -32,19 +32,13 @@ from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.reference import Reference, parse_digest
 from gateway.upstream import Upstream
+from tests.support.clock import Clock
+from tests.support.fake_registry import FakeRegistry, image_manifest, stream_in_parts
+from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.support.images import sha256_digest as digest_of
+from tests.support.wait import wait_until
 
 from .conftest import Served, make_route
-from .fakes import (
-    DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    Clock,
-    FakeRegistry,
-    digest_of,
-    image_manifest,
-    stream_in_parts,
-    wait_until,
-)
 
 REPO = "owner/img"
 MiB = 1 << 20
@@ -525,7 +519,7 @@ async def test_concurrent_manifest_requests_coalesce(world: MakeWorld) -> None:
 
     async def slow(request: web.Request) -> web.StreamResponse:
         await gate.wait()
-        return w.fake._manifest(request, REPO, "v1")
+        return w.fake.manifest_response(request, REPO, "v1")
 
     w.fake.override("GET", path, slow)
     tasks = [asyncio.create_task(w.manifest("v1")) for _ in range(5)]
@@ -749,7 +743,7 @@ async def test_cancelled_manifest_request_does_not_cancel_the_fetch(world: MakeW
 
     async def slow(request: web.Request) -> web.StreamResponse:
         await gate.wait()
-        return w.fake._manifest(request, REPO, "v1")
+        return w.fake.manifest_response(request, REPO, "v1")
 
     w.fake.override("GET", path, slow)
     first = asyncio.create_task(w.manifest("v1"))

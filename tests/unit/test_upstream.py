@@ -21,17 +21,13 @@ from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.oci import MANIFEST_TYPES, manifest_accept
 from gateway.upstream import Upstream
+from tests.support.client import basic_header
+from tests.support.fake_registry import FakeRegistry, image_manifest
+from tests.support.faults import Fault, rate_limited, unavailable
+from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.support.net import free_port
 
 from .conftest import Served, make_route
-from .fakes import (
-    DOCKER_MANIFEST,
-    OCI_INDEX,
-    OCI_MANIFEST,
-    FakeRegistry,
-    basic_header,
-    closed_port,
-    image_manifest,
-)
 
 SECRET = "s3cr3t-Pa55word"
 USER = "gw-user"
@@ -207,7 +203,7 @@ async def test_unreachable_token_endpoint_is_502(registry: Registry,
                                                  upstream_for: UpstreamFor) -> None:
     served = await registry()
     path = f"/v2/{REPO}/manifests/v1"
-    served.fake.override("GET", path, challenge_401(f"http://127.0.0.1:{closed_port()}/token"))
+    served.fake.override("GET", path, challenge_401(f"http://127.0.0.1:{free_port()}/token"))
     route = make_route(served.url, credentials=Credentials(USER, SECRET))
     error = await failure(await upstream_for(route), path)
     assert (error.code, error.status, error.retryable) == ("UNAVAILABLE", 502, True)
@@ -372,7 +368,7 @@ async def test_everything_goes_through_the_outbound_proxy(
     proxy = ForwardProxy(served.url)
     proxy_server = await aiohttp_server(proxy.app)
     # Nothing listens at the upstream's own address: only the proxy can reach it.
-    unreachable = f"127.0.0.1:{closed_port()}"
+    unreachable = f"127.0.0.1:{free_port()}"
     route = make_route(f"http://{unreachable}",
                        proxy=str(proxy_server.make_url("")).rstrip("/"))
     upstream = await upstream_for(route)
@@ -446,11 +442,22 @@ async def test_404_per_kind(registry: Registry, upstream_for: UpstreamFor, kind:
 async def test_429_keeps_retry_after(registry: Registry, upstream_for: UpstreamFor) -> None:
     served = await registry()
     path = f"/v2/{REPO}/manifests/v1"
-    served.fake.respond("GET", path, 429, headers={"Retry-After": "17"})
+    served.fake.always("GET", path, rate_limited(retry_after="17"))
     error = await failure(await upstream_for(make_route(served.url)), path)
     assert (error.code, error.status, error.retryable) == ("TOOMANYREQUESTS", 429, True)
     assert error.headers == {"Retry-After": "17"}
     assert "17" in error.message
+    assert served.fake.count("GET", path) == 1  # a 429 is handed on, not retried
+
+
+async def test_429_without_retry_after_still_says_when_to_retry(
+        registry: Registry, upstream_for: UpstreamFor) -> None:
+    served = await registry()
+    path = f"/v2/{REPO}/manifests/v1"
+    served.fake.always("GET", path, rate_limited())
+    error = await failure(await upstream_for(make_route(served.url)), path)
+    assert (error.code, error.status, error.retryable) == ("TOOMANYREQUESTS", 429, True)
+    assert error.headers["Retry-After"].isdigit()
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 504])
@@ -458,7 +465,7 @@ async def test_5xx_is_502_unavailable(registry: Registry, upstream_for: Upstream
                                       status: int) -> None:
     served = await registry()
     path = f"/v2/{REPO}/manifests/v1"
-    served.fake.respond("GET", path, status)
+    served.fake.always("GET", path, unavailable(status))
     error = await failure(await upstream_for(make_route(served.url)), path)
     assert (error.code, error.status, error.retryable, error.upstream_status) == (
         "UNAVAILABLE", 502, True, status)
@@ -480,7 +487,7 @@ async def test_other_statuses(registry: Registry, upstream_for: UpstreamFor, sta
 
 
 async def test_connection_refused_is_502(upstream_for: UpstreamFor) -> None:
-    route = make_route(f"http://127.0.0.1:{closed_port()}", credentials=Credentials(USER, SECRET))
+    route = make_route(f"http://127.0.0.1:{free_port()}", credentials=Credentials(USER, SECRET))
     metrics = Metrics()
     error = await failure(await upstream_for(route, metrics=metrics), f"/v2/{REPO}/manifests/v1")
     assert (error.code, error.status, error.retryable) == ("UNAVAILABLE", 502, True)
@@ -493,12 +500,8 @@ async def test_connection_refused_is_502(upstream_for: UpstreamFor) -> None:
 async def test_read_timeout_is_504(registry: Registry, upstream_for: UpstreamFor) -> None:
     served = await registry()
     path = f"/v2/{REPO}/manifests/v1"
-
-    async def hang(request: web.Request) -> web.StreamResponse:
-        await asyncio.sleep(5)
-        return web.Response()
-
-    served.fake.override("GET", path, hang)
+    served.fake.add_manifest(REPO, image_manifest(b"late"), tag="v1")
+    served.fake.always("GET", path, Fault(delay=5))  # far past the read timeout
     upstream = await upstream_for(make_route(served.url), read_timeout=0.2)
     error = await failure(upstream, path)
     assert (error.code, error.status, error.retryable) == ("UNAVAILABLE", 504, True)
