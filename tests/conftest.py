@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.support.gateway import Gateway, run_gateway
+from tests.support.inprocess import InProcessGateway, run_inprocess_gateway
 from tests.support.upstreams import Upstream, run_upstream
 from tests.support.world import (
     BASIC_ROUTE,
@@ -108,6 +109,19 @@ def start_gateway(tmp_path: Path, live_logs: LiveLogs) -> Iterator[Callable[...,
             gateway = stack.enter_context(run_gateway(tmp_path / name, routes, **kwargs))
             stack.enter_context(live_logs.watching(f"{name} stderr", gateway.log))
             return gateway
+
+        yield start
+
+
+@pytest.fixture
+def start_inprocess_gateway(tmp_path: Path) -> Iterator[Callable[..., InProcessGateway]]:
+    """Factory for a gateway in this process whose clock the test moves (`gateway.clock`):
+    for tests about TTLs, which advance the clock instead of sleeping."""
+    with ExitStack() as stack:
+
+        def start(routes: dict[str, Any], **kwargs: Any) -> InProcessGateway:
+            workdir = tmp_path / f"inprocess-{secrets.token_hex(3)}"
+            return stack.enter_context(run_inprocess_gateway(workdir, routes, **kwargs))
 
         yield start
 

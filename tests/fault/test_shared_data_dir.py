@@ -14,9 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.gateway import Gateway
-from support.images import sha256_digest
-from support.upstreams import Upstream, route_entry, unique_repository
+
+from tests.support.gateway import Gateway
+from tests.support.images import sha256_digest
+from tests.support.upstreams import Upstream, route_entry, unique_repository
 
 pytestmark = pytest.mark.fault
 

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
+from tests.support.inprocess import InProcessGateway
 from tests.support.pulls import fetch, pull_image, wait_cached
 from tests.support.upstreams import Upstream, unique_repository
 from tests.support.world import World
@@ -73,17 +74,17 @@ async def test_cached_image_pulls_with_upstream_stopped(
 
 
 async def test_expired_tag_is_served_stale_when_upstream_is_down(
-    start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway],
-    http: aiohttp.ClientSession,
+    start_upstream: Callable[..., Upstream],
+    start_inprocess_gateway: Callable[..., InProcessGateway], http: aiohttp.ClientSession,
 ) -> None:
     upstream = start_upstream("ghcr.io")
-    gateway = start_gateway(_routes(upstream, tag_ttl=1, stale_if_error="forever"))
+    gateway = start_inprocess_gateway(_routes(upstream, tag_ttl=1, stale_if_error="forever"))
     repository = unique_repository()
     image = upstream.push(repository, make_image())
     await pull_image(http, gateway.url(), f"ghcr.io/{repository}", "latest", image)
 
     upstream.stop()
-    await asyncio.sleep(1.5)  # let the 1 s tag TTL run out (no timing is asserted)
+    gateway.clock.advance(1.5)  # the 1 s tag TTL runs out
 
     stale = await fetch(http, f"{gateway.url()}/v2/ghcr.io/{repository}/manifests/latest")
     assert stale.status == 200, stale.describe()
@@ -92,17 +93,17 @@ async def test_expired_tag_is_served_stale_when_upstream_is_down(
 
 
 async def test_moved_tag_is_picked_up_after_its_ttl(
-    start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway],
-    http: aiohttp.ClientSession,
+    start_upstream: Callable[..., Upstream],
+    start_inprocess_gateway: Callable[..., InProcessGateway], http: aiohttp.ClientSession,
 ) -> None:
     upstream = start_upstream("ghcr.io")
-    gateway = start_gateway(_routes(upstream, tag_ttl=1))
+    gateway = start_inprocess_gateway(_routes(upstream, tag_ttl=1))
     repository = unique_repository()
     old = upstream.push(repository, make_image())
     await pull_image(http, gateway.url(), f"ghcr.io/{repository}", "latest", old)
 
     new = upstream.push(repository, make_image())  # same tag, new digest
-    await asyncio.sleep(1.5)
+    gateway.clock.advance(1.5)
 
     await pull_image(http, gateway.url(), f"ghcr.io/{repository}", "latest", new)
     # The old image is still there by digest (immutable), from the cache.

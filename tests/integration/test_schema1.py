@@ -8,10 +8,11 @@ from __future__ import annotations
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support.images import OCI_INDEX, make_image
-from support.pulls import assert_oci_error, fetch
-from support.upstreams import unique_repository
-from support.world import World
+
+from tests.support.images import OCI_INDEX, make_image
+from tests.support.pulls import assert_oci_error, fetch
+from tests.support.upstreams import unique_repository
+from tests.support.world import World
 
 pytestmark = pytest.mark.integration
 

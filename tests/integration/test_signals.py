@@ -11,10 +11,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support.gateway import Gateway
-from support.images import ACCEPT_ALL_MANIFESTS, Image, make_image
-from support.net import wait_for
-from support.upstreams import Upstream, route_entry, unique_repository
+
+from tests.support.gateway import Gateway
+from tests.support.images import ACCEPT_ALL_MANIFESTS, Image, make_image
+from tests.support.net import wait_for
+from tests.support.upstreams import Upstream, route_entry, unique_repository
 
 pytestmark = pytest.mark.integration
 

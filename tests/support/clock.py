@@ -1,28 +1,25 @@
-"""A stand-in for the `time` module inside one gateway module (monkeypatched in): real
-time plus an offset a test moves forward. Only for code that has no injectable clock yet;
-it never slows a test down.
+"""The clock a test gives the gateway (`create_app(clock=...)`, `Cache`, `Upstream`): wall
+seconds that move when the test says so, so no test sleeps past a TTL or a token's life.
 """
 
 from __future__ import annotations
 
-import time as real_time
-from typing import Any
+import time
 
 
 class Clock:
-    """Real time plus an offset: `advance(seconds)` moves `time()` and `monotonic()`."""
+    """Real time plus an offset that `advance()` moves; `Clock(frozen=t)` stands still at t
+    (plus the offset) for tests that compare times exactly."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, frozen: float | None = None) -> None:
         self.offset = 0.0
+        self.frozen = frozen
 
     def advance(self, seconds: float) -> None:
         self.offset += seconds
 
+    def __call__(self) -> float:
+        return (time.time() if self.frozen is None else self.frozen) + self.offset
+
     def time(self) -> float:
-        return real_time.time() + self.offset
-
-    def monotonic(self) -> float:
-        return real_time.monotonic() + self.offset
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(real_time, name)
+        return self()

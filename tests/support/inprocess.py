@@ -7,7 +7,6 @@ else is the real gateway app (`create_app`) against real upstream processes.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,27 +19,15 @@ from gateway.config import load_config
 from gateway.server import create_app
 
 from .client import RegistryClient
+from .clock import Clock
 from .gateway import check_loopback_routes
 from .threaded import ThreadedServer
-
-
-class ManualClock:
-    """Wall-clock seconds that move only when the test says so."""
-
-    def __init__(self, start: float | None = None) -> None:
-        self.now = time.time() if start is None else start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass
 class InProcessGateway:
     server: ThreadedServer
-    clock: ManualClock
+    clock: Clock
     data_dir: Path
 
     @property
@@ -64,14 +51,14 @@ class InProcessGateway:
 
 @contextmanager
 def run_inprocess_gateway(workdir: Path, routes: dict[str, Any], *,
-                          clock: ManualClock | None = None,
+                          clock: Clock | None = None,
                           env: dict[str, str] | None = None) -> Iterator[InProcessGateway]:
     check_loopback_routes(routes)
     workdir.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(routes, sort_keys=False)
     (workdir / "routes.yaml").write_text(text)
     config = load_config(text, str(workdir / "routes.yaml"), env=env or {})
-    clock = clock or ManualClock()
+    clock = clock or Clock()
     data_dir = workdir / "data"
     server = ThreadedServer(lambda: create_app(config, data_dir, clock=clock))
     server.start()

@@ -23,6 +23,7 @@ from gateway.config import CachePolicy, Config, Route, UpstreamSettings, load_co
 from gateway.metrics import Metrics
 from gateway.server import MAX_LINE, METRICS, create_app
 from gateway.upstream import Upstream
+from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry
 
 
@@ -75,8 +76,9 @@ async def upstream_for() -> AsyncIterator[Callable[..., Awaitable[Upstream]]]:
     started: list[Upstream] = []
 
     async def start(route: Route, *, metrics: Metrics | None = None,
-                    read_timeout: float = 10.0) -> Upstream:
-        upstream = Upstream(route, metrics or Metrics(), read_timeout=read_timeout)
+                    read_timeout: float = 10.0, clock: Clock | None = None) -> Upstream:
+        upstream = Upstream(route, metrics or Metrics(), read_timeout=read_timeout,
+                            clock=clock or Clock())
         await upstream.start()
         started.append(upstream)
         return upstream

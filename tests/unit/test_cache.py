@@ -98,7 +98,7 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         spool = ProcessDir(tmp_path / "data" / ".spool")
         if store is None:
             store = FsStore(tmp_path / "data", spool.path)
-        cache = Cache(store, MemoryIndex(clock.time), metrics, spool, clock.time)
+        cache = Cache(store, MemoryIndex(clock), metrics, spool, clock)
         await cache.open()
         caches.append(cache)
         return World(served, route, upstream, cache, store, metrics, clock)

@@ -9,19 +9,12 @@ import pytest
 
 from gateway.cache import Index, MemoryIndex
 from gateway.cache.policy import WIDE, TagEntry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.clock import Clock
 
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(frozen=1_700_000_000.0)
 
 
 @pytest.fixture(params=["memory"])
@@ -43,10 +36,10 @@ async def test_blob_sizes_and_last_access(index: Index, clock: Clock) -> None:
     assert await index.blob_size(key) is None
     await index.set_blob(key, 1234)
     assert await index.blob_size(key) == 1234
-    assert await index.last_access(key) == clock.now
-    clock.now += 60
+    assert await index.last_access(key) == clock()
+    clock.advance(60)
     await index.touch(key)
-    assert await index.last_access(key) == clock.now
+    assert await index.last_access(key) == clock()
     await index.forget_blob(key)
     assert await index.blob_size(key) is None
     await index.touch(key)  # a blob the index does not know stays unknown
@@ -57,9 +50,9 @@ async def test_missing_entries_expire_with_the_clock(index: Index, clock: Clock)
     key = ("ns", "repo", "v1")
     await index.set_missing(key, 30)
     assert await index.missing(key)
-    clock.now += 29
+    clock.advance(29)
     assert await index.missing(key)
-    clock.now += 2
+    clock.advance(2)
     assert not await index.missing(key)
     await index.set_missing(key, 0)  # negative_ttl 0: never remembered
     assert not await index.missing(key)

@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 from gateway.oci import MANIFEST_TYPES, manifest_accept
 from gateway.upstream import Upstream
 from tests.support.client import basic_header
+from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry, image_manifest
 from tests.support.faults import Fault, rate_limited, unavailable
 from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
@@ -143,12 +144,13 @@ async def test_token_is_renewed_after_it_expires(registry: Registry,
                                                  upstream_for: UpstreamFor) -> None:
     served = await registry(auth="bearer", token_expires_in=1)
     served.fake.add_manifest(REPO, image_manifest(b"a"), tag="v1")
-    upstream = await upstream_for(make_route(served.url))
+    clock = Clock()
+    upstream = await upstream_for(make_route(served.url), clock=clock)
 
     assert (await fetch(upstream, f"/v2/{REPO}/manifests/v1"))[0] == 200
     assert (await fetch(upstream, f"/v2/{REPO}/manifests/v1"))[0] == 200
     assert len(served.fake.token_requests) == 1
-    await asyncio.sleep(1.1)
+    clock.advance(1.1)  # past the token's life (1 s, renewed early)
     assert (await fetch(upstream, f"/v2/{REPO}/manifests/v1"))[0] == 200
     assert len(served.fake.token_requests) == 2
     # Renewed before use: the expired token was never sent and refused.
