@@ -2,7 +2,8 @@
 #   make run    install into .venv and serve routes.yaml on 127.0.0.1:5000 (cache in ./data)
 #   make test   install what the tests need (Debian packages, Go tools) and run them all
 #   make lint   ruff and mypy --strict
-#   make bench  the benchmark (writes BENCHMARKS.md)
+#   make bench  the benchmark (writes BENCHMARKS.md); BASELINE=REV also runs the gateway at
+#               git revision REV beside this tree and reports both
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,6 +12,7 @@ ROUTES ?= routes.yaml
 DATA   ?= data
 LISTEN ?= 127.0.0.1:5000
 PYTEST_ARGS ?=
+BASELINE ?=
 
 .PHONY: run test lint bench test-deps check clean
 
@@ -46,7 +48,7 @@ lint: $(VENV)/.installed-dev
 # tool (built from bench/benchtool); not the test suite's dependencies.
 bench: $(VENV)/.installed
 	./scripts/install-bench-deps
-	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m bench
+	PATH="$(CURDIR)/.tools/bin:$$PATH" $(PY) -m bench $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	rm -rf $(VENV) .tools data .mypy_cache .ruff_cache .pytest_cache

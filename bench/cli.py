@@ -1,8 +1,11 @@
-"""`python -m bench [--quick] [--only 1,2,3,4,5]`: set up, run the scenarios, report."""
+"""`python -m bench [--quick] [--only 1,2,3,4,5] [--baseline REV]`: set up, run the scenarios,
+report."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -13,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import report, scenarios
+from . import report, scenarios, trees
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
@@ -36,6 +39,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where data and logs go (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--baseline", metavar="REV", default=None,
+                        help="also run the gateway at git revision REV (checked out into a "
+                        "temporary worktree, removed afterwards) in scenarios 3 (plain HTTP) "
+                        "and 4, window by window beside this tree, and report both")
+    parser.add_argument("--rounds", type=int, default=None, metavar="N",
+                        help="with --baseline: how often each of those windows runs on each "
+                        "gateway, alternating which goes first (default: 3, --quick 2)")
     parser.add_argument("--report-only", type=Path, metavar="RESULTS.jsonl",
                         help="measure nothing: write the report (--out, default BENCHMARKS.md) "
                         "from saved results, e.g. after editing bench/ANALYSIS.md")
@@ -54,7 +64,23 @@ def main(argv: list[str] | None = None) -> int:
     if not selected <= set(SCENARIOS):
         print(f"--only: pick from {','.join(SCENARIOS)}", file=sys.stderr)
         return 2
+    if args.baseline is not None and not selected & {"3", "4", "5"}:
+        print("--baseline: the baseline runs in scenarios 3 and 4; --only has neither",
+              file=sys.stderr)
+        return 2
+    if args.baseline is not None:
+        try:
+            trees.resolve(args.baseline)
+        except RuntimeError:
+            print(f"--baseline: {args.baseline!r} is not a commit of this repository",
+                  file=sys.stderr)
+            return 2
     profile = scenarios.QUICK if args.quick else scenarios.FULL
+    if args.rounds is not None:
+        if args.rounds < 1:
+            print("--rounds: at least 1", file=sys.stderr)
+            return 2
+        profile = dataclasses.replace(profile, pair_rounds=args.rounds)
     set_quiet_budget(30 if args.quick else 90)
     tool_path = REPO / ".tools/bin/benchtool"
     if not tool_path.exists():
@@ -67,26 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     targets: tuple[str, ...] = ("gateway",) if args.no_distribution else (
         "gateway", "distribution")
     given = argv if argv is not None else sys.argv[1:]
-    command = "make bench" if os.environ.get("MAKELEVEL") and not given else " ".join(
-        ["python -m bench", *map(shlex.quote, given)])
+    command = _command(given, args.baseline)
     started = time.time()
-    records: list[dict[str, Any]] = []
     try:
-        world.tool.run("keygen", "-dir", str(world.keys))
-        scenarios._log(f"seeding the upstream: layers {profile.layers_mib} MiB, "
-                       f"blob {profile.ttfb_blob_mib} MiB")
-        image = seed(world, layers_mib=list(profile.layers_mib),
-                     extra_mib=[profile.ttfb_blob_mib])
-        if "1" in selected or "5" in selected:
-            records += scenarios.cold_fanin(world, profile, targets)
-        if "2" in selected:
-            records += scenarios.cold_ttfb(world, profile, targets)
-        if selected & {"3", "4", "5"}:
-            records += scenarios.warm_serving(
-                world, profile, targets, throughput=bool(selected & {"3", "5"}),
-                rate="4" in selected, with_nginx=True)
-        if "5" in selected:
-            records += scenarios.memory(records)
+        image, records, baselines = _measure(world, profile, selected, targets, args.baseline)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -98,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             "versions": versions(), "image": {k: image[k] for k in ("size", "manifest")},
             "image_layers": len(image["layers"]),
             "ttfb_blob_bytes": image["extra_blobs"][0]["size"], "parameters": vars(profile)}
+    if baselines:
+        meta["baseline"] = baselines[0]
     records.insert(0, meta)
     results = REPO / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
@@ -115,3 +127,46 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _command(given: list[str], baseline: str | None) -> str:
+    """How this run was started, for the report."""
+    if os.environ.get("MAKELEVEL"):
+        if not given:
+            return "make bench"
+        if baseline is not None and given == ["--baseline", baseline]:
+            return f"make bench BASELINE={shlex.quote(baseline)}"
+    return " ".join(["python -m bench", *map(shlex.quote, given)])
+
+
+def _measure(world: World, profile: scenarios.Profile, selected: set[str],
+             targets: tuple[str, ...], rev: str | None,
+             ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Seed the upstream and run the selected scenarios: (image, records, baselines)."""
+    records: list[dict[str, Any]] = []
+    baselines: list[dict[str, Any]] = []
+    current = trees.CURRENT.describe()  # refuses a tree whose `python -m gateway` is not its own
+    with contextlib.ExitStack() as stack:
+        baseline = None
+        if rev is not None:
+            baseline = stack.enter_context(trees.baseline(rev, world.workdir / "baseline-src"))
+            baselines.append({"rev": rev, **baseline.describe()})
+            scenarios._log(f"baseline {baseline.label}: {baselines[0]['version']}, "
+                           f"commit {baseline.commit}, gateway from {baselines[0]['module']}; "
+                           f"this tree's from {current['module']}")
+        world.tool.run("keygen", "-dir", str(world.keys))
+        scenarios._log(f"seeding the upstream: layers {profile.layers_mib} MiB, "
+                       f"blob {profile.ttfb_blob_mib} MiB")
+        image = seed(world, layers_mib=list(profile.layers_mib),
+                     extra_mib=[profile.ttfb_blob_mib])
+        if "1" in selected or "5" in selected:
+            records += scenarios.cold_fanin(world, profile, targets)
+        if "2" in selected:
+            records += scenarios.cold_ttfb(world, profile, targets)
+        if selected & {"3", "4", "5"}:
+            records += scenarios.warm_serving(
+                world, profile, targets, throughput=bool(selected & {"3", "5"}),
+                rate="4" in selected, with_nginx=True, baseline=baseline)
+        if "5" in selected:
+            records += scenarios.memory(records)
+    return image, records, baselines

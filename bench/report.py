@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from . import compare
+
 Record = dict[str, Any]
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
 
@@ -175,6 +177,9 @@ def _verdicts(records: list[Record]) -> list[tuple[str, str, str, str, str]]:
     tls = _one(records, scenario="warm_throughput", target="gateway", tls=True)
     if tls is not None and "status" in tls:
         add("warm serving over TLS", "see scenario 3", "measured", "–", None)
+    against = compare.verdict(records)
+    if against is not None:
+        add(*against)
     return rows
 
 
@@ -211,6 +216,7 @@ def markdown(records: list[Record]) -> str:
         f"- gateway: {v['gateway']} at commit {v.get('gateway_commit', '?')} (Python "
         f"{v['python']}, aiohttp {v['aiohttp']}), run as `python -m gateway serve` with the "
         "default log level (one JSON access-log line per request, to a file)",
+        *_baseline_line(meta),
         f"- distribution: {v['distribution']}, proxy mode (`proxy: remoteurl:`), filesystem "
         f"storage; nginx: {v['nginx']} (`worker_processes auto`, sendfile); "
         f"clients and proxies: bench/benchtool ({v['go']})",
@@ -237,6 +243,7 @@ def markdown(records: list[Record]) -> str:
     out += _scenario3(records)
     out += _scenario4(records)
     out += _scenario5(records)
+    out += compare.section(records)
     if ANALYSIS.exists():
         out += ["", ANALYSIS.read_text().rstrip(), ""]
     out += ["", "## Raw results", "", "<details><summary>JSON lines (also in bench/results/)"
@@ -244,6 +251,16 @@ def markdown(records: list[Record]) -> str:
     out += [json.dumps(r) for r in records]
     out += ["```", "", "</details>", ""]
     return "\n".join(out)
+
+
+def _baseline_line(meta: Record) -> list[str]:
+    b = meta.get("baseline")
+    if not b:
+        return []
+    return [f"- baseline: {b['version']} at commit {b['commit'][:12]} (`--baseline {b['rev']}`, "
+            f"reported as \"{b['label']}\"), from a temporary git worktree, same Python; "
+            "measured beside the gateway in scenarios 3 (plain HTTP) and 4, see the section "
+            "\"This tree against\" below"]
 
 
 def _scenario1(records: list[Record], image_mb: float) -> list[str]:
@@ -368,12 +385,13 @@ def _scenario5(records: list[Record]) -> list[str]:
         phases.setdefault(r["phase"], {})[r["target"]] = f"{r['peak_rss_mb']:.0f}"
     if not phases:
         return []
-    rows = [[phase, by.get("gateway", "–"), by.get("distribution", "–"), by.get("nginx", "–")]
-            for phase, by in phases.items()]
+    base = compare.label(records)
+    columns = ["gateway", *([base] if base else []), "distribution", "nginx"]
+    rows = [[phase, *(by.get(c, "–") for c in columns)] for phase, by in phases.items()]
     return ["## 5. Memory", "",
             "Peak RSS (VmHWM from /proc/<pid>/status, MB; reset through clear_refs before each "
             "warm window; a cold run is a fresh process). nginx: master plus workers.", "",
-            _table(["phase", "gateway MB", "distribution MB", "nginx MB"], rows), ""]
+            _table(["phase", *(f"{c} MB" for c in columns)], rows), ""]
 
 
 Formatter = Callable[[Record], str]

@@ -6,17 +6,19 @@ carries no speed: the report says the run had errors instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .procs import OtherLoad, children_cpu, cpu_seconds, peak_rss_mb, reset_peak_rss, wait_quiet
+from .rounds import interleaved, merge_rate, merge_warm
 from .servers import (
     Far,
     Server,
@@ -27,6 +29,7 @@ from .servers import (
     gateway_has_tls,
     nginx,
 )
+from .trees import GatewayTree
 
 Record = dict[str, Any]
 REPO_NAME = "bench/app"
@@ -47,10 +50,12 @@ class Profile:
     rate_conns: int = 16
     latency_ms: float = 40
     rate_mb: float = 32  # per connection, MB/s
+    pair_rounds: int = 3  # with a baseline: each window this often on each gateway
 
 
 FULL = Profile("full", (110, 90, 70, 50, 40, 25, 10, 5), 200, (1, 4, 16), 5, (1, 8, 32), 8, 5)
-QUICK = Profile("quick", (24, 20, 16, 12, 8, 6, 4, 2), 50, (1, 4, 16), 3, (1, 8, 32), 3, 2)
+QUICK = Profile("quick", (24, 20, 16, 12, 8, 6, 4, 2), 50, (1, 4, 16), 3, (1, 8, 32), 3, 2,
+                pair_rounds=2)
 
 
 def _errors(result: dict[str, Any]) -> dict[str, Any]:
@@ -202,68 +207,96 @@ def _load(world: World, server: Server, far: Far | None, reqs: Path, conns: int,
     return world.tool.run("load", *args, timeout=window + 120)
 
 
-def warm_throughput(world: World, profile: Profile, server: Server, far: Far | None, *,
-                    tls: bool) -> list[Record]:
-    """C connections pull the cached image over and over for a fixed window."""
+def _turns(profile: Profile, servers: Sequence[Server], window: int) -> list[list[Server]]:
+    """One window's measurements, in order: once on a lone server; with a baseline, on
+    both gateways `pair_rounds` times, alternating which goes first."""
+    rounds = profile.pair_rounds if len(servers) > 1 else 1
+    return [interleaved(servers, window * rounds + r) for r in range(rounds)]
+
+
+def warm_throughput(world: World, profile: Profile, servers: Sequence[Server], far: Far | None,
+                    *, tls: bool) -> list[Record]:
+    """C connections pull the cached image over and over for a fixed window; with a
+    gateway and its baseline, each C is measured on both in alternating rounds, and each
+    gateway's rounds are summed into one record."""
     reqs = _write_requests(world, "pull", _pull_requests(world.image))
     records: list[Record] = []
-    for clients in profile.warm_clients:
-        if far is not None:
-            far.reset()
-        reset_peak_rss(server.pids())
-        result = _load(world, server, far, reqs, clients, profile.warm_window, sample=64)
-        gigabytes = result["bytes"] / 1e9
-        upstream = far.stats()["total_requests"] if far is not None else 0
-        record = {"scenario": "warm_throughput", "target": server.name, "tls": tls,
-                  "clients": clients, "seconds": round(result["seconds"], 3),
-                  "gb": round(gigabytes, 3),
-                  "gb_per_s": round(gigabytes / result["seconds"], 3),
-                  "server_cpu_s": round(result["server_cpu_seconds"], 2),
-                  "cpu_s_per_gb": round(result["server_cpu_seconds"] / gigabytes, 3)
-                  if gigabytes else None,
-                  "client_cpu_s": round(result["client_cpu_seconds"], 2),
-                  "other_cpu_s": round(result["other_cpu_seconds"], 2),
-                  "other_cores": round(result["other_cpu_seconds"] / result["seconds"], 2),
-                  "responses": result["responses"], "verified": result["verified"],
-                  "upstream_requests": upstream,
-                  "peak_rss_mb": peak_rss_mb(server.pids()), **_errors(result)}
-        records.append(record)
-        _log(f"warm: {server.name} {'TLS' if tls else 'HTTP'} C={clients}: "
-             f"{record['gb_per_s']} GB/s, {record['cpu_s_per_gb']} CPU s/GB, "
-             f"RSS {record['peak_rss_mb']} MB, errors {record['errors']}")
+    for window, clients in enumerate(profile.warm_clients):
+        runs: dict[str, list[Record]] = {server.name: [] for server in servers}
+        for turn in _turns(profile, servers, window):
+            for server in turn:
+                runs[server.name].append(
+                    _warm_window(world, profile, server, far, reqs, clients, tls=tls))
+        records += [merge_warm(runs[server.name]) for server in servers]
     return records
 
 
-def manifest_rate(world: World, profile: Profile, server: Server, far: Far | None,
+def _warm_window(world: World, profile: Profile, server: Server, far: Far | None, reqs: Path,
+                 clients: int, *, tls: bool) -> Record:
+    if far is not None:
+        far.reset()
+    reset_peak_rss(server.pids())
+    result = _load(world, server, far, reqs, clients, profile.warm_window, sample=64)
+    gigabytes = result["bytes"] / 1e9
+    upstream = far.stats()["total_requests"] if far is not None else 0
+    record = {"scenario": "warm_throughput", "target": server.name, "tls": tls,
+              "clients": clients, "seconds": round(result["seconds"], 3),
+              "gb": round(gigabytes, 3),
+              "gb_per_s": round(gigabytes / result["seconds"], 3),
+              "server_cpu_s": round(result["server_cpu_seconds"], 2),
+              "cpu_s_per_gb": round(result["server_cpu_seconds"] / gigabytes, 3)
+              if gigabytes else None,
+              "client_cpu_s": round(result["client_cpu_seconds"], 2),
+              "other_cpu_s": round(result["other_cpu_seconds"], 2),
+              "other_cores": round(result["other_cpu_seconds"] / result["seconds"], 2),
+              "responses": result["responses"], "verified": result["verified"],
+              "upstream_requests": upstream,
+              "peak_rss_mb": peak_rss_mb(server.pids()), **_errors(result)}
+    _log(f"warm: {server.name} {'TLS' if tls else 'HTTP'} C={clients}: "
+         f"{record['gb_per_s']} GB/s, {record['cpu_s_per_gb']} CPU s/GB, "
+         f"RSS {record['peak_rss_mb']} MB, errors {record['errors']}")
+    return record
+
+
+def manifest_rate(world: World, profile: Profile, servers: Sequence[Server], far: Far | None,
                   kinds: tuple[str, ...] | None = None) -> list[Record]:
-    """GET/HEAD manifests by tag and digest, HEAD blobs: requests/s, latency, upstream load."""
+    """GET/HEAD manifests by tag and digest, HEAD blobs: requests/s, latency, upstream load;
+    with a gateway and its baseline, in alternating rounds as in warm_throughput."""
     records: list[Record] = []
-    for kind, reqs in _rate_requests(world.image).items():
-        if kinds is not None and kind not in kinds:
-            continue
+    chosen = [(kind, reqs) for kind, reqs in _rate_requests(world.image).items()
+              if kinds is None or kind in kinds]
+    for window, (kind, reqs) in enumerate(chosen):
         path = _write_requests(world, kind, reqs)
-        if far is not None:
-            far.reset()
-        result = _load(world, server, far, path, profile.rate_conns, profile.rate_window,
-                       sample=1)
-        responses = max(result["responses"], 1)
-        upstream = far.stats()["total_requests"] if far is not None else 0
-        record = {"scenario": "manifest_rate", "target": server.name, "kind": kind,
-                  "conns": profile.rate_conns, "seconds": round(result["seconds"], 3),
-                  "responses": result["responses"],
-                  "rps": round(result["responses"] / result["seconds"], 1),
-                  "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
-                  "cpu_s_per_1k": round(result["server_cpu_seconds"] / responses * 1000, 4),
-                  "client_cpu_s": round(result["client_cpu_seconds"], 2),
-                  "other_cpu_s": round(result["other_cpu_seconds"], 2),
-                  "other_cores": round(result["other_cpu_seconds"] / result["seconds"], 2),
-                  "upstream_requests": upstream,
-                  "upstream_per_1k": round(upstream / responses * 1000, 2),
-                  **_errors(result)}
-        records.append(record)
-        _log(f"rate: {server.name} {kind}: {record['rps']} req/s, p99 {record['p99_ms']} ms, "
-             f"upstream/1k {record['upstream_per_1k']}, errors {record['errors']}")
+        runs: dict[str, list[Record]] = {server.name: [] for server in servers}
+        for turn in _turns(profile, servers, window):
+            for server in turn:
+                runs[server.name].append(_rate_window(world, profile, server, far, kind, path))
+        records += [merge_rate(runs[server.name]) for server in servers]
     return records
+
+
+def _rate_window(world: World, profile: Profile, server: Server, far: Far | None, kind: str,
+                 path: Path) -> Record:
+    if far is not None:
+        far.reset()
+    result = _load(world, server, far, path, profile.rate_conns, profile.rate_window, sample=1)
+    responses = max(result["responses"], 1)
+    upstream = far.stats()["total_requests"] if far is not None else 0
+    record = {"scenario": "manifest_rate", "target": server.name, "kind": kind,
+              "conns": profile.rate_conns, "seconds": round(result["seconds"], 3),
+              "responses": result["responses"],
+              "rps": round(result["responses"] / result["seconds"], 1),
+              "p50_ms": result["p50_ms"], "p99_ms": result["p99_ms"],
+              "cpu_s_per_1k": round(result["server_cpu_seconds"] / responses * 1000, 4),
+              "client_cpu_s": round(result["client_cpu_seconds"], 2),
+              "other_cpu_s": round(result["other_cpu_seconds"], 2),
+              "other_cores": round(result["other_cpu_seconds"] / result["seconds"], 2),
+              "upstream_requests": upstream,
+              "upstream_per_1k": round(upstream / responses * 1000, 2),
+              **_errors(result)}
+    _log(f"rate: {server.name} {kind}: {record['rps']} req/s, p99 {record['p99_ms']} ms, "
+         f"upstream/1k {record['upstream_per_1k']}, errors {record['errors']}")
+    return record
 
 
 _WRK_SCRIPT = """\
@@ -323,30 +356,33 @@ def _accept_header() -> str:
 
 
 @contextlib.contextmanager
-def _warmed(world: World, far: Far, target: str, data: Path, *,
+def _warmed(world: World, far: Far, launcher: Launcher, slug: str, data: Path, *,
             tls: bool = False) -> Iterator[tuple[Server, Record]]:
     """A target whose cache holds the image (pulled once), restarted so that its memory
     and CPU counters start from the warm state; one verified pull proves it is warm."""
-    launcher = TARGETS[target]
     if not any(data.iterdir()):
-        with launcher(world, far, data, name=f"{target}-warmup") as server:
+        with launcher(world, far, data, name=f"{slug}-warmup") as server:
             warm = world.tool.run("pull", "-url", server.url, "-repo", REPO_NAME)
             if warm.get("errors"):
-                raise RuntimeError(f"warming {target} failed: {warm}")
-    with launcher(world, far, data, tls=tls, name=f"{target}-warm") as server:
+                raise RuntimeError(f"warming {server.name} failed: {warm}")
+    with launcher(world, far, data, tls=tls, name=f"{slug}-warm") as server:
         far.reset()
         args = ["-url", server.url, "-repo", REPO_NAME]
         if tls:
             args += ["-ca", str(world.ca)]
         check = world.tool.run("pull", *args)
         stats = far.stats()
-        info = {"target": target, "tls": tls, "verify_pull_errors": check.get("errors"),
+        info = {"target": server.name, "tls": tls, "verify_pull_errors": check.get("errors"),
                 "upstream_blob_bytes_on_warm_pull": stats["bytes"].get("blob_GET", 0)}
         yield server, info
 
 
 def _cached_blobs(data: Path, image: dict[str, Any]) -> dict[str, Path]:
-    files = {path.name: path for path in data.rglob("*") if path.is_file()}
+    """The gateway's committed blob files, `<data>/<namespace>/blobs/<alg>/<xx>/<hex>`.
+    Only that layout counts: the spool (`<data>/.spool/`, per-process directories since
+    the refactor) holds partial transfers whose names may start with a digest's hex."""
+    files = {path.name: path for path in data.glob("*/blobs/*/*/*")
+             if not path.parts[len(data.parts)].startswith(".") and path.is_file()}
     found: dict[str, Path] = {}
     for blob in (image["config"], *image["layers"]):
         hexpart = blob["digest"].split(":", 1)[1]
@@ -355,9 +391,27 @@ def _cached_blobs(data: Path, image: dict[str, Any]) -> dict[str, Path]:
     return found
 
 
+def _warm_pair(world: World, far: Far, stack: contextlib.ExitStack, target: str, data: Path,
+               baseline: GatewayTree | None, records: list[Record]) -> list[Server]:
+    """The warm target, and for the gateway its baseline too (both up, one measured at a
+    time: an idle gateway uses no CPU, and CPU is counted per process)."""
+    servers: list[Server] = []
+    launchers: list[tuple[Launcher, str, Path]] = [(TARGETS[target], target, data)]
+    if target == "gateway" and baseline is not None:
+        launchers.append((functools.partial(gateway, tree=baseline), baseline.slug,
+                          world.fresh_dir(f"warm-{baseline.slug}")))
+    for launcher, slug, where in launchers:
+        server, info = stack.enter_context(_warmed(world, far, launcher, slug, where))
+        records.append({"scenario": "warm_setup", **info})
+        servers.append(server)
+    return servers
+
+
 def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
-                 throughput: bool, rate: bool, with_nginx: bool) -> list[Record]:
-    """Scenarios 3 and 4 against each target, warm; nginx serves the gateway's files."""
+                 throughput: bool, rate: bool, with_nginx: bool,
+                 baseline: GatewayTree | None = None) -> list[Record]:
+    """Scenarios 3 and 4 against each target, warm; nginx serves the gateway's files. A
+    baseline gateway is measured beside the gateway (plain HTTP), window by window."""
     records: list[Record] = []
     with far_upstream(world, latency_ms=profile.latency_ms, rate_mb=profile.rate_mb) as far:
         gateway_data: Path | None = None
@@ -365,13 +419,13 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
             data = world.fresh_dir(f"warm-{target}")
             if target == "gateway":
                 gateway_data = data
-            with _warmed(world, far, target, data) as (server, info):
-                records.append({"scenario": "warm_setup", **info})
+            with contextlib.ExitStack() as stack:
+                pair = _warm_pair(world, far, stack, target, data, baseline, records)
                 if throughput:
-                    records += warm_throughput(world, profile, server, far, tls=False)
+                    records += warm_throughput(world, profile, pair, far, tls=False)
                 if rate:
-                    records += manifest_rate(world, profile, server, far)
-                    records += wrk_crosscheck(world, profile, server)
+                    records += manifest_rate(world, profile, pair, far)
+                    records += wrk_crosscheck(world, profile, pair[0])
             if not throughput:
                 continue
             if target == "gateway" and not gateway_has_tls():
@@ -380,9 +434,9 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
                                 "no --tls-listen"})
                 _log("warm: gateway TLS not measured (no TLS flags)")
                 continue
-            with _warmed(world, far, target, data, tls=True) as (server, info):
+            with _warmed(world, far, TARGETS[target], target, data, tls=True) as (server, info):
                 records.append({"scenario": "warm_setup", **info})
-                records += warm_throughput(world, profile, server, far, tls=True)
+                records += warm_throughput(world, profile, [server], far, tls=True)
         if with_nginx and gateway_data is not None:
             blobs = _cached_blobs(gateway_data, world.image)
             if len(blobs) != len(world.image["layers"]) + 1:
@@ -390,13 +444,13 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
             manifests = {world.image["manifest"]["digest"]: _manifest_bytes(world)}
             with nginx(world, blobs, manifests) as servers:
                 if throughput:
-                    records += warm_throughput(world, profile, servers.plain, None, tls=False)
+                    records += warm_throughput(world, profile, [servers.plain], None, tls=False)
                 if rate:
-                    records += manifest_rate(world, profile, servers.plain, None, kinds=(
+                    records += manifest_rate(world, profile, [servers.plain], None, kinds=(
                         "GET manifest by digest", "HEAD manifest by digest", "HEAD blob"))
                     records += wrk_crosscheck(world, profile, servers.plain)
                 if throughput:
-                    records += warm_throughput(world, profile, servers.tls, None, tls=True)
+                    records += warm_throughput(world, profile, [servers.tls], None, tls=True)
     return records
 
 

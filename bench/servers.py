@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .procs import REPO, Proc, free_port, get_json, running, wait_http
+from .trees import CURRENT, GatewayTree
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 NGINX_BINARY = "/usr/sbin/nginx"
@@ -168,33 +169,20 @@ def far_upstream(world: World, *, latency_ms: float, rate_mb: float) -> Iterator
 # ---------------------------------------------------------------- the gateway
 
 
-def _gateway_help() -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "--help"], capture_output=True, text=True,
-        cwd=REPO, env=_gateway_env(), check=False).stdout
-
-
-def gateway_has_tls() -> bool:
+def gateway_has_tls(tree: GatewayTree = CURRENT) -> bool:
     """Whether this gateway serves HTTPS (`serve --tls-listen`, certificates from --certs)."""
-    return "--tls-listen" in _gateway_help()
+    return "--tls-listen" in tree.run("-m", "gateway", "serve", "--help").stdout
 
 
-def gateway_version() -> str:
-    out = subprocess.run([sys.executable, "-m", "gateway", "--version"], capture_output=True,
-                         text=True, cwd=REPO, env=_gateway_env(), check=False)
-    return (out.stdout or out.stderr).strip()
-
-
-def _gateway_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+def gateway_version(tree: GatewayTree = CURRENT) -> str:
+    return tree.version()
 
 
 @contextlib.contextmanager
 def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
-            name: str = "gateway") -> Iterator[Server]:
-    """`python -m gateway serve` from this working tree, one route to the far upstream."""
+            name: str = "gateway", tree: GatewayTree = CURRENT) -> Iterator[Server]:
+    """`python -m gateway serve` from `tree` (this working tree unless a baseline), one
+    route to the far upstream; its records carry `tree.label` as the target."""
     port = free_port()
     routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", {
         "default_route": ROUTE, "routes": {ROUTE: {"upstream": far.url}}})
@@ -205,15 +193,16 @@ def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
         # Only the bench's TLS certificate (for 127.0.0.1) in the certificate directory.
         certs = data_dir.parent / f"{data_dir.name}-certs"
         certs.mkdir(exist_ok=True)
-        for name in ("tls.crt", "tls.key"):
-            shutil.copy(world.keys / name, certs / name)
+        for file in ("tls.crt", "tls.key"):
+            shutil.copy(world.keys / file, certs / file)
         (certs / "tls.key").chmod(0o600)
         tls_port = free_port()
         argv += ["--tls-listen", f"127.0.0.1:{tls_port}", "--certs", str(certs)]
         url = f"https://127.0.0.1:{tls_port}"
-    with running(name, argv, world.logs / f"{name}.log", cwd=REPO, env=_gateway_env()) as proc:
+    with running(name, argv, world.logs / f"{name}.log", cwd=tree.root,
+                 env=tree.env()) as proc:
         wait_http(proc, f"{url}/v2/", context=world.ssl_context() if tls else None)
-        yield Server("gateway", url, proc, data_dir)
+        yield Server(tree.label, url, proc, data_dir)
 
 
 # ---------------------------------------------------------------- distribution
