@@ -15,7 +15,7 @@ import pytest
 
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
-from tests.support.pulls import fetch, pull_image
+from tests.support.pulls import fetch, pull_image, wait_cached
 from tests.support.upstreams import Upstream, unique_repository
 from tests.support.world import World
 
@@ -28,6 +28,7 @@ async def test_second_pull_is_served_from_cache(world: World, http: aiohttp.Clie
     base = world.gateway.url()
 
     first = await pull_image(http, base, f"ghcr.io/{repository}", "latest", image)
+    await wait_cached(http, base, f"ghcr.io/{repository}", image)
     upstream_blob_gets = len(world.ghcr.proxy.blob_requests(repository))
     upstream_manifest_gets = len(world.ghcr.proxy.manifest_requests(repository, methods=("GET",)))
     upstream_bytes = world.ghcr.proxy.blob_bytes(repository)
@@ -60,6 +61,7 @@ async def test_cached_image_pulls_with_upstream_stopped(
     repository = unique_repository()
     image = upstream.push(repository, make_image())
     await pull_image(http, gateway.url(), f"ghcr.io/{repository}", "latest", image)
+    await wait_cached(http, gateway.url(), f"ghcr.io/{repository}", image)
 
     upstream.stop()  # registry and proxy gone: connections are refused
 

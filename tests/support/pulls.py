@@ -11,6 +11,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 
 from .images import ACCEPT_ALL_MANIFESTS, Image, Index, sha256_digest
+from .wait import wait_until
 
 
 @dataclass
@@ -102,6 +103,21 @@ async def pull_index(session: aiohttp.ClientSession, base: str, repository: str,
         result.cache.update(one.cache)
         result.route |= one.route
     return result
+
+
+async def wait_cached(session: aiohttp.ClientSession, base: str, repository: str,
+                      image: Image, *, host: str | None = None) -> None:
+    """Wait until a HEAD of every blob of `image` says `X-Cache: HIT`: clients get the
+    verified bytes before the gateway commits them, so right after a pull a blob may
+    still be in flight (COALESCED)."""
+    for blob in image.blobs:
+        url = f"{base}/v2/{repository}/blobs/{blob.digest}"
+
+        async def committed(url: str = url) -> bool:
+            head = await fetch(session, url, method="HEAD", host=host, accept=None)
+            return head.headers.get("X-Cache") == "HIT"
+
+        await wait_until(committed, what=f"blob {blob.digest} to be committed")
 
 
 def assert_oci_error(fetched: Fetched) -> list[dict[str, Any]]:

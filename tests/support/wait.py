@@ -6,11 +6,13 @@ take the same arguments and fail the same way. Neither decides anything about ti
 from __future__ import annotations
 
 import asyncio
+import inspect
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 Predicate = Callable[[], bool]
+AsyncPredicate = Callable[[], bool | Awaitable[bool]]
 
 
 def _no_diagnostics() -> str:
@@ -50,11 +52,20 @@ def wait_for(predicate: Predicate, *, what: str, timeout: float = 30.0,
 
 
 # `timeout` bounds the polling, as in `wait_for`; it is not a cancel scope (ASYNC109).
-async def wait_until(predicate: Predicate, *, what: str, timeout: float = 30.0,  # noqa: ASYNC109
+async def wait_until(predicate: AsyncPredicate, *, what: str,
+                     timeout: float = 30.0,  # noqa: ASYNC109
                      interval: float = 0.02, process: subprocess.Popen[bytes] | None = None,
                      diagnostics: Callable[[], str] = _no_diagnostics) -> None:
-    """`wait_for` for a coroutine: the event loop keeps running while it polls."""
+    """`wait_for` for a coroutine: the event loop keeps running while it polls, and
+    `predicate` may be a coroutine function (e.g. one that asks the gateway over HTTP)."""
     deadline = _Deadline(what, timeout, process, diagnostics)
-    while not predicate():
+    while not await _holds(predicate):
         deadline.check()
         await asyncio.sleep(interval)
+
+
+async def _holds(predicate: AsyncPredicate) -> bool:
+    result = predicate()
+    if inspect.isawaitable(result):
+        return bool(await result)
+    return bool(result)
