@@ -14,8 +14,8 @@ import pytest
 
 from tests.support.gateway import Gateway
 from tests.support.images import ACCEPT_ALL_MANIFESTS, Image, make_image
-from tests.support.net import wait_for
 from tests.support.upstreams import Upstream, route_entry, unique_repository
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.integration
 
