@@ -17,27 +17,32 @@ from .load import (
     settings_section,
 )
 from .model import (
+    CacheLimits,
     CachePolicy,
     Config,
     Credentials,
     CredentialsRef,
+    Pin,
     Route,
     SecretRef,
     UpstreamSettings,
 )
 from .schema import yaml_key
 from .secrets import resolve_secret, resolve_secrets
-from .values import FOREVER, Network, parse_duration, parse_size
+from .values import FOREVER, FreeSpace, Network, parse_duration, parse_size
 
 __all__ = [
     "FOREVER",
     "PRESETS",
     "SECTIONS",
+    "CacheLimits",
     "CachePolicy",
     "Config",
     "Credentials",
     "CredentialsRef",
+    "FreeSpace",
     "Network",
+    "Pin",
     "Preset",
     "Route",
     "SecretRef",

@@ -26,7 +26,8 @@ from typing import Any
 from ..errors import ConfigError
 from ..presets import PRESETS
 from .document import Document, Place
-from .model import CachePolicy, Config, Route, UpstreamSettings
+from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
+from .pins import pins
 from .schema import Key, build, check_keys, keys_of, parse_keys
 from .secrets import resolve_secrets
 from .values import ABSENT, domains, networks
@@ -133,6 +134,8 @@ SECTIONS: Mapping[str, Section] = {
     "defaults": Section(_defaults, None),
     "routes": Section(_routes, "routes"),
     "default_route": Section(_default_route, "default_route"),
+    "cache": settings_section(CacheLimits, "cache"),
+    "pins": Section(pins, "pins"),
 }
 
 

@@ -8,7 +8,9 @@ environment: secrets stay `SecretRef`s until secrets.py resolves them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -18,17 +20,22 @@ from .document import Location, Place
 from .schema import check_keys, yaml_key
 from .values import (
     FOREVER,
+    FreeSpace,
     Network,
     boolean,
     dns_label,
     duration,
+    free_space,
     host_names,
+    optional_duration,
+    optional_size,
     proxy_url,
     readable_file,
     registry_url,
     size,
 )
 
+_GLOB = re.compile(r"[*?\[]")
 SecretSource = Literal["inline", "env", "file"]
 # How a secret is written: `password_env: VAR` reads the environment variable VAR.
 _SUFFIXES: Mapping[str, SecretSource] = {"": "inline", "_env": "env", "_file": "file"}
@@ -114,6 +121,22 @@ class CachePolicy:
     # A fetch that no client waits for any more still completes up to this size,
     # so the next pull is a hit; larger ones are abandoned.
     orphan_fetch_limit: int = field(default=8 << 30, metadata=yaml_key(size, inherit=True))
+    # This route's share of the cache: a quota inside `cache.max_size`.
+    max_size: int | None = field(default=None, metadata=yaml_key(optional_size))
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    """`cache:`: how much disk the cache may use. Eviction keeps the data below
+    `max_size` and keeps `min_free` of the filesystem free, least recently used images
+    first; `max_idle` evicts what nobody read for that long."""
+
+    max_size: int | None = field(default=None, metadata=yaml_key(optional_size))
+    min_free: FreeSpace = field(default=FreeSpace(fraction=0.10), metadata=yaml_key(free_space))
+    max_idle: float | None = field(default=None, metadata=yaml_key(optional_duration))
+    # The blobs of a manifest served this recently are never evicted: a pull that has
+    # its manifest finds its layers.
+    lease: float = field(default=600.0, metadata=yaml_key(duration))
 
 
 @dataclass(frozen=True)
@@ -131,6 +154,35 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Pin:
+    text: str  # as written, for messages
+    route: str  # the route's name
+    repository: str  # a glob over repositories as the upstream knows them (library/ added)
+    tag: str | None = None  # a glob over tags; None: any manifest of a matching repository
+    digest: str | None = None
+    platforms: tuple[str, ...] = ()  # os/arch[/variant]; () = every platform
+
+    @property
+    def reference(self) -> str | None:
+        """The one tag or digest to keep fetched, when the pin names exactly one."""
+        if _GLOB.search(self.repository):
+            return None
+        if self.digest is not None:
+            return self.digest
+        return self.tag if self.tag is not None and not _GLOB.search(self.tag) else None
+
+    def matches(self, route: str, repository: str, tags: Iterable[str] = (),
+                digest: str | None = None) -> bool:
+        """Whether a cached manifest of `route`/`repository` (tagged `tags`) is pinned."""
+        if route != self.route or not fnmatch.fnmatchcase(repository, self.repository):
+            return False
+        if self.digest is not None:
+            return digest == self.digest
+        if self.tag is None:
+            return True
+        return any(fnmatch.fnmatchcase(tag, self.tag) for tag in tags)
+
+@dataclass(frozen=True)
 class Config:
     routes: tuple[Route, ...]
     base_domains: tuple[str, ...] = ()
@@ -138,6 +190,8 @@ class Config:
     source: str = "<config>"
     # Peers (a proxy or load balancer in front) whose X-Forwarded-* headers are believed.
     trusted_proxies: tuple[Network, ...] = ()
+    cache: CacheLimits = field(default_factory=CacheLimits)
+    pins: tuple[Pin, ...] = ()
 
     def route(self, name: str) -> Route:
         for route in self.routes:

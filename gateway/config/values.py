@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +96,49 @@ def size(value: Any, at: Place) -> int:
         return parse_size(value)
     except ValueError as exc:
         raise at.error(str(exc)) from None
+
+
+def optional_size(value: Any, at: Place) -> int | None:
+    """A size, or null / `off` / `none` for no limit."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("off", "none")):
+        return None
+    return size(value, at)
+
+
+def optional_duration(value: Any, at: Place) -> float | None:
+    """A duration, or null / `off` / `never` / `forever` for none (no idle limit)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in (
+            "off", "none", "never", "forever")):
+        return None
+    seconds = duration(value, at)
+    return None if seconds in (0.0, FOREVER) else seconds
+
+
+@dataclass(frozen=True)
+class FreeSpace:
+    """Space to keep free on the data directory's filesystem: a share of it or bytes."""
+
+    fraction: float = 0.0
+    bytes: int = 0
+
+    def of(self, filesystem_size: int) -> int:
+        return max(int(self.fraction * filesystem_size), self.bytes)
+
+    def __str__(self) -> str:
+        return f"{self.fraction * 100:g}%" if self.fraction else f"{self.bytes} bytes"
+
+
+def free_space(value: Any, at: Place) -> FreeSpace:
+    """`10%` of the filesystem, or a size such as `20GiB`; 0 keeps nothing free."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            percent = float(value.strip()[:-1])
+        except ValueError:
+            percent = -1.0
+        if not 0 <= percent < 100:
+            raise at.error(f"{value!r} is not a share of the disk: want e.g. 10%")
+        return FreeSpace(fraction=percent / 100)
+    return FreeSpace(bytes=size(value, at))
 
 
 def boolean(value: Any, at: Place) -> bool:
