@@ -53,11 +53,36 @@ class Metrics:
             ["route"], registry=r)
         self.inflight = Gauge(
             "gateway_inflight_fetches", "Upstream blob fetches in progress", ["route"], registry=r)
+        self._add_disk_collectors(r)
 
         # Labelled children, looked up once: labels() validates and locks on every call,
         # which is a visible share of a warm manifest request.
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
+
+    def _add_disk_collectors(self, r: CollectorRegistry) -> None:
+        """The size cap's collectors: usage, limit, evictions, pins, the index."""
+        self.cache_bytes = Gauge(
+            "gateway_cache_bytes", "Bytes cached per route (each object counted once)",
+            ["route"], registry=r)
+        self.cache_limit = Gauge(
+            "gateway_cache_limit_bytes", "The most the cache may hold now: cache.max_size, "
+            "or what keeps cache.min_free of the disk free", registry=r)
+        self.pinned_bytes = Gauge(
+            "gateway_pinned_bytes", "Bytes of pinned images, never evicted", ["route"],
+            registry=r)
+        self.evicted_bytes = Counter(
+            "gateway_evicted_bytes", "Bytes evicted, by route and reason (size, free_space, "
+            "quota, idle)", ["route", "reason"], registry=r)
+        self.evicted_objects = Counter(
+            "gateway_evicted_objects", "Blobs and manifests evicted, by route and reason",
+            ["route", "reason"], registry=r)
+        self.evictions = Counter(
+            "gateway_evictions", "Images (or unreferenced blobs) evicted, by route and reason",
+            ["route", "reason"], registry=r)
+        self.index_rebuilds = Counter(
+            "gateway_index_rebuilds", "Times the cache index was rebuilt from the store",
+            registry=r)
 
     def observe_request(self, route: str, kind: str, method: str, status: int,
                         seconds: float, body_bytes: int) -> None:

@@ -6,6 +6,8 @@ no imports from the rest of the gateway.
 
 from __future__ import annotations
 
+from typing import Literal
+
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -51,3 +53,22 @@ def takes_index(accept: str | None) -> bool:
     """Whether the answer negotiated for this Accept may be an index (every index type)."""
     negotiated = media_types(manifest_accept(accept))
     return all(t in negotiated for t in INDEX_TYPES)
+
+
+def references(document: object) -> list[tuple[Literal["blob", "manifest"], str]]:
+    """What a parsed manifest references: ("blob", digest) for its config and layers,
+    ("manifest", digest) for an index's manifests. Malformed parts are skipped."""
+    if not isinstance(document, dict):
+        return []
+    found: list[tuple[Literal["blob", "manifest"], str]] = []
+    config = document.get("config")
+    if isinstance(config, dict) and isinstance(config.get("digest"), str):
+        found.append(("blob", config["digest"]))
+    pairs: tuple[tuple[Literal["blob", "manifest"], str], ...] = (
+        ("blob", "layers"), ("manifest", "manifests"))
+    for kind, key in pairs:
+        items = document.get(key)
+        if isinstance(items, list):
+            found += [(kind, item["digest"]) for item in items
+                      if isinstance(item, dict) and isinstance(item.get("digest"), str)]
+    return found

@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import admin, api, pipeline
-from .cache import Cache, FsStore, MemoryIndex, ProcessDir
+from .cache import Cache, FsStore, MemoryContents, MemoryIndex, ProcessDir
 from .config import Config
 from .logs import start_logging
 from .metrics import Metrics
@@ -43,7 +43,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
     store = FsStore(data_dir, spool.path)
-    cache = Cache(store, MemoryIndex(clock), metrics, spool, clock)
+    contents = MemoryContents(clock)  # the sqlite catalogue replaces it (issue #9)
+    cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     upstreams = {route.name: Upstream(route, metrics, clock=clock) for route in config.routes}
 
     app = web.Application(middlewares=pipeline.build(config, Router(config), metrics,

@@ -159,10 +159,12 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
     found = await cache.blobs.get(upstream, reg.route, reg.repository, reg.digest)
-    if isinstance(found, OpenBlob):  # the common warm GET: one thread hop, then the file
-        return await _send_file(request, reg, found.file, found.size)
-    if isinstance(found, CachedBlob):
-        return await _send_stored(request, reg, cache, found)
+    if not isinstance(found, tuple):
+        # Being read: eviction leaves it alone until the client has it.
+        with cache.readers.reading(reg.route.namespace, str(reg.digest)):
+            if isinstance(found, OpenBlob):  # the common warm GET: one thread hop
+                return await _send_file(request, reg, found.file, found.size)
+            return await _send_stored(request, reg, cache, found)
     flight, started = found
     with flight.attached():
         return await _follow(request, reg, flight, "MISS" if started else "COALESCED")

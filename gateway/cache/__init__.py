@@ -4,6 +4,8 @@ This module only re-exports; each concern has its own module (see ARCHITECTURE.m
 """
 
 from .blobs import Blobs, CachedBlob, OpenBlob
+from .contents import Contents, Entry, Root, Usage
+from .contents_memory import MemoryContents
 from .core import Cache
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
 from .fs import FsStore
@@ -13,7 +15,28 @@ from .spool import ProcessDir
 from .store import BlobStore, LocalFiles, Redirecting, Upload
 
 __all__ = [
-    "BlobFlight", "BlobStore", "Blobs", "Cache", "CachedBlob", "FetchAborted", "FsStore",
-    "Index", "IntegrityError", "LocalFiles", "Manifest", "ManifestResult", "Manifests",
-    "MemoryIndex", "OpenBlob", "ProcessDir", "Redirecting", "Upload", "read_span",
+    "BlobFlight",
+    "BlobStore",
+    "Blobs",
+    "Cache",
+    "CachedBlob",
+    "Contents",
+    "Entry",
+    "FetchAborted",
+    "FsStore",
+    "Index",
+    "IntegrityError",
+    "LocalFiles",
+    "Manifest",
+    "ManifestResult",
+    "Manifests",
+    "MemoryContents",
+    "MemoryIndex",
+    "OpenBlob",
+    "ProcessDir",
+    "Redirecting",
+    "Root",
+    "Upload",
+    "Usage",
+    "read_span",
 ]

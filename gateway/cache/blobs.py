@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 import aiohttp
 
@@ -21,8 +21,10 @@ from ..metrics import Metrics
 from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
+from .contents import Contents
 from .flight import BlobFlight, IntegrityError, read_span
 from .index import BlobKey, Index
+from .leases import Readers
 from .store import BlobStore, LocalFiles, blob_key
 
 
@@ -47,11 +49,24 @@ def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
     return file, os.fstat(file.fileno()).st_size
 
 
+class Space(Protocol):
+    """What keeps the disk within its limits (the evictor): told of bytes on their way."""
+
+    def reserve(self, size: int) -> None: ...
+
+    def release(self, size: int) -> None: ...
+
+    def wake(self) -> None: ...
+
+
 class Blobs:
-    def __init__(self, store: BlobStore, index: Index, metrics: Metrics,
-                 scratch: Callable[[], Path]) -> None:
+    def __init__(self, store: BlobStore, index: Index, contents: Contents, space: Space,
+                 readers: Readers, metrics: Metrics, scratch: Callable[[], Path]) -> None:
         self.store = store
         self.index = index
+        self.contents = contents
+        self.space = space
+        self.readers = readers
         self.metrics = metrics
         self._scratch = scratch  # the process's spool directory
         self._local = store if isinstance(store, LocalFiles) else None
@@ -102,6 +117,7 @@ class Blobs:
                 await self.index.set_blob(key, found.size)
             else:
                 await self.index.touch(key)
+            self.contents.touch(route.namespace, "blob", str(digest))
             return found
         flight, started = self.fetch(upstream, route, repository, digest)
         self._count(route, "miss" if started else "coalesced")
@@ -146,13 +162,21 @@ class Blobs:
                    repository: str, store_key: str) -> None:
         path = f"/v2/{repository}/blobs/{flight.digest}"
 
+        reserved = 0
+
         async def open_upstream(headers: dict[str, str]) -> aiohttp.ClientResponse:
-            return await upstream.request("GET", path, kind="blob", repository=repository,
+            nonlocal reserved
+            resp = await upstream.request("GET", path, kind="blob", repository=repository,
                                           headers=headers)
+            if not reserved and resp.content_length:  # make room before the bytes arrive
+                reserved = resp.content_length
+                self.space.reserve(reserved)
+            return resp
 
         async def commit(spool: Path) -> None:
             await self._commit(store_key, spool, flight.written)
             await self.index.set_blob((route.namespace, str(flight.digest)), flight.written)
+            await self.contents.add_blob(route.namespace, str(flight.digest), flight.written)
 
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
@@ -164,3 +188,5 @@ class Blobs:
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:
             gauge.dec()
+            self.space.release(reserved)
+            self.space.wake()

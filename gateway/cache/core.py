@@ -1,5 +1,6 @@
-"""The cache of one process: manifests and blobs over one store and one index, with the
-process's own spool directory. Opened and closed by the composition root.
+"""The cache of one process: manifests and blobs over one store, the hot-path index and
+the catalogue, the evictor that keeps the disk within its limits, and the process's
+own spool directory. Built and opened by the composition root.
 """
 
 from __future__ import annotations
@@ -7,10 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
+from ..config import Config
 from ..metrics import Metrics
 from .blobs import Blobs
+from .contents import Contents, Entry, Root
+from .evict import Evictor
 from .index import Index
+from .leases import Leases, Readers
 from .manifests import Manifests
 from .spool import ProcessDir
 from .store import BlobStore
@@ -19,21 +25,56 @@ log = logging.getLogger("gateway.cache")
 
 
 class Cache:
-    def __init__(self, store: BlobStore, index: Index, metrics: Metrics, spool: ProcessDir,
+    def __init__(self, config: Config, data_dir: Path, store: BlobStore, index: Index,
+                 contents: Contents, metrics: Metrics, spool: ProcessDir,
                  clock: Callable[[], float]) -> None:
+        self.config = config
         self.store = store
         self.index = index
+        self.contents = contents
         self.spool = spool
-        self.blobs = Blobs(store, index, metrics, lambda: spool.path)
-        self.manifests = Manifests(store, index, metrics, clock)
+        self.leases = Leases(clock, config.cache.lease)
+        self.readers = Readers()
+        self._routes = {route.namespace: route.name for route in config.routes}
+        self.evictor = Evictor(config, data_dir, contents, store, metrics, clock,
+                               self.protected)
+        self.blobs = Blobs(store, index, contents, self.evictor, self.readers, metrics,
+                           lambda: spool.path)
+        self.manifests = Manifests(store, index, contents, self.leases, metrics, clock)
+        self.evictor.on_evicted(self._forget)
+
+    def protected(self, root: Root) -> bool:
+        """Never evicted: a blob being read, a manifest within its lease (and all it
+        holds), a pinned image."""
+        for entry in root.frees:
+            if entry.kind == "blob" and self.readers.busy(entry.namespace, entry.digest):
+                return True
+            if entry.kind == "manifest" and self.leases.held(entry.namespace, entry.digest):
+                return True
+        route = self._routes.get(root.entry.namespace, root.entry.namespace)
+        return any(pin.matches(route, repository, [t for r, t in root.tags if r == repository],
+                               root.entry.digest)
+                   for pin in self.config.pins for repository in root.repositories)
+
+    async def _forget(self, entry: Entry) -> None:
+        if entry.kind == "manifest":
+            self.manifests.forget(entry.namespace, entry.digest)
+        else:
+            await self.index.forget_blob((entry.namespace, entry.digest))
 
     async def open(self) -> None:
-        """Take our spool directory; remove what dead processes left in theirs."""
+        """Take our spool directory (removing what dead processes left in theirs), open
+        the catalogue, start evicting."""
         swept = await asyncio.to_thread(self.spool.open)
         if swept:
             log.info("removed %d spool leftovers of stopped gateway processes", len(swept))
+        await self.contents.open()
+        self.evictor.start()
+        self.evictor.wake()  # the limits may have shrunk since the last run
 
     async def close(self) -> None:
+        await self.evictor.close()
         await self.blobs.flights.close()
         await self.manifests.calls.close()
+        await self.contents.close()
         await asyncio.to_thread(self.spool.close)

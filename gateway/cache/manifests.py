@@ -18,13 +18,15 @@ from cachetools import LRUCache
 from ..config import Route
 from ..errors import RegistryError, UpstreamError
 from ..metrics import Metrics
-from ..oci import MANIFEST_MAX, MANIFEST_TYPES, SCHEMA1_TYPES, manifest_accept
+from ..oci import MANIFEST_MAX, MANIFEST_TYPES, SCHEMA1_TYPES, manifest_accept, references
 from ..reference import Digest, Reference, parse_digest
 from ..singleflight import SharedCalls
 from ..upstream import Upstream
 from . import policy
+from .contents import Contents
 from .flight import IntegrityError
 from .index import Index, TagKey
+from .leases import Leases
 from .policy import TagEntry, View
 from .store import BlobStore, manifest_key, tag_key
 
@@ -45,10 +47,13 @@ class ManifestResult:
 
 
 class Manifests:
-    def __init__(self, store: BlobStore, index: Index, metrics: Metrics,
-                 clock: Callable[[], float], *, memory: int = 64 << 20) -> None:
+    def __init__(self, store: BlobStore, index: Index, contents: Contents, leases: Leases,
+                 metrics: Metrics, clock: Callable[[], float], *,
+                 memory: int = 64 << 20) -> None:
         self.store = store
         self.index = index
+        self.contents = contents
+        self.leases = leases
         self.metrics = metrics
         self._clock = clock
         self._memory: LRUCache[tuple[str, str], Manifest] = LRUCache(
@@ -70,10 +75,16 @@ class Manifests:
         self._memory[key] = manifest
         return manifest
 
-    async def _keep(self, route: Route, manifest: Manifest) -> None:
+    async def _keep(self, route: Route, repository: str, manifest: Manifest) -> None:
         data = manifest.media_type.encode() + b"\n" + manifest.body
         await self.store.put(manifest_key(route.namespace, parse_digest(manifest.digest)), data)
         self._memory[(route.namespace, manifest.digest)] = manifest
+        await self.contents.add_manifest(route.namespace, manifest.digest, len(data), repository,
+                                         references(json.loads(manifest.body)))
+
+    def forget(self, namespace: str, digest: str) -> None:
+        """An evicted manifest: the next request reads the store (and finds it gone)."""
+        self._memory.pop((namespace, digest), None)
 
     async def _tag(self, key: TagKey) -> TagEntry | None:
         entry = await self.index.tag(key)
@@ -87,6 +98,7 @@ class Manifests:
     async def _keep_tag(self, key: TagKey, entry: TagEntry) -> None:
         await self.index.set_tag(key, entry)
         await self.store.put(tag_key(*key), entry.encode())
+        await self.contents.add_tag(key[0], key[1], key[2], entry.digest)
 
     # ------------------------------------------------------------ upstream
 
@@ -154,6 +166,9 @@ class Manifests:
             result = await self._by_tag(upstream, route, repository, reference.tag, accept)
             kind = "tag"
         self.metrics.cache.labels(route.name, kind, result.cache.lower()).inc()
+        # Served: its blobs stay for the lease, and it counts as used now.
+        self.leases.grant(route.namespace, result.manifest.digest)
+        self.contents.touch(route.namespace, "manifest", result.manifest.digest)
         return result
 
     async def _shared(self, key: tuple[Any, ...],
@@ -174,7 +189,7 @@ class Manifests:
             manifest = await self._remember_missing(
                 route, repository, str(digest),
                 self._fetch(upstream, route, repository, str(digest), accept, digest))
-            await self._keep(route, manifest)
+            await self._keep(route, repository, manifest)
             return ManifestResult(manifest, "MISS")
 
         # Existence is per repository upstream, so the repository is part of the key.
@@ -224,7 +239,7 @@ class Manifests:
                 self.metrics.stale_served.labels(route.name).inc()
                 return ManifestResult(cached, "STALE")
             raise
-        await self._keep(route, manifest)
+        await self._keep(route, repository, manifest)
         if policy.usable(TagEntry(manifest.digest, manifest.media_type, 0), accept):
             await self._keep_tag(key, TagEntry(manifest.digest, manifest.media_type,
                                                self._clock()))

@@ -24,10 +24,11 @@ from gateway.cache import (
     FsStore,
     IntegrityError,
     ManifestResult,
+    MemoryContents,
     MemoryIndex,
     ProcessDir,
 )
-from gateway.config import Route
+from gateway.config import Config, Route
 from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.reference import Reference, parse_digest
@@ -98,7 +99,9 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         spool = ProcessDir(tmp_path / "data" / ".spool")
         if store is None:
             store = FsStore(tmp_path / "data", spool.path)
-        cache = Cache(store, MemoryIndex(clock), metrics, spool, clock)
+        config = Config(routes=(route,))
+        cache = Cache(config, tmp_path / "data", store, MemoryIndex(clock),
+                      MemoryContents(clock), metrics, spool, clock)
         await cache.open()
         caches.append(cache)
         return World(served, route, upstream, cache, store, metrics, clock)
