@@ -192,7 +192,9 @@ def add_warm(sub: Any) -> None:
         description="Pull images through a running gateway (its single flight and cache "
         "apply): each manifest, then the config and layers of the platforms asked for, "
         "streamed, verified and discarded. Without --platform, every platform of a "
-        "multi-platform image is warmed (attestation manifests are skipped).")
+        "multi-platform image is warmed (attestation manifests are skipped); an image that is "
+        "not multi-platform is warmed as it is. Exit status: 0 when every image was warmed, "
+        "1 when one failed, 2 when nothing could be tried.")
     warm_parser.add_argument("gateway", metavar="URL", help="the gateway's URL, e.g. "
                              "http://127.0.0.1:5000 or https://mirror.example.com")
     warm_parser.add_argument("images", nargs="*", metavar="IMAGE", help="nginx:1.27, "

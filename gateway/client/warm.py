@@ -23,7 +23,7 @@ from ..reference import parse_digest
 from ..wire import ROUTES_PATH
 from .imageref import ImageRef, Platform, parse_image
 from .source import info_from_listing
-from .target import ClientConfError, Target, check_target
+from .target import ClientConfError, Target, route_for_host
 from .warm_manifest import (
     ACCEPT,
     Descriptor,
@@ -74,6 +74,9 @@ def read_images(images: Sequence[str], files: Sequence[Path]) -> list[ImageRef]:
 def describe(exc: BaseException, timeout: float) -> str:
     if isinstance(exc, TimeoutError):
         return f"timed out (nothing for {timeout:g}s)"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (f"its TLS certificate does not verify ({exc.certificate_error}); give a "
+                "private CA with --ca (`registry-gateway doctor URL` tells more)")
     if isinstance(exc, aiohttp.ClientConnectorError):
         reason = "connection refused" if isinstance(exc.os_error, ConnectionRefusedError) \
             else exc.os_error.strerror or str(exc.os_error)
@@ -116,7 +119,9 @@ async def preflight(session: aiohttp.ClientSession, target: Target, seconds: flo
         raise ClientConfError(f"cannot reach the gateway at {base}: "
                               f"{describe(exc, seconds)}") from None
     if status in (301, 302, 307, 308):
-        raise ClientConfError(f"{base}/v2/ redirects to {location[:200]}: give that URL")
+        shown = location[:-len("/v2/")] if location.endswith("/v2/") else location
+        raise ClientConfError(f"{base}/v2/ redirects to {location[:200]}: give "
+                              f"{shown[:200]} instead")
     if status not in (200, 401):
         raise ClientConfError(f"{base}/v2/ answered {status}, not the registry API: is "
                               f"{base} the gateway?")
@@ -128,7 +133,12 @@ async def preflight(session: aiohttp.ClientSession, target: Target, seconds: flo
         info = info_from_listing(document, f"the gateway at {base}")
     except (aiohttp.ClientError, TimeoutError, ValueError, ClientConfError):
         return  # an older gateway, or a proxy passing /v2/ only: nothing to check against
-    check_target(target, info)
+    owner = route_for_host(target.host, info)
+    if owner is not None:
+        raise ClientConfError(
+            f"{target.host} is a host of the {owner} route: every request to it goes to "
+            f"{owner}, so /v2/<registry>/ cannot name another registry; give a URL whose "
+            "host no route claims (the gateway's address, or e.g. https://mirror.<domain>)")
 
 
 async def _read_manifest(response: aiohttp.ClientResponse) -> bytes:
@@ -194,8 +204,8 @@ class Warmer:
                             f"manifest (it has {', '.join(offered) or 'no platforms'})")
         outcome.platforms = [str(e.platform or "unknown") for e in selection.chosen]
         results = await asyncio.gather(
-            *(self._manifest(ref, e.digest, e.digest, outcome) for e in selection.chosen),
-            return_exceptions=True)
+            *(self._manifest(ref, e.digest, e.digest, outcome, e.size)
+              for e in selection.chosen), return_exceptions=True)
         images = []
         for entry, result in zip(selection.chosen, results, strict=True):
             if isinstance(result, BaseException):
@@ -211,9 +221,11 @@ class Warmer:
         return self._base + ref.path(kind, reference)
 
     async def _manifest(self, ref: ImageRef, reference: str, expected: str | None,
-                        outcome: ImageOutcome) -> tuple[str | None, bytes]:
+                        outcome: ImageOutcome, size: int | None = None
+                        ) -> tuple[str | None, bytes]:
         """(media type, bytes) of one manifest, its digest checked (against `expected`,
-        else the gateway's Docker-Content-Digest) and noted in `outcome`."""
+        else the gateway's Docker-Content-Digest), and its size if the index gave one;
+        noted in `outcome`."""
         what = "manifest" if reference == ref.reference else f"manifest {reference}"
         try:
             async with self._limit, self._session.get(
@@ -227,6 +239,8 @@ class Warmer:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise WarmError(f"{what}: {describe(exc, self._options.timeout)}") from None
         digest = _check_digest(what, body, expected or header_digest)
+        if size is not None and len(body) != size:
+            raise WarmError(f"{what}: {len(body)} bytes, the index says {size}")
         outcome.manifests.append((digest, cache))
         return media_type or None, body
 
@@ -276,10 +290,10 @@ async def _hash_body(chunks: AsyncIterator[bytes], hasher: hashlib._Hash, size: 
             if held >= HASH_CHUNK:
                 await asyncio.to_thread(hasher.update, b"".join(pending))
                 pending, held = [], 0
-    except aiohttp.ClientPayloadError as exc:
-        # The gateway ends a body abruptly when the upstream's bytes fail its verification.
-        raise WarmError(f"the transfer broke off after {received} of {size} bytes "
-                        f"({exc})") from None
+    except aiohttp.ClientPayloadError:
+        raise WarmError(f"the transfer broke off after {received} of {size} bytes (the "
+                        "gateway ends a body so when the upstream's bytes fail its "
+                        "verification; its log says why)") from None
     if pending:
         await asyncio.to_thread(hasher.update, b"".join(pending))
     return received

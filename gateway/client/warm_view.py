@@ -178,9 +178,10 @@ def summary_json(outcomes: Sequence[ImageOutcome], seconds: float) -> dict[str, 
 def summary_text(outcomes: Sequence[ImageOutcome], seconds: float) -> str:
     """A table: per image and in total, blobs, bytes, from cache, from upstream, time."""
     head = ("IMAGE", "PLATFORMS", "BLOBS", "BYTES", "FROM CACHE", "FROM UPSTREAM", "TIME")
-    rows = [(o.image, "FAILED" if o.failed else ",".join(o.platforms) or "-", str(o.blobs_done), human_bytes(o.bytes),
-             human_bytes(o.from_cache), human_bytes(o.from_upstream), f"{o.seconds:.1f}s")
-            for o in outcomes]
+    rows = [(o.image, "FAILED" if o.failed else ",".join(o.platforms) or "-",
+             str(o.blobs_done) if o.blobs_done == o.blobs else f"{o.blobs_done}/{o.blobs}",
+             human_bytes(o.bytes), human_bytes(o.from_cache),
+             human_bytes(o.from_upstream), f"{o.seconds:.1f}s") for o in outcomes]
     total = summary_json(outcomes, seconds)["total"]
     failed = f", {total['failed']} failed" if total["failed"] else ""
     rows.append((f"total ({len(outcomes)} image{'s' * (len(outcomes) != 1)}{failed})", "",

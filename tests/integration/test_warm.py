@@ -12,15 +12,18 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 
 from gateway.client.warm_view import human_bytes
 from tests.support.gateway import REPOSITORY_ROOT, Gateway
 from tests.support.images import Image, make_image, make_index
 from tests.support.pulls import fetch, wait_cached
+from tests.support.tls_gateway import install_acme_sh_layout, run_tls_gateway
 from tests.support.upstreams import Upstream, unique_repository
 
 pytestmark = pytest.mark.integration
@@ -149,7 +152,7 @@ async def test_summary_counts_the_bytes_from_upstream_then_from_cache(
 
 async def test_file_with_a_missing_image_warms_the_others_and_fails(
     start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway],
-    http: aiohttp.ClientSession, tmp_path: Any,
+    http: aiohttp.ClientSession, tmp_path: Path,
 ) -> None:
     hub, ghcr = start_upstream("docker.io"), start_upstream("ghcr.io")
     gateway = start_gateway(_routes(hub, ghcr))
@@ -179,3 +182,28 @@ async def test_file_with_a_missing_image_warms_the_others_and_fails(
         await wait_cached(http, gateway.url(), "ghcr.io/org/app", image)
     assert hub.proxy.blob_bytes("library/nginx") == _size(nginx)
     assert ghcr.proxy.blob_bytes("org/app") == _size(*app.images)
+
+
+async def test_warm_over_https_with_the_gateways_private_ca(
+    start_upstream: Callable[..., Upstream], tmp_path: Path,
+) -> None:
+    ca = trustme.CA()
+    install_acme_sh_layout(tmp_path / "certs", ca.issue_cert("127.0.0.1"), "127.0.0.1")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    upstream = start_upstream("ghcr.io")
+    index = upstream.push_index("org/app", make_index())
+    with run_tls_gateway(tmp_path / "gateway", _routes(upstream), tmp_path / "certs",
+                         tmp_path / "ca.pem", server_name="127.0.0.1") as tls:
+        url = f"https://127.0.0.1:{tls.tls_port}"
+
+        untrusted = await run_warm(url, "ghcr.io/org/app")
+        plain = await run_warm(tls.gateway.url(), "ghcr.io/org/app")  # redirects to HTTPS
+        trusted = await run_warm(url, "ghcr.io/org/app", "--ca", str(tmp_path / "ca.pem"),
+                                 "--platform", "linux/amd64", "--json")
+
+    assert untrusted.returncode == 2, untrusted.describe()
+    assert "TLS certificate does not verify" in untrusted.stderr
+    assert "--ca" in untrusted.stderr
+    assert plain.returncode == 2 and f"give {url} instead" in plain.stderr, plain.describe()
+    assert trusted.returncode == 0, trusted.describe()
+    assert trusted.summary()["total"]["bytes"] == _size(index.image_for("amd64"))
