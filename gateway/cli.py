@@ -1,4 +1,4 @@
-"""The command line: `serve` and `check`; `client` and `doctor` (gateway/client/).
+"""The command line: `serve` and `check`; `client`, `doctor` and `warm` (gateway/client/).
 
 Parses arguments and hands them over: the server side is built and run by
 server.py, the client-machine tools by gateway/client/.
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
     client_commands.add_commands(sub)
     client_commands.add_doctor(sub)
+    client_commands.add_warm(sub)
     return parser
 
 
@@ -76,7 +77,7 @@ def _describe(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("client", "doctor"):  # client machines: no routes.yaml
+    if args.command in ("client", "doctor", "warm"):  # client machines: no routes.yaml
         return int(args.run(args, os.environ))
     try:
         config = load_config_file(args.routes)

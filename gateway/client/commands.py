@@ -1,12 +1,15 @@
-"""The command line of the client-machine tools: `client docker|containerd|podman|k8s` and
-`doctor` added to the CLI's subparsers, and what each runs. Turns ClientConfError into a
-message and an exit status; the work is in the modules it calls."""
+"""The command line of the client-machine tools: `client docker|containerd|podman|k8s`,
+`doctor` and `warm` added to the CLI's subparsers, and what each runs. Turns
+ClientConfError into a message and an exit status; the work is in the modules it calls."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shutil
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
@@ -14,11 +17,14 @@ from typing import Any, TextIO
 from .containerd import containerd_plan
 from .docker import docker_plan
 from .doctor import Doctor
+from .imageref import parse_platforms
 from .k8s import k8s_text
 from .plan import Plan, apply, read_text
 from .podman import podman_plan
-from .source import gateway_info, read_ca
+from .source import gateway_info, read_ca, tls_context
 from .target import ClientConfError, GatewayInfo, Target, parse_target, probe_urls
+from .warm import PARALLEL, WarmOptions, read_images, warm
+from .warm_view import Display, summary_json, summary_text
 
 
 def _plan(args: argparse.Namespace, info: GatewayInfo, target: Target,
@@ -135,3 +141,76 @@ def add_doctor(sub: Any) -> None:
     doctor.add_argument("--daemon-json", type=Path, default=Path("/etc/docker/daemon.json"))
     doctor.add_argument("--docker-certs-dir", type=Path, default=Path("/etc/docker/certs.d"))
     doctor.set_defaults(run=_run_doctor)
+
+
+def _run_warm(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    try:
+        target = parse_target(args.gateway)
+        if target.base_domain:
+            raise ClientConfError(f"{args.gateway!r}: give the gateway's URL (http://HOST:PORT "
+                                  "or https://HOST); warm reaches every registry through "
+                                  "/v2/<registry>/ on it")
+        read_ca(args.ca)
+        refs = read_images(args.images, args.file or ())
+        platforms = parse_platforms(",".join(args.platform)) if args.platform else None
+        if args.parallel < 1:
+            raise ClientConfError("--parallel: at least 1")
+        # Built before the loop starts: loading a CA file is blocking I/O.
+        context = tls_context(args.ca) if target.scheme == "https" else None
+    except ClientConfError as exc:
+        print(f"registry-gateway warm: {exc}", file=sys.stderr)
+        return 2
+    progress = sys.stderr if args.json else sys.stdout  # --json: stdout is the document
+    display = Display(progress, tty=progress.isatty(),
+                      width=shutil.get_terminal_size().columns)
+    options = WarmOptions(platforms, args.parallel, args.timeout)
+    started = time.monotonic()
+    try:
+        outcomes = asyncio.run(warm(target, refs, options, display, context))
+    except ClientConfError as exc:
+        print(f"registry-gateway warm: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("registry-gateway warm: interrupted", file=sys.stderr)
+        return 130
+    seconds = time.monotonic() - started
+    if args.json:
+        print(json.dumps(summary_json(outcomes, seconds), indent=2))
+    else:
+        print("\n" + summary_text(outcomes, seconds), end="")
+    failed = [o for o in outcomes if o.failed]
+    if failed:
+        print(f"registry-gateway warm: {len(failed)} of {len(outcomes)} images failed:\n"
+              + "".join(f"  {o.image}: {o.error}\n" for o in failed), end="", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def add_warm(sub: Any) -> None:
+    """`warm` on the CLI's subparsers."""
+    warm_parser = sub.add_parser(
+        "warm", help="pull images through a running gateway so that it caches them",
+        description="Pull images through a running gateway (its single flight and cache "
+        "apply): each manifest, then the config and layers of the platforms asked for, "
+        "streamed, verified and discarded. Without --platform, every platform of a "
+        "multi-platform image is warmed (attestation manifests are skipped); an image that is "
+        "not multi-platform is warmed as it is. Exit status: 0 when every image was warmed, "
+        "1 when one failed, 2 when nothing could be tried.")
+    warm_parser.add_argument("gateway", metavar="URL", help="the gateway's URL, e.g. "
+                             "http://127.0.0.1:5000 or https://mirror.example.com")
+    warm_parser.add_argument("images", nargs="*", metavar="IMAGE", help="nginx:1.27, "
+                             "ghcr.io/org/app@sha256:..., registry.k8s.io/pause:3.9")
+    warm_parser.add_argument("--file", type=Path, action="append", metavar="LIST",
+                             help="read images from this file (- for stdin), one per line; "
+                             "blank lines and # comments are ignored; repeatable")
+    warm_parser.add_argument("--platform", action="append", metavar="OS/ARCH[/VARIANT]",
+                             help="only these platforms, comma-separated or repeated, e.g. "
+                             "linux/amd64,linux/arm64 (default: every platform of an index)")
+    warm_parser.add_argument("--ca", type=Path, help="the gateway's private CA, if it uses one")
+    warm_parser.add_argument("--parallel", type=int, default=PARALLEL, metavar="N",
+                             help=f"blobs fetched at once (default {PARALLEL}, like dockerd)")
+    warm_parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                             help="fail a transfer that connects or sends nothing for this "
+                             "long (default 60)")
+    warm_parser.add_argument("--json", action="store_true", help="print the summary as "
+                             "JSON on stdout (progress goes to stderr)")
+    warm_parser.set_defaults(run=_run_warm)

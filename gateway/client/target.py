@@ -139,7 +139,7 @@ def check_target(target: Target, info: GatewayInfo) -> None:
                 f"{target.host}: give one of those base domains, or add {target.host} to "
                 "base_domains in the gateway's routes.yaml")
         return
-    owner = _route_for_host(target.host, info)
+    owner = route_for_host(target.host, info)
     if owner is not None:
         raise ClientConfError(
             f"{target.host} is a host of the {owner} route, so every request to it goes to "
@@ -147,7 +147,8 @@ def check_target(target: Target, info: GatewayInfo) -> None:
             "a URL whose host no route claims (e.g. https://mirror.<your domain>)")
 
 
-def _route_for_host(host: str, info: GatewayInfo) -> str | None:
+def route_for_host(host: str, info: GatewayInfo) -> str | None:
+    """The route whose exact host or <label>.<base domain> `host` is, if any."""
     for route in info.routes:
         if host in route.hosts:
             return route.name

@@ -43,7 +43,7 @@ MAP: dict[str, set[str]] = {
                        "gateway.net"},
     "gateway.reference": {"gateway.errors"},
     "gateway.client": {"gateway.wire", "gateway.presets", "gateway.reference",
-                       "gateway.errors", "gateway"},
+                       "gateway.errors", "gateway.oci", "gateway"},
     **{leaf: set() for leaf in LEAVES},
 }
 MAX_MODULE_LINES = 400
