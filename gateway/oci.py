@@ -72,3 +72,27 @@ def references(document: object) -> list[tuple[Literal["blob", "manifest"], str]
             found += [(kind, item["digest"]) for item in items
                       if isinstance(item, dict) and isinstance(item.get("digest"), str)]
     return found
+
+
+def index_entries(document: object, platforms: tuple[str, ...]) -> list[str]:
+    """The digests of an index's manifests for `platforms` (os/arch[/variant]; an entry
+    without the variant asked for matches only when none was asked); () takes every one."""
+    if not isinstance(document, dict) or not isinstance(document.get("manifests"), list):
+        return []
+    chosen = []
+    for item in document["manifests"]:
+        if not isinstance(item, dict) or not isinstance(item.get("digest"), str):
+            continue
+        found = item.get("platform")
+        platform: dict[str, object] = found if isinstance(found, dict) else {}
+        have = (str(platform.get("os", "")), str(platform.get("architecture", "")),
+                str(platform.get("variant", "")))
+        if not platforms or any(_platform_matches(want, have) for want in platforms):
+            chosen.append(item["digest"])
+    return chosen
+
+
+def _platform_matches(wanted: str, have: tuple[str, str, str]) -> bool:
+    os_, _, rest = wanted.partition("/")
+    architecture, _, variant = rest.partition("/")
+    return (os_, architecture) == have[:2] and (not variant or variant == have[2])

@@ -158,6 +158,14 @@ class BlobFlight:
 
     # ----------------------------------------------------------- readers
 
+    async def finished(self) -> bool:
+        """Wait for the end of the transfer: True if every byte arrived verified."""
+        while True:
+            progress = self._progress
+            if self.done or self.error is not None:
+                return self.done
+            await progress.wait()
+
     async def wait_headers(self) -> None:
         """Wait until the upstream answered (size known) or raise its error."""
         await asyncio.shield(self._headers)
