@@ -5,15 +5,18 @@ This module only re-exports; each concern has its own module (see ARCHITECTURE.m
 
 from .blobs import Blobs, CachedBlob, OpenBlob
 from .core import Cache
+from .diskfull import DiskFull, MakeRoom, NoSpace
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
 from .fs import FsStore
 from .index import Index, MemoryIndex
 from .manifests import Manifest, ManifestResult, Manifests
+from .relay import Relay
 from .spool import ProcessDir
 from .store import BlobStore, LocalFiles, Redirecting, Upload
 
 __all__ = [
-    "BlobFlight", "BlobStore", "Blobs", "Cache", "CachedBlob", "FetchAborted", "FsStore",
-    "Index", "IntegrityError", "LocalFiles", "Manifest", "ManifestResult", "Manifests",
-    "MemoryIndex", "OpenBlob", "ProcessDir", "Redirecting", "Upload", "read_span",
+    "BlobFlight", "BlobStore", "Blobs", "Cache", "CachedBlob", "DiskFull", "FetchAborted",
+    "FsStore", "Index", "IntegrityError", "LocalFiles", "MakeRoom", "Manifest",
+    "ManifestResult", "Manifests", "MemoryIndex", "NoSpace", "OpenBlob", "ProcessDir",
+    "Redirecting", "Relay", "Upload", "read_span",
 ]

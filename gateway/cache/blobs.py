@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +22,10 @@ from ..metrics import Metrics
 from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
+from .diskfull import DiskFull
 from .flight import BlobFlight, IntegrityError, read_span
 from .index import BlobKey, Index
+from .relay import Relay
 from .store import BlobStore, LocalFiles, blob_key
 
 
@@ -49,13 +52,14 @@ def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
 
 class Blobs:
     def __init__(self, store: BlobStore, index: Index, metrics: Metrics,
-                 scratch: Callable[[], Path]) -> None:
+                 scratch: Callable[[], Path], *, disk: DiskFull | None = None) -> None:
         self.store = store
         self.index = index
         self.metrics = metrics
         self._scratch = scratch  # the process's spool directory
         self._local = store if isinstance(store, LocalFiles) else None
         self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
+        self.disk = disk if disk is not None else DiskFull(metrics, time.time)
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache.labels(route.name, "blob", result).inc()
@@ -85,9 +89,9 @@ class Blobs:
         return size
 
     async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest
-                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool]:
-        """For a GET: the committed blob, or its in-flight fetch (True: started here).
-        Counts the outcome once."""
+                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
+        """For a GET: the committed blob, or its in-flight fetch (True: started here), or
+        while the disk is full a relay from the upstream. Counts the outcome once."""
         key = (route.namespace, str(digest))
         found = await self._open(route, digest)
         if found is None and await self.index.blob_size(key) is not None:
@@ -103,6 +107,9 @@ class Blobs:
             else:
                 await self.index.touch(key)
             return found
+        if self.disk.relaying() and self.inflight(route, digest) is None:
+            self._count(route, "miss")  # a spool would fail again: relay, keep nothing
+            return self.disk.relay(upstream, route.name, repository, digest)
         flight, started = self.fetch(upstream, route, repository, digest)
         self._count(route, "miss" if started else "coalesced")
         return flight, started
@@ -119,8 +126,8 @@ class Blobs:
             store_key = blob_key(route.namespace, digest)
             spool = self._scratch() / f"{digest.hex}.{secrets.token_hex(4)}"
             final = self._local.local_path(store_key) if self._local is not None else None
-            flight = BlobFlight(digest, spool, final,
-                                orphan_limit=route.cache.orphan_fetch_limit)
+            flight = BlobFlight(digest, spool, final, orphan_limit=route.cache.orphan_fetch_limit,
+                                disk=self.disk, route=route.name)
             return flight, self._run(flight, upstream, route, repository, store_key)
 
         return self.flights.join(key, start)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from ..metrics import Metrics
 from .blobs import Blobs
+from .diskfull import DiskFull
 from .index import Index
 from .manifests import Manifests
 from .spool import ProcessDir
@@ -24,8 +25,10 @@ class Cache:
         self.store = store
         self.index = index
         self.spool = spool
-        self.blobs = Blobs(store, index, metrics, lambda: spool.path)
-        self.manifests = Manifests(store, index, metrics, clock)
+        # The evictor plugs in here: `cache.disk.make_room = evictor.make_room`.
+        self.disk = DiskFull(metrics, clock)
+        self.blobs = Blobs(store, index, metrics, lambda: spool.path, disk=self.disk)
+        self.manifests = Manifests(store, index, metrics, clock, disk=self.disk)
 
     async def open(self) -> None:
         """Take our spool directory; remove what dead processes left in theirs."""
