@@ -41,8 +41,8 @@ class NoSpace(RegistryError):
 
     def __init__(self, cause: OSError, doing: str) -> None:
         name = errno.errorcode.get(cause.errno or 0, "ENOSPC")
-        super().__init__("UNAVAILABLE", f"the gateway's disk is full ({name}) {doing}", 503)
-        self.errno_name = name
+        super().__init__("UNAVAILABLE", f"the gateway's disk is full ({name}) while {doing}",
+                         503)
         self.cause = cause
 
 
@@ -92,6 +92,7 @@ class DiskFull:
         """A relay of one blob for one client (see Relay), counted; its upstream bytes and
         integrity failures count for `route`."""
         self.metrics.disk_full_relays.labels(route).inc()
+
         def integrity_failed() -> None:
             self.metrics.integrity_failures.labels(route, "blob").inc()
 
@@ -102,24 +103,16 @@ class DiskFull:
 
     # ---------------------------------------------------------- events
 
-    async def retry(self, op: Callable[[], Awaitable[T]], *, needed: int, route: str,
-                    doing: str, giving_up: str, again: Callable[[], Awaitable[T]] | None = None
-                    ) -> T:
-        """For spooling a blob: `op()`; if it fails for want of space, ask
-        `make_room(needed)` and, if room was made, try once more (with `again()` if given).
-        If it still fails: count and log the event (`giving_up` says what happens
-        instead), relay new blob GETs for a while, and raise NoSpace. Any other error
-        passes through."""
-        try:
-            return await op()
-        except OSError as exc:
-            if not is_no_space(exc):
-                raise
-            first = exc
+    async def recover(self, first: OSError, again: Callable[[], Awaitable[T]], *,
+                      needed: int, route: str, doing: str, giving_up: str) -> T:
+        """After a write for a blob's spool failed with `first` (ENOSPC or EDQUOT): ask
+        `make_room(needed)` and, if room was made, return `again()`. If there is still no
+        room: count and log the event (`giving_up` says what happens instead), relay new
+        blob GETs for a while, and raise NoSpace. Any other error passes through."""
         made = await self._ask(needed)
         if made:
             try:
-                result = await (again or op)()
+                result = await again()
             except OSError as exc:
                 if not is_no_space(exc):
                     raise
@@ -144,7 +137,7 @@ class DiskFull:
         """Count one disk-full event and log its one line."""
         self.metrics.disk_full.labels(route, what).inc()
         name = errno.errorcode.get(exc.errno or 0, "ENOSPC")
-        log.warning("disk full (%s: %s) %s, route %s: %s", name, exc.strerror, doing, route,
+        log.warning("disk full (%s: %s) while %s, route %s: %s", name, exc.strerror, doing, route,
                     outcome)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..reference import Digest
-from .diskfull import DiskFull, NoSpace
+from .diskfull import DiskFull, NoSpace, is_no_space
 from .relay import Relay
 from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
 
@@ -65,7 +65,7 @@ class BlobFlight:
             fd = await self._with_room(
                 lambda: asyncio.to_thread(os.open, self.spool,
                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
-                CHUNK, f"creating the spool file of blob {self.digest}")
+                CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
             await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume)
             self._verify(hasher)
@@ -76,7 +76,7 @@ class BlobFlight:
             self._notify()
             await self._make_durable(fd)
             await self._with_room(lambda: commit(self.spool), CHUNK,
-                                  f"moving blob {self.digest} into the store")
+                                  lambda: f"moving blob {self.digest} into the store")
         except BaseException as exc:  # including CancelledError: readers must be released
             if isinstance(exc, NoSpace):
                 self.lost = exc
@@ -94,17 +94,23 @@ class BlobFlight:
                 os.close(fd)
             self._notify()
 
-    async def _with_room(self, op: Callable[[], Awaitable[T]], needed: int, doing: str,
+    async def _with_room(self, op: Callable[[], Awaitable[T]], needed: int,
+                         doing: Callable[[], str],
                          again: Callable[[], Awaitable[T]] | None = None) -> T:
-        """`op()`, retried once (by `again()` if given) after the evictor made room if it
-        failed for want of space; NoSpace if it still fails (counted and logged once)."""
+        """`op()`; if it fails for want of space, once more (by `again()` if given) after
+        the evictor made room; NoSpace if there is none (counted and logged once)."""
+        try:
+            return await op()
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            first = exc
         if self.done:
             giving_up = "the blob was served whole but is not kept"
         else:
-            giving_up = (f"not kept; its {self.readers} reader(s) get the rest from the "
-                         "upstream")
-        return await self._disk.retry(
-            op, again=again, needed=needed, route=self._route, doing=doing,
+            giving_up = "not kept; its readers get the rest from the upstream"
+        return await self._disk.recover(
+            first, again or op, needed=needed, route=self._route, doing=doing(),
             giving_up=f"{giving_up}; new GETs of uncached blobs are relayed from the "
                       f"upstream for {self._disk.relay_seconds:g} s")
 
@@ -139,7 +145,7 @@ class BlobFlight:
         await self._with_room(
             lambda: asyncio.to_thread(_write_and_hash, fd, hasher, data, offset),
             (self.size - offset) if self.size is not None else len(data),
-            f"spooling blob {self.digest} (at byte {offset} of {self.size or '?'})")
+            lambda: f"spooling blob {self.digest} (at byte {offset} of {self.size or '?'})")
 
     async def _make_durable(self, fd: int) -> None:
         # Linux may mark the pages of a failed writeback clean, so a second fsync of the
@@ -150,7 +156,7 @@ class BlobFlight:
             await asyncio.to_thread(old.unlink, True)
 
         await self._with_room(lambda: asyncio.to_thread(os.fsync, fd), self.written,
-                              f"making blob {self.digest} durable (fsync)", again=copy)
+                              lambda: f"making blob {self.digest} durable (fsync)", again=copy)
 
     def _copy_spool(self) -> Path:
         """A durable copy of the verified spool next to it (blocking: runs in a thread)."""
