@@ -233,9 +233,13 @@ class BlobFlight:
             pos = start
             while end is None or pos < end:
                 if self.lost is not None and (fd < 0 or not self.done):
-                    async with contextlib.aclosing(self.relay(fd).stream(pos, end)) as rest:
-                        async for data in rest:
-                            yield data
+                    relay, fd = self.relay(fd), -1  # the relay closes the spool's fd
+                    try:
+                        async with contextlib.aclosing(relay.stream(pos, end)) as rest:
+                            async for data in rest:
+                                yield data
+                    finally:
+                        relay.close()
                     return
                 if self.error is not None:
                     raise FetchAborted(str(self.error))
@@ -258,7 +262,8 @@ class BlobFlight:
     def relay(self, fd: int = -1) -> Relay:
         """This blob from the upstream for a reader the disk left without a spool to
         follow: the bytes spooled so far through `fd` (the reader's descriptor of the
-        unlinked spool, if it has one), the rest by a ranged GET; all of it hashed."""
+        unlinked spool, if it has one; the relay closes it), the rest by a ranged GET;
+        all of it hashed."""
         assert self._open_upstream is not None, "run() first"
         return self._disk.relay_for(self._route, self.digest, self._open_upstream,
                                     size=self.size, prefix_fd=fd,

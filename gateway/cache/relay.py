@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 from collections.abc import AsyncGenerator, Callable
 
 from ..errors import RegistryError
@@ -24,7 +25,9 @@ class Relay:
     The first `prefix_len` bytes are read from `prefix_fd` (the spool of a flight that ran
     out of space: still readable through an open descriptor after it was unlinked), the
     rest from one upstream GET, ranged from `prefix_len`. Every byte of the blob is
-    hashed, also the ones outside the range a client asked for.
+    hashed, also the ones outside the range a client asked for. The relay owns
+    `prefix_fd` and closes it once the prefix is read: the unlinked spool's blocks are
+    freed then, not when the (slower) rest has arrived.
     """
 
     def __init__(self, digest: Digest, open_upstream: Opener, *, size: int | None = None,
@@ -50,7 +53,13 @@ class Relay:
                                  f"{self.size}")
 
     def close(self) -> None:
+        self._close_prefix()
         self._body.close()
+
+    def _close_prefix(self) -> None:
+        fd, self._prefix = self._prefix[0], (-1, self._prefix[1])
+        if fd >= 0:
+            os.close(fd)
 
     async def stream(self, start: int = 0, end: int | None = None
                      ) -> AsyncGenerator[bytes, None]:
@@ -103,6 +112,7 @@ class Relay:
             async with contextlib.aclosing(read_span(fd, 0, length)) as prefix:
                 async for data in prefix:
                     yield data
+        self._close_prefix()
         async with contextlib.aclosing(self._body.chunks()) as rest:
             async for data in rest:
                 yield data

@@ -145,10 +145,21 @@ class World:
 
         self.cache.disk.make_room = hook
 
-    def kept(self, digest: str) -> bool:
+    def blob_file(self, digest: str) -> Path:
         algorithm, hex_digest = digest.split(":")
-        return (self.store.root / self.route.namespace / "blobs" / algorithm / hex_digest[:2]
-                / hex_digest).exists()
+        return self.store.root / self.route.namespace / "blobs" / algorithm / \
+            hex_digest[:2] / hex_digest
+
+    def kept(self, digest: str) -> bool:
+        return self.blob_file(digest).exists()
+
+    async def pull(self, digest: str) -> tuple[BlobFlight, bytes]:
+        """Start (or join) the blob's fetch, read it whole, wait for the fetch to end."""
+        flight, _ = self.flight(digest)
+        got = bytearray()
+        await follow(flight, got)
+        await self.settled(digest)
+        return flight, bytes(got)
 
     def spool_files(self) -> list[Path]:
         return [p for p in self.cache.spool.path.iterdir() if p.name != ".owner"]
@@ -404,11 +415,8 @@ async def test_room_made_by_the_evictor_lets_the_spool_go_on_and_keep_the_blob(
     w.make_room(None)
     data = os.urandom(4 * MiB)
     digest = w.fake.add_blob(data)
-    flight, _ = w.flight(digest)
-    got = bytearray()
-    await follow(flight, got)
-    await w.settled(digest)
-    assert bytes(got) == data and w.kept(digest)
+    flight, got = await w.pull(digest)
+    assert got == data and w.kept(digest)
     assert flight.lost is None and flight.error is None
     # Asked once, for what was left to spool at the write that failed (within the
     # first MiB and a bit: the first read goes out before a whole chunk is gathered).
@@ -432,11 +440,8 @@ async def test_when_no_room_can_be_made_the_readers_still_get_every_byte(
         w.cache.disk.make_room = broken
     data = os.urandom(3 * MiB)
     digest = w.fake.add_blob(data)
-    flight, _ = w.flight(digest)
-    got = bytearray()
-    await follow(flight, got)
-    await w.settled(digest)
-    assert bytes(got) == data
+    flight, got = await w.pull(digest)
+    assert got == data
     assert isinstance(flight.lost, NoSpace) and not w.kept(digest) and w.spool_files() == []
     assert len(w.asked) <= 1
 
@@ -448,14 +453,10 @@ async def test_a_failed_fsync_is_retried_on_a_fresh_copy_not_the_same_file(
     w.make_room(None)
     data = os.urandom(3 * MiB)
     digest = w.fake.add_blob(data)
-    got = bytearray()
-    flight, _ = w.flight(digest)
-    await follow(flight, got)
-    await w.settled(digest)
-    assert bytes(got) == data
+    _, got = await w.pull(digest)
+    assert got == data
     assert w.kept(digest) and w.spool_files() == []
-    algorithm, hex_digest = digest.split(":")
-    kept = w.store.root / w.route.namespace / "blobs" / algorithm / hex_digest[:2] / hex_digest
+    kept = w.blob_file(digest)
     assert digest_of(kept.read_bytes()) == digest
     assert w.asked == [len(data)]
     (failed, ok_failed), (durable, ok) = w.disk.fsynced
@@ -469,11 +470,8 @@ async def test_no_room_to_make_a_verified_blob_durable_loses_only_the_cache_copy
     w.disk.fsync_fails = 1
     data = os.urandom(3 * MiB)
     digest = w.fake.add_blob(data)
-    flight, _ = w.flight(digest)
-    got = bytearray()
-    await follow(flight, got)
-    await w.settled(digest)
-    assert bytes(got) == data
+    flight, got = await w.pull(digest)
+    assert got == data
     assert flight.done and flight.error is None and isinstance(flight.lost, NoSpace)
     assert not w.kept(digest) and w.spool_files() == []
     assert w.cache.disk.relaying()
@@ -491,10 +489,8 @@ async def test_a_rename_into_a_full_store(world: MakeWorld, room: bool) -> None:
         w.make_room(None)
     data = os.urandom(2 * MiB)
     digest = w.fake.add_blob(data)
-    got = bytearray()
-    await follow(w.flight(digest)[0], got)
-    await w.settled(digest)
-    assert bytes(got) == data
+    _, got = await w.pull(digest)
+    assert got == data
     assert w.kept(digest) is room
     assert w.spool_files() == []
 
