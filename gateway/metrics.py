@@ -51,6 +51,13 @@ class Metrics:
         self.stale_served = Counter(
             "gateway_stale_served", "Tags answered from cache because the upstream failed",
             ["route"], registry=r)
+        self.disk_full = Counter(
+            "gateway_disk_full", "Writes that failed because the disk or quota was full "
+            "(ENOSPC, EDQUOT), by route and what was being written (blob, manifest, tag)",
+            ["route", "what"], registry=r)
+        self.disk_full_relays = Counter(
+            "gateway_disk_full_relays", "Blob GETs answered straight from the upstream, "
+            "verified and not kept, because the disk was full", ["route"], registry=r)
         self.inflight = Gauge(
             "gateway_inflight_fetches", "Upstream blob fetches in progress", ["route"], registry=r)
         self._add_disk_collectors(r)

@@ -1,5 +1,6 @@
 """Blob GET and HEAD: send a committed blob (sendfile on plain HTTP, 1 MiB reads under
-TLS, or the store's stream), or follow its in-flight fetch; one byte range at most.
+TLS, or the store's stream), follow its in-flight fetch, or (disk full) relay it from the
+upstream; one byte range at most.
 
 Never lets a client see a clean end of a body that failed verification.
 """
@@ -15,7 +16,16 @@ from typing import IO
 from aiohttp import web
 from multidict import CIMultiDict
 
-from ..cache import BlobFlight, Cache, CachedBlob, FetchAborted, OpenBlob, read_span
+from ..cache import (
+    BlobFlight,
+    Cache,
+    CachedBlob,
+    FetchAborted,
+    NoSpace,
+    OpenBlob,
+    Relay,
+    read_span,
+)
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, RegistryRequest
@@ -125,9 +135,19 @@ async def _send_stored(request: web.Request, reg: RegistryRequest, cache: Cache,
     return resp
 
 
+def _abort(request: web.Request) -> BaseException:
+    """Cut the client's connection: a body that failed must never end cleanly."""
+    if request.transport is not None:
+        request.transport.abort()
+    return asyncio.CancelledError()
+
+
 async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight,
                   status: str) -> web.StreamResponse:
-    await flight.wait_headers()  # the upstream's error, if any, is the client's answer
+    try:
+        await flight.wait_headers()  # the upstream's error, if any, is the client's answer
+    except NoSpace:  # the spool could not even be created: nothing to follow
+        return await _relay(request, reg, flight.relay(), status)
     span = byte_range(request, flight.size)
     resp = await _start(request, reg, status, flight.size, span)
     start, end = span if span is not None else (0, None)
@@ -139,7 +159,12 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
     try:
         # aclosing: a client that goes away must release its reader at once.
         async with contextlib.aclosing(flight.spans(start, end)) as spans:
-            async for fd, offset, count in spans:
+            async for stretch in spans:
+                if isinstance(stretch, bytes):  # the disk filled up: relayed from upstream
+                    await resp.write(stretch)
+                    state.body_bytes = (state.body_bytes or 0) + len(stretch)
+                    continue
+                fd, offset, count = stretch
                 if plain:
                     with os.fdopen(fd, "rb", closefd=False) as file:
                         await _sendfile(request, file, offset, count)
@@ -149,16 +174,38 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
                             await resp.write(chunk)
                 state.body_bytes = (state.body_bytes or 0) + count
     except FetchAborted:
-        if request.transport is not None:
-            request.transport.abort()
-        raise asyncio.CancelledError from None
+        raise _abort(request) from None
     await resp.write_eof()
     return resp
+
+
+async def _relay(request: web.Request, reg: RegistryRequest, relay: Relay,
+                 status: str) -> web.StreamResponse:
+    """A blob straight from the upstream (the disk is full): verified, kept nowhere."""
+    try:
+        await relay.open()  # the upstream's error, if any, is the client's answer
+        span = byte_range(request, relay.size)
+        resp = await _start(request, reg, status, relay.size, span)
+        start, end = span if span is not None else (0, None)
+        state = request[STATE]
+        try:
+            async with contextlib.aclosing(relay.stream(start, end)) as chunks:
+                async for chunk in chunks:
+                    await resp.write(chunk)
+                    state.body_bytes = (state.body_bytes or 0) + len(chunk)
+        except FetchAborted:
+            raise _abort(request) from None
+        await resp.write_eof()
+        return resp
+    finally:
+        relay.close()
 
 
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
     found = await cache.blobs.get(upstream, reg.route, reg.repository, reg.digest)
+    if isinstance(found, Relay):
+        return await _relay(request, reg, found, "MISS")
     if not isinstance(found, tuple):
         # Being read: eviction leaves it alone until the client has it.
         with cache.readers.reading(reg.route.namespace, str(reg.digest)):

@@ -7,10 +7,12 @@ from .blobs import Blobs, CachedBlob, OpenBlob
 from .contents import Contents, Entry, Root, Usage
 from .contents_memory import MemoryContents
 from .core import Cache
+from .diskfull import DiskFull, MakeRoom, NoSpace
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
 from .fs import FsStore
 from .index import Index, MemoryIndex
 from .manifests import Manifest, ManifestResult, Manifests
+from .relay import Relay
 from .spool import ProcessDir
 from .store import BlobStore, LocalFiles, Redirecting, Upload
 
@@ -21,20 +23,24 @@ __all__ = [
     "Cache",
     "CachedBlob",
     "Contents",
+    "DiskFull",
     "Entry",
     "FetchAborted",
     "FsStore",
     "Index",
     "IntegrityError",
     "LocalFiles",
+    "MakeRoom",
     "Manifest",
     "ManifestResult",
     "Manifests",
     "MemoryContents",
     "MemoryIndex",
+    "NoSpace",
     "OpenBlob",
     "ProcessDir",
     "Redirecting",
+    "Relay",
     "Root",
     "Upload",
     "Usage",

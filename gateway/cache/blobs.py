@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,11 @@ from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
 from .contents import Contents
+from .diskfull import DiskFull
 from .flight import BlobFlight, IntegrityError, read_span
 from .index import BlobKey, Index
 from .leases import Readers
+from .relay import Relay
 from .store import BlobStore, LocalFiles, blob_key
 
 
@@ -61,7 +64,8 @@ class Space(Protocol):
 
 class Blobs:
     def __init__(self, store: BlobStore, index: Index, contents: Contents, space: Space,
-                 readers: Readers, metrics: Metrics, scratch: Callable[[], Path]) -> None:
+                 readers: Readers, metrics: Metrics, scratch: Callable[[], Path], *,
+                 disk: DiskFull | None = None) -> None:
         self.store = store
         self.index = index
         self.contents = contents
@@ -71,6 +75,7 @@ class Blobs:
         self._scratch = scratch  # the process's spool directory
         self._local = store if isinstance(store, LocalFiles) else None
         self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
+        self.disk = disk if disk is not None else DiskFull(metrics, time.time)
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache.labels(route.name, "blob", result).inc()
@@ -100,9 +105,9 @@ class Blobs:
         return size
 
     async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest
-                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool]:
-        """For a GET: the committed blob, or its in-flight fetch (True: started here).
-        Counts the outcome once."""
+                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
+        """For a GET: the committed blob, or its in-flight fetch (True: started here), or
+        while the disk is full a relay from the upstream. Counts the outcome once."""
         key = (route.namespace, str(digest))
         found = await self._open(route, digest)
         if found is None and await self.index.blob_size(key) is not None:
@@ -119,6 +124,9 @@ class Blobs:
                 await self.index.touch(key)
             self.contents.touch(route.namespace, "blob", str(digest))
             return found
+        if self.disk.relaying() and self.inflight(route, digest) is None:
+            self._count(route, "miss")  # a spool would fail again: relay, keep nothing
+            return self.disk.relay(upstream, route.name, repository, digest)
         flight, started = self.fetch(upstream, route, repository, digest)
         self._count(route, "miss" if started else "coalesced")
         return flight, started
@@ -135,15 +143,19 @@ class Blobs:
             store_key = blob_key(route.namespace, digest)
             spool = self._scratch() / f"{digest.hex}.{secrets.token_hex(4)}"
             final = self._local.local_path(store_key) if self._local is not None else None
-            flight = BlobFlight(digest, spool, final,
-                                orphan_limit=route.cache.orphan_fetch_limit)
+            flight = BlobFlight(digest, spool, final, orphan_limit=route.cache.orphan_fetch_limit,
+                                disk=self.disk, route=route.name)
             return flight, self._run(flight, upstream, route, repository, store_key)
 
         return self.flights.join(key, start)
 
     async def _commit(self, store_key: str, spool: Path, size: int) -> None:
         if self._local is not None:
-            await self._local.adopt(store_key, spool)
+            try:
+                await self._local.adopt(store_key, spool)
+            except FileNotFoundError:  # called again after a full disk: moved in already?
+                if await self.store.stat(store_key) != size:
+                    raise
             return
         upload = self.store.upload(store_key)
         fd = await asyncio.to_thread(os.open, spool, os.O_RDONLY)

@@ -14,6 +14,7 @@ from ..config import Config
 from ..metrics import Metrics
 from .blobs import Blobs
 from .contents import Contents, Entry, Root
+from .diskfull import DiskFull
 from .evict import Evictor
 from .index import Index
 from .leases import Leases, Readers
@@ -38,9 +39,12 @@ class Cache:
         self._routes = {route.namespace: route.name for route in config.routes}
         self.evictor = Evictor(config, data_dir, contents, store, metrics, clock,
                                self.protected)
+        self.disk = DiskFull(metrics, clock)
+        self.disk.make_room = self.evictor.make_room  # full disk: evict, then retry once
         self.blobs = Blobs(store, index, contents, self.evictor, self.readers, metrics,
-                           lambda: spool.path)
-        self.manifests = Manifests(store, index, contents, self.leases, metrics, clock)
+                           lambda: spool.path, disk=self.disk)
+        self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
+                                   disk=self.disk)
         self.evictor.on_evicted(self._forget)
 
     def protected(self, root: Root) -> bool:

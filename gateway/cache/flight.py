@@ -3,7 +3,8 @@
 The pump writes to the spool file, never to client sockets; each reader follows the
 growing file at its own pace, so a slow client slows only itself. The last byte is
 released only after the digest and length are verified, so a corrupt transfer never
-reaches a client as a complete, successful body.
+reaches a client as a complete, successful body. If the disk fills up, nothing partial is
+kept and each reader goes on from the upstream (relay.py), verified the same way.
 """
 
 from __future__ import annotations
@@ -14,34 +15,24 @@ import hashlib
 import os
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import aiohttp
-
-from ..errors import RegistryError, UpstreamError
 from ..reference import Digest
+from .diskfull import DiskFull, NoSpace, is_no_space
+from .relay import Relay
+from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
 
-CHUNK = 1 << 20  # disk and hash work is done off the loop in chunks of up to 1 MiB
-MAX_RESUMES = 3
-GATHER_SECONDS = 0.02
+__all__ = ["BlobFlight", "FetchAborted", "IntegrityError", "Opener", "read_span"]
 
-
-class IntegrityError(RegistryError):
-    def __init__(self, message: str) -> None:
-        super().__init__("DIGEST_INVALID", message, 502)
-
-
-class FetchAborted(Exception):
-    """The transfer a reader was following failed; the reader must abort its client."""
-
-
-Opener = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+Stretch = tuple[int, int, int]  # (fd, offset, count) of bytes on disk
+T = TypeVar("T")
 
 
 class BlobFlight:
     """A single in-flight fetch of one blob. Readers call `stream()`."""
 
     def __init__(self, digest: Digest, spool: Path, final_path: Path | None, *,
-                 orphan_limit: int) -> None:
+                 orphan_limit: int, disk: DiskFull, route: str) -> None:
         self.digest = digest
         self.spool = spool
         self.final_path = final_path  # where the bytes live once committed
@@ -49,9 +40,13 @@ class BlobFlight:
         self.written = 0
         self.done = False  # every byte is on disk and verified
         self.error: BaseException | None = None
+        self.lost: NoSpace | None = None  # the disk was full: not kept (maybe served whole)
         self.readers = 0
         self.resumes = 0
         self._orphan_limit = orphan_limit
+        self._disk = disk
+        self._route = route
+        self._open_upstream: Opener | None = None
         self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
 
@@ -63,11 +58,14 @@ class BlobFlight:
 
     async def run(self, open_upstream: Opener, commit: Callable[[Path], Awaitable[None]],
                   on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
-        """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`."""
+        """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`."""
+        self._open_upstream = open_upstream
         fd = -1
         try:
-            fd = await asyncio.to_thread(os.open, self.spool,
-                                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = await self._with_room(
+                lambda: asyncio.to_thread(os.open, self.spool,
+                                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+                CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
             await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume)
             self._verify(hasher)
@@ -76,9 +74,12 @@ class BlobFlight:
             self.size = self.written
             self.done = True
             self._notify()
-            await asyncio.to_thread(os.fsync, fd)
-            await commit(self.spool)
+            await self._make_durable(fd)
+            await self._with_room(lambda: commit(self.spool), CHUNK,
+                                  lambda: f"moving blob {self.digest} into the store")
         except BaseException as exc:  # including CancelledError: readers must be released
+            if isinstance(exc, NoSpace):
+                self.lost = exc
             if not self.done:
                 self.error = exc  # a failure after verification only loses the cache copy
             if not self._headers.done():
@@ -93,35 +94,97 @@ class BlobFlight:
                 os.close(fd)
             self._notify()
 
+    async def _with_room(self, op: Callable[[], Awaitable[T]], needed: int,
+                         doing: Callable[[], str],
+                         again: Callable[[], Awaitable[T]] | None = None) -> T:
+        """`op()`; if it fails for want of space, once more (by `again()` if given) after
+        the evictor made room; NoSpace if there is none (counted and logged once)."""
+        try:
+            return await op()
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            first = exc
+        if self.done:
+            giving_up = "the blob was served whole but is not kept"
+        else:
+            giving_up = "not kept; its readers get the rest from the upstream"
+        return await self._disk.recover(
+            first, again or op, needed=needed, route=self._route, doing=doing(),
+            giving_up=f"{giving_up}; new GETs of uncached blobs are relayed from the "
+                      f"upstream for {self._disk.relay_seconds:g} s")
+
     async def _transfer(self, open_upstream: Opener, fd: int, hasher: hashlib._Hash,
                         on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
         """Every byte of the blob into the spool, resuming a broken transfer with Range."""
-        resp = await open_upstream({})
-        self.size = resp.content_length
-        if not self._headers.done():
-            self._headers.set_result(None)
-        skip = 0
-        while True:
-            try:
-                await self._pump(resp, fd, hasher, skip, on_bytes)
-                break
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-                    TimeoutError) as exc:
-                resp.release()
-                if self.resumes >= MAX_RESUMES or self.size is None:
-                    raise UpstreamError("UNAVAILABLE", f"blob transfer broke after "
-                                        f"{self.written} bytes ({type(exc).__name__})",
-                                        502, retryable=True) from None
-                self.resumes += 1
-                on_resume()
-                # Resume where we are (containerd and Docker Hub's CDN both honour Range).
-                resp = await open_upstream({"Range": f"bytes={self.written}-"})
-                skip = 0 if resp.status == 206 else self.written
-                if resp.status == 206 and not resp.headers.get(
-                        "Content-Range", "").startswith(f"bytes {self.written}-"):
-                    raise UpstreamError("UNAVAILABLE", "upstream answered a resume with the "
-                                        "wrong range", 502, retryable=True) from None
-        resp.release()
+        def resumed() -> None:
+            self.resumes += 1
+            on_resume()
+
+        body = UpstreamBody(open_upstream, on_bytes=on_bytes, on_resume=resumed)
+        try:
+            await body.open()
+            self.size = body.size
+            if not self._headers.done():
+                self._headers.set_result(None)
+            async with contextlib.aclosing(body.chunks()) as chunks:
+                async for data in chunks:
+                    await self._write(fd, hasher, data)
+                    self.written += len(data)
+                    self._notify()
+                    if self.readers == 0 and self.size is not None and \
+                            self.size - self.written > self._orphan_limit:
+                        raise asyncio.CancelledError("nobody waits and too much is left")
+        finally:
+            body.close()
+
+    async def _write(self, fd: int, hasher: hashlib._Hash, data: bytes) -> None:
+        offset = self.written
+        # A retry writes the same bytes at the same offset again (pwrite), over whatever
+        # part of them the failed write left.
+        await self._with_room(
+            lambda: asyncio.to_thread(_write_and_hash, fd, hasher, data, offset),
+            (self.size - offset) if self.size is not None else len(data),
+            lambda: f"spooling blob {self.digest} (at byte {offset} of {self.size or '?'})")
+
+    async def _make_durable(self, fd: int) -> None:
+        # Linux may mark the pages of a failed writeback clean, so a second fsync of the
+        # same file can succeed without the bytes on disk (PostgreSQL's "fsyncgate"): the
+        # retry writes a new copy, re-hashed as it is read back, and makes that durable.
+        async def copy() -> None:
+            old, self.spool = self.spool, await asyncio.to_thread(self._copy_spool)
+            await asyncio.to_thread(old.unlink, True)
+
+        await self._with_room(lambda: asyncio.to_thread(os.fsync, fd), self.written,
+                              lambda: f"making blob {self.digest} durable (fsync)", again=copy)
+
+    def _copy_spool(self) -> Path:
+        """A durable copy of the verified spool next to it (blocking: runs in a thread)."""
+        copy = self.spool.with_name(self.spool.name + ".copy")
+        source = os.open(self.spool, os.O_RDONLY)
+        target = -1
+        try:
+            target = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            hasher = hashlib.new(self.digest.algorithm)
+            offset = 0
+            while offset < self.written:
+                data = os.pread(source, min(CHUNK, self.written - offset), offset)
+                if not data:
+                    raise IntegrityError(f"blob {self.digest}: the spool file shrank")
+                _write_and_hash(target, hasher, data, offset)
+                offset += len(data)
+            if hasher.hexdigest() != self.digest.hex:
+                raise IntegrityError(f"blob {self.digest}: the spool no longer holds the "
+                                     "verified bytes")
+            os.fsync(target)
+        except BaseException:
+            copy.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(source)
+            if target >= 0:
+                os.close(target)
+        return copy
 
     def _verify(self, hasher: hashlib._Hash) -> None:
         if self.size is not None and self.written != self.size:
@@ -131,30 +194,6 @@ class BlobFlight:
             raise IntegrityError(f"blob {self.digest}: the upstream sent bytes with "
                                  f"another digest ({self.digest.algorithm}:"
                                  f"{hasher.hexdigest()[:12]}...)")
-
-    async def _pump(self, resp: aiohttp.ClientResponse, fd: int, hasher: hashlib._Hash,
-                    skip: int, on_bytes: Callable[[int], None]) -> None:
-        content = resp.content
-        gather = False  # the first bytes go out at once; after them, batch
-        while True:
-            data = await content.read(CHUNK)
-            if not data:
-                return
-            if len(data) < CHUNK:
-                data = await _gather(content, data, GATHER_SECONDS if gather else 0.0)
-            gather = True
-            on_bytes(len(data))
-            if skip:
-                cut = min(skip, len(data))
-                data, skip = data[cut:], skip - cut
-                if not data:
-                    continue
-            await asyncio.to_thread(_write_and_hash, fd, hasher, data)
-            self.written += len(data)
-            self._notify()
-            if self.readers == 0 and self.size is not None and \
-                    self.size - self.written > self._orphan_limit:
-                raise asyncio.CancelledError("nobody waits and too much is left")
 
     # ----------------------------------------------------------- readers
 
@@ -181,20 +220,35 @@ class BlobFlight:
         finally:
             self.readers -= 1
 
-    async def spans(self, start: int = 0,
-                    end: int | None = None) -> AsyncGenerator[tuple[int, int, int], None]:
+    async def spans(self, start: int = 0, end: int | None = None
+                    ) -> AsyncGenerator[Stretch | bytes, None]:
         """Yield (fd, offset, count): the next stretch of [start, end) that is on disk.
 
         The consumer sends each stretch whole before asking for the next (by sendfile or
-        by reads). Raises FetchAborted if the fetch fails.
+        by reads). If the disk filled up under this fetch, the rest comes as bytes relayed
+        from the upstream instead. Raises FetchAborted if the fetch (or relay) fails.
         """
         self.readers += 1
         fd = -1
         try:
-            await self.wait_headers()
-            fd = await asyncio.to_thread(self._open_for_reading)
+            with contextlib.suppress(NoSpace):  # no spool at all: all of it is relayed
+                await self.wait_headers()
+                try:
+                    fd = await asyncio.to_thread(self._open_for_reading)
+                except FetchAborted:
+                    if self.lost is None:
+                        raise
             pos = start
             while end is None or pos < end:
+                if self.lost is not None and (fd < 0 or not self.done):
+                    relay, fd = self.relay(fd), -1  # the relay closes the spool's fd
+                    try:
+                        async with contextlib.aclosing(relay.stream(pos, end)) as rest:
+                            async for data in rest:
+                                yield data
+                    finally:
+                        relay.close()
+                    return
                 if self.error is not None:
                     raise FetchAborted(str(self.error))
                 # Hold back the last byte until the whole blob is verified.
@@ -213,12 +267,26 @@ class BlobFlight:
             if fd >= 0:
                 os.close(fd)
 
+    def relay(self, fd: int = -1) -> Relay:
+        """This blob from the upstream for a reader the disk left without a spool to
+        follow: the bytes spooled so far through `fd` (the reader's descriptor of the
+        unlinked spool, if it has one; the relay closes it), the rest by a ranged GET;
+        all of it hashed."""
+        assert self._open_upstream is not None, "run() first"
+        return self._disk.relay_for(self._route, self.digest, self._open_upstream,
+                                    size=self.size, prefix_fd=fd,
+                                    prefix_len=self.written if fd >= 0 else 0)
+
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield bytes [start, end) as they arrive, in reads of up to 1 MiB."""
         async with contextlib.aclosing(self.spans(start, end)) as spans:
-            async for fd, offset, count in spans:
-                async for data in read_span(fd, offset, count):
-                    yield data
+            async for stretch in spans:
+                if isinstance(stretch, bytes):
+                    yield stretch
+                    continue
+                async with contextlib.aclosing(read_span(*stretch)) as chunks:
+                    async for data in chunks:
+                        yield data
 
     def _open_for_reading(self) -> int:
         try:
@@ -232,43 +300,11 @@ class BlobFlight:
             raise FetchAborted(f"the fetched blob is gone ({exc.strerror})") from None
 
 
-async def _gather(content: aiohttp.StreamReader, first: bytes, seconds: float) -> bytes:
-    """Add to `first` what arrives within `seconds`, up to CHUNK: the thread hop, the
-    hash call and the readers' wake-up are then paid per ~1 MiB, not per ~64 KiB
-    socket read (a 96 MB layer took 1,349 hops before)."""
-    buf = bytearray(first)
-    deadline = asyncio.get_running_loop().time() + seconds
-    while len(buf) < CHUNK:
-        more = content.read_nowait(CHUNK - len(buf))
-        if more:
-            buf += more
-            continue
-        remaining = deadline - asyncio.get_running_loop().time()
-        if remaining <= 0 or content.at_eof():
-            break
-        try:
-            async with asyncio.timeout(remaining):
-                more = await content.read(CHUNK - len(buf))
-        except TimeoutError:
-            break
-        if not more:
-            break
-        buf += more
-    return bytes(buf)
-
-
-async def read_span(fd: int, offset: int, count: int) -> AsyncGenerator[bytes, None]:
-    while count > 0:
-        data = await asyncio.to_thread(os.pread, fd, min(CHUNK, count), offset)
-        if not data:
-            raise FetchAborted("spool file shrank")
-        offset += len(data)
-        count -= len(data)
-        yield data
-
-
-def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytes) -> None:
-    hasher.update(data)
+def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytes, offset: int) -> None:
+    """Write `data` at `offset` whole, then hash it: a failed write leaves the hash as it
+    was, so the write can be retried."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+    hasher.update(data)

@@ -2,13 +2,15 @@
 (revalidated with a HEAD after their TTL, served stale when the upstream fails).
 
 One upstream call per key however many clients ask at once; never keeps or serves a
-manifest whose bytes do not hash to the digest the upstream or the client named.
+manifest whose bytes do not hash to the digest the upstream or the client named. One the
+disk has no room for (ENOSPC, EDQUOT) is served all the same, just not kept on disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +26,7 @@ from ..singleflight import SharedCalls
 from ..upstream import Upstream
 from . import policy
 from .contents import Contents
+from .diskfull import DiskFull, What, is_no_space
 from .flight import IntegrityError
 from .index import Index, TagKey
 from .leases import Leases
@@ -49,13 +52,14 @@ class ManifestResult:
 class Manifests:
     def __init__(self, store: BlobStore, index: Index, contents: Contents, leases: Leases,
                  metrics: Metrics, clock: Callable[[], float], *,
-                 memory: int = 64 << 20) -> None:
+                 memory: int = 64 << 20, disk: DiskFull | None = None) -> None:
         self.store = store
         self.index = index
         self.contents = contents
         self.leases = leases
         self.metrics = metrics
         self._clock = clock
+        self.disk = disk if disk is not None else DiskFull(metrics, time.time)
         self._memory: LRUCache[tuple[str, str], Manifest] = LRUCache(
             maxsize=memory, getsizeof=lambda m: len(m.body) + 200)
         self.calls: SharedCalls[tuple[Any, ...], ManifestResult] = SharedCalls("manifest")
@@ -77,14 +81,28 @@ class Manifests:
 
     async def _keep(self, route: Route, repository: str, manifest: Manifest) -> None:
         data = manifest.media_type.encode() + b"\n" + manifest.body
-        await self.store.put(manifest_key(route.namespace, parse_digest(manifest.digest)), data)
+        # Memory first: with the disk full, it still spares the upstream the next GET.
         self._memory[(route.namespace, manifest.digest)] = manifest
-        await self.contents.add_manifest(route.namespace, manifest.digest, len(data), repository,
-                                         references(json.loads(manifest.body)))
+        if await self._put(route, "manifest", manifest.digest,
+                           manifest_key(route.namespace, parse_digest(manifest.digest)), data):
+            await self.contents.add_manifest(route.namespace, manifest.digest, len(data),
+                                             repository, references(json.loads(manifest.body)))
 
     def forget(self, namespace: str, digest: str) -> None:
         """An evicted manifest: the next request reads the store (and finds it gone)."""
         self._memory.pop((namespace, digest), None)
+
+    async def _put(self, route: Route, what: What, name: str, key: str, data: bytes) -> bool:
+        """Keep a small object; False if the disk is full (it is served all the same)."""
+        try:
+            await self.store.put(key, data)
+        except OSError as exc:
+            if not is_no_space(exc):
+                raise
+            self.disk.event(route.name, what, exc, f"writing the {what} {name}",
+                            "served, not kept on disk")
+            return False
+        return True
 
     async def _tag(self, key: TagKey) -> TagEntry | None:
         entry = await self.index.tag(key)
@@ -95,10 +113,10 @@ class Manifests:
                 await self.index.set_tag(key, entry)
         return entry
 
-    async def _keep_tag(self, key: TagKey, entry: TagEntry) -> None:
+    async def _keep_tag(self, route: Route, key: TagKey, entry: TagEntry) -> None:
         await self.index.set_tag(key, entry)
-        await self.store.put(tag_key(*key), entry.encode())
-        await self.contents.add_tag(key[0], key[1], key[2], entry.digest)
+        if await self._put(route, "tag", f"{key[1]}:{key[2]}", tag_key(*key), entry.encode()):
+            await self.contents.add_tag(key[0], key[1], key[2], entry.digest)
 
     # ------------------------------------------------------------ upstream
 
@@ -226,7 +244,7 @@ class Manifests:
                     repository=repository, headers={"Accept": manifest_accept(accept)})
                 resp.release()
                 if resp.headers.get("Docker-Content-Digest") == entry.digest:
-                    await self._keep_tag(key, entry.confirmed(self._clock()))
+                    await self._keep_tag(route, key, entry.confirmed(self._clock()))
                     return ManifestResult(cached, "HIT")
             manifest = await self._fetch(upstream, route, repository, tag, accept, None)
         except UpstreamError as exc:
@@ -241,8 +259,8 @@ class Manifests:
             raise
         await self._keep(route, repository, manifest)
         if policy.usable(TagEntry(manifest.digest, manifest.media_type, 0), accept):
-            await self._keep_tag(key, TagEntry(manifest.digest, manifest.media_type,
-                                               self._clock()))
+            await self._keep_tag(route, key, TagEntry(manifest.digest, manifest.media_type,
+                                                      self._clock()))
         return ManifestResult(manifest, "MISS")
 
 

@@ -1,0 +1,158 @@
+"""Reading one blob's bytes from its upstream: from an offset to the end, in batches of about
+1 MiB, resumed with Range when the connection breaks. Shared by the spooled flight and the
+relay (disk full); what the bytes become is the caller's business.
+
+Touches neither the disk nor a client, and never judges the bytes (callers hash them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncGenerator, Awaitable, Callable
+
+import aiohttp
+
+from ..errors import RegistryError, UpstreamError
+
+CHUNK = 1 << 20  # disk and hash work is done off the loop in chunks of up to 1 MiB
+MAX_RESUMES = 3
+GATHER_SECONDS = 0.02
+
+
+class IntegrityError(RegistryError):
+    def __init__(self, message: str) -> None:
+        super().__init__("DIGEST_INVALID", message, 502)
+
+
+class FetchAborted(Exception):
+    """The transfer a reader was following failed; the reader must abort its client."""
+
+
+Opener = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+_BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
+
+
+def _nothing(_count: int = 0) -> None:
+    pass
+
+
+class UpstreamBody:
+    """The bytes of one blob from `start` to its end, as one stream however often the
+    connection breaks. `open()` sends the first request; `chunks()` yields the bytes."""
+
+    def __init__(self, open_upstream: Opener, start: int = 0, *,
+                 on_bytes: Callable[[int], None] = _nothing,
+                 on_resume: Callable[[], None] = _nothing) -> None:
+        self._open = open_upstream
+        self.position = start  # blob offset of the next byte chunks() yields
+        self.size: int | None = None  # the blob's length, if the upstream said
+        self.resumes = 0
+        self._on_bytes = on_bytes
+        self._on_resume = on_resume
+        self._resp: aiohttp.ClientResponse | None = None
+        self._skip = 0  # bytes of the current answer before `position` (a 200 to a Range)
+        self._gather = False
+
+    async def open(self) -> None:
+        await self._request(ranged=self.position > 0)
+
+    def close(self) -> None:
+        if self._resp is not None:
+            self._resp.release()
+
+    async def _request(self, *, ranged: bool) -> None:
+        headers = {"Range": f"bytes={self.position}-"} if ranged else {}
+        resp = await self._open(headers)
+        self._resp, self._gather = resp, False  # the first bytes of an answer go out at once
+        if ranged and resp.status == 206:
+            content_range = resp.headers.get("Content-Range", "")
+            if not content_range.startswith(f"bytes {self.position}-"):
+                raise UpstreamError("UNAVAILABLE", "upstream answered a resume with the "
+                                    "wrong range", 502, retryable=True)
+            self._skip = 0
+            total = content_range.rpartition("/")[2]
+            length = int(total) if total.isdigit() else None
+        else:
+            # Without Range, or an upstream that ignores it: the whole blob again.
+            self._skip = self.position
+            length = resp.content_length
+        if self.size is None:
+            self.size = length
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """Every byte from `position` to the end (Docker Hub's CDN and containerd both
+        honour Range). Raises UpstreamError once the transfer broke too often."""
+        while True:
+            try:
+                data = await self._next()
+            except _BROKEN as exc:
+                await self._resume(exc)
+                continue
+            if not data:
+                return
+            yield data
+
+    async def _next(self) -> bytes:
+        """The next batch of bytes at `position`, b"" at the end of the answer."""
+        assert self._resp is not None, "open() first"
+        content = self._resp.content
+        while True:
+            data = await content.read(CHUNK)
+            if not data:
+                return b""
+            if len(data) < CHUNK:
+                data = await gather(content, data, GATHER_SECONDS if self._gather else 0.0)
+            self._gather = True
+            self._on_bytes(len(data))
+            if self._skip:
+                cut = min(self._skip, len(data))
+                data, self._skip = data[cut:], self._skip - cut
+                if not data:
+                    continue
+            self.position += len(data)
+            return data
+
+    async def _resume(self, exc: BaseException) -> None:
+        self.close()
+        if self.resumes >= MAX_RESUMES or self.size is None:
+            raise UpstreamError("UNAVAILABLE", f"blob transfer broke after {self.position} "
+                                f"bytes ({type(exc).__name__})", 502, retryable=True) from None
+        self.resumes += 1
+        self._on_resume()
+        await self._request(ranged=True)
+
+
+async def gather(content: aiohttp.StreamReader, first: bytes, seconds: float) -> bytes:
+    """Add to `first` what arrives within `seconds`, up to CHUNK: the thread hop, the
+    hash call and the readers' wake-up are then paid per ~1 MiB, not per ~64 KiB
+    socket read (a 96 MB layer took 1,349 hops before)."""
+    buf = bytearray(first)
+    deadline = asyncio.get_running_loop().time() + seconds
+    while len(buf) < CHUNK:
+        more = content.read_nowait(CHUNK - len(buf))
+        if more:
+            buf += more
+            continue
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0 or content.at_eof():
+            break
+        try:
+            async with asyncio.timeout(remaining):
+                more = await content.read(CHUNK - len(buf))
+        except TimeoutError:
+            break
+        if not more:
+            break
+        buf += more
+    return bytes(buf)
+
+
+async def read_span(fd: int, offset: int, count: int) -> AsyncGenerator[bytes, None]:
+    while count > 0:
+        data = await asyncio.to_thread(os.pread, fd, min(CHUNK, count), offset)
+        if not data:
+            raise FetchAborted("spool file shrank")
+        offset += len(data)
+        count -= len(data)
+        yield data
