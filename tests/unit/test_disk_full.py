@@ -27,13 +27,14 @@ from gateway.cache import (
     Cache,
     FetchAborted,
     FsStore,
+    MemoryContents,
     MemoryIndex,
     NoSpace,
     ProcessDir,
     Relay,
 )
 from gateway.cache import flight as flight_module
-from gateway.config import Route
+from gateway.config import Config, Route
 from gateway.metrics import Metrics
 from gateway.reference import Reference, parse_digest
 from gateway.upstream import Upstream
@@ -189,7 +190,8 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         spool = ProcessDir(tmp_path / "data" / ".spool")
         store = FullStore(tmp_path / "data", spool.path)
         clock = Clock()
-        cache = Cache(store, MemoryIndex(clock), metrics, spool, clock)
+        cache = Cache(Config(routes=(route,)), tmp_path / "data", store, MemoryIndex(clock),
+                      MemoryContents(clock), metrics, spool, clock)
         await cache.open()
         caches.append(cache)
         disk = SmallDisk(free)
