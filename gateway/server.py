@@ -19,6 +19,7 @@ from aiohttp import web
 
 from . import admin, api, pipeline
 from .cache import Cache, FsStore, MemoryContents, MemoryIndex, ProcessDir
+from .cache.pinning import PinKeeper
 from .config import Config
 from .logs import start_logging
 from .metrics import Metrics
@@ -54,11 +55,15 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app[METRICS] = metrics
     app[api.SERVICES] = api.Services(cache, upstreams)
 
+    pins = PinKeeper(config, cache, upstreams, metrics)
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await cache.open()
         for upstream in upstreams.values():
             await upstream.start()
+        pins.start()
         yield
+        await pins.close()
         await cache.close()
         await asyncio.gather(*(u.close() for u in upstreams.values()))
 

@@ -139,8 +139,10 @@ def make_image(
     variant: str | None = None,
     oci: bool = False,
     seed: int | None = None,
+    base: tuple[tuple[Blob, str], ...] = (),
 ) -> Image:
-    """A valid single-platform image with one layer per entry of `layer_sizes` (bytes).
+    """A valid single-platform image with one layer per entry of `layer_sizes` (bytes),
+    on top of `base` layers ((blob, diff_id) from `make_layer`) that images may share.
 
     Each layer holds one file of that many random bytes, so the compressed size is
     about the same; the default image is a few hundred KiB.
@@ -148,7 +150,7 @@ def make_image(
     rng = random.Random(seed)
     architecture = architecture or host_architecture()
     layer_type = OCI_LAYER if oci else DOCKER_LAYER
-    built = [make_layer(rng, (size,), media_type=layer_type) for size in layer_sizes]
+    built = [*base, *(make_layer(rng, (size,), media_type=layer_type) for size in layer_sizes)]
     layers = tuple(blob for blob, _ in built)
     diff_ids = tuple(diff_id for _, diff_id in built)
     config_document: dict[str, Any] = {
@@ -225,3 +227,16 @@ def push_index(client: RegistryClient, repository: str, index: Index,
                                       index.manifest.media_type)
         assert stored in ("", index.digest), (stored, index.digest)
     return index
+
+
+def shared_images(count: int, seed: int) -> list[Image]:
+    """`count` images on one base layer, five per middle layer, one layer of their own."""
+    rng = random.Random(seed)
+    base = make_layer(rng, (2 << 20,), media_type=DOCKER_LAYER)
+    middles = [make_layer(rng, (1 << 20,), media_type=DOCKER_LAYER) for _ in range(count // 5 + 1)]
+    return [make_image(layer_sizes=(1 << 20,), seed=seed * 1000 + i, base=(base, middles[i // 5]))
+            for i in range(count)]
+
+
+def unique_bytes(images: list[Image]) -> int:
+    return sum({b.digest: b.size for image in images for b in image.blobs}.values())
