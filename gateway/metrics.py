@@ -53,6 +53,9 @@ class Metrics:
             ["route"], registry=r)
         self.inflight = Gauge(
             "gateway_inflight_fetches", "Upstream blob fetches in progress", ["route"], registry=r)
+        self.index_rebuilds = Counter(
+            "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
+            "(missing, corrupt, schema)", ["reason"], registry=r)
 
         # Labelled children, looked up once: labels() validates and locks on every call,
         # which is a visible share of a warm manifest request.
