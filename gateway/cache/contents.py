@@ -51,6 +51,7 @@ class Usage:
     total: int  # bytes of every cached object, each counted once
     objects: int
     by_namespace: dict[str, int] = field(default_factory=dict)
+    objects_by_namespace: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,8 +146,8 @@ class Browsable(Contents, Protocol):
     async def flush(self) -> None:
         """Write the batched access times now."""
 
-    async def settled(self) -> None:
-        """Wait for a rebuild or reconciliation started by `open` to finish."""
+    async def settled(self) -> Reconciled:
+        """Wait for a rebuild or reconciliation started by `open` to finish; what it did."""
 
     async def reconcile(self) -> Reconciled:
         """Compare the catalogue with the store now and correct it."""
@@ -164,6 +165,9 @@ class Browsable(Contents, Protocol):
 
     async def images(self, *, namespace: str | None = None) -> list[CachedImage]:
         """Every root manifest, most recently used first."""
+
+    async def loose_blobs(self, *, namespace: str | None = None) -> tuple[int, int]:
+        """(count, bytes) of the cached blobs no cached manifest references."""
 
     async def repositories(self, *, namespace: str | None = None,
                            limit: int = 20) -> list[RepositoryUsage]:

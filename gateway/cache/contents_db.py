@@ -293,7 +293,14 @@ class Catalogue:
         rows = self.db.execute("SELECT namespace, bytes, objects FROM totals "
                                "WHERE objects > 0 ORDER BY namespace").fetchall()
         return Usage(sum(r[1] for r in rows), sum(r[2] for r in rows),
-                     {r[0]: r[1] for r in rows})
+                     {r[0]: r[1] for r in rows}, {r[0]: r[2] for r in rows})
+
+    def loose_blobs(self, namespace: str | None) -> tuple[int, int]:
+        where, args = ("AND namespace = ?", (namespace,)) if namespace else ("", ())
+        count, size = self.db.execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM objects WHERE refcount = 0 AND "
+            f"size IS NOT NULL AND kind = 0 {where}", args).fetchone()
+        return int(count), int(size)
 
     def referrers(self, namespace: str, kind: ObjectKind, digest: str) -> list[Entry]:
         return [r.entry() for r in self.select(

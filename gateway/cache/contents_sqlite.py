@@ -124,6 +124,9 @@ class SqliteContents:
             await self._run(fn, *args)
         except sqlite3.Error as exc:
             self._failed(exc, fn.__name__)
+        except ContentsError:  # after close (a transfer that ended during shutdown)
+            with suppress(OSError):
+                (self._state / "rescan").touch()
 
     async def _read(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -194,8 +197,7 @@ class SqliteContents:
 
     def _close_sync(self) -> None:
         if self._catalogue is not None:
-            self._catalogue.db.close()
-            self._catalogue = None
+            self._catalogue.db.close()  # kept: a late write fails as sqlite3.Error
         self._session.close()  # a clean stop
 
     async def close(self) -> None:
@@ -213,9 +215,15 @@ class SqliteContents:
             self._executor.shutdown(wait=False)
             self._executor = None
 
-    async def settled(self) -> None:
-        if self._scan is not None:
-            await asyncio.shield(self._scan)
+    @property
+    def reconciling(self) -> bool:
+        """A rebuild or reconciliation started by `open` is still running."""
+        return self._scan is not None and not self._scan.done()
+
+    async def settled(self) -> Reconciled:
+        if self._scan is None:
+            return Reconciled()
+        return await asyncio.shield(self._scan)
 
     async def reconcile(self) -> Reconciled:
         async with self._scan_lock:
@@ -245,8 +253,8 @@ class SqliteContents:
             await self.flush()
 
     async def flush(self) -> None:
-        if not self._pending:
-            return
+        if not self._pending or self._executor is None:
+            return  # after close, accesses are dropped: only their order is lost
         batch, self._pending = self._pending, {}
         await self._write(self._db.touches, [(*key, when) for key, when in batch.items()])
 
@@ -300,6 +308,9 @@ class SqliteContents:
     async def images(self, *, namespace: str | None = None) -> list[CachedImage]:
         await self.flush()
         return await self._read(self._db.images, namespace)
+
+    async def loose_blobs(self, *, namespace: str | None = None) -> tuple[int, int]:
+        return await self._read(self._db.loose_blobs, namespace)
 
     async def repositories(self, *, namespace: str | None = None,
                            limit: int = 20) -> list[RepositoryUsage]:

@@ -510,3 +510,25 @@ def test_references_are_read_from_manifests() -> None:
     subject = json.dumps({"config": {"digest": config}, "subject": {"digest": layer},
                           "layers": [{"digest": "sha256:short"}]}).encode()
     assert references(subject) == (("blob", config),)
+
+
+async def test_late_calls_after_close_are_harmless(implementation: str, clock: Clock,
+                                                   tmp_path: Path) -> None:
+    """A transfer that ends during shutdown: its write is not lost for good (the next open
+    reconciles with the store), and nothing raises into the request."""
+    data_dir = tmp_path / "data"
+    tree = Tree(data_dir)
+    contents = construct(implementation, data_dir, clock=clock)
+    await contents.open()
+    await contents.close()
+    late = await tree.blob(b"committed during shutdown")
+    contents.touch(NS, "blob", late)
+    await contents.flush()
+    await contents.add_blob(NS, late, 25)
+    again = construct(implementation, data_dir, clock=clock)
+    await again.open()
+    try:
+        await again.settled()
+        assert await again.find(NS, "blob", late) is not None
+    finally:
+        await again.close()
