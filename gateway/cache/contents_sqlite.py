@@ -165,9 +165,11 @@ class SqliteContents:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="index-sqlite")
         try:
             reason, scan_needed = await self._run(self._open_sync)
-        except BaseException:
+        except BaseException as exc:
             self._executor.shutdown(wait=False)
             self._executor = None
+            if isinstance(exc, sqlite3.Error | OSError):
+                raise ContentsError(f"index: cannot open {self.path}: {exc}") from exc
             raise
         if reason is not None:
             self.rebuilt, self.rebuilds = reason, self.rebuilds + 1
@@ -186,8 +188,9 @@ class SqliteContents:
         started = time.monotonic()
         try:
             found = await self.reconcile()
-        except ContentsError as exc:
-            log.warning("index: reconciling with the store failed (%s)", exc)
+        except Exception as exc:  # eviction then trusts the index as it is; next start retries
+            log.warning("index: %s the store failed (%s)", "reconciling with" if after_crash
+                        else "rebuilding from", exc, exc_info=not isinstance(exc, ContentsError))
             self._refs_known.set()
             return Reconciled()
         log.info("index: %s the store in %.1fs: %d added, %d dropped, %d resized",

@@ -532,3 +532,42 @@ async def test_late_calls_after_close_are_harmless(implementation: str, clock: C
         assert await again.find(NS, "blob", late) is not None
     finally:
         await again.close()
+
+
+WRITING_CHILD = """
+import asyncio, hashlib, sys
+from pathlib import Path
+from tests.unit.test_contents_conformance import NS, construct, fake
+
+async def main():
+    implementation, data_dir, name = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+    contents = construct(implementation, data_dir)
+    await contents.open()
+    for i in range(40):
+        blobs = [fake(f"{name}-{i}-{j}") for j in range(5)] + [fake("shared")]
+        for blob in blobs:
+            await contents.add_blob(NS, blob, 10)
+        await contents.add_manifest(NS, fake(f"{name}-{i}"), 100, "repo",
+                                    [("blob", b) for b in blobs])
+        contents.touch(NS, "manifest", fake(f"{name}-{i}"))
+    await contents.close()
+
+asyncio.run(main())
+"""
+
+
+async def test_processes_write_to_one_catalogue_at_once(implementation: str, make: Make,
+                                                        tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    children = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITING_CHILD, implementation, str(data_dir), name,
+        cwd=REPOSITORY_ROOT, stderr=subprocess.PIPE) for name in ("one", "two", "three")]
+    for child in children:
+        _, stderr = await child.communicate()
+        assert child.returncode == 0, stderr.decode()
+    contents = await make(data_dir)
+    usage = await contents.usage()
+    assert (usage.objects, usage.total) == (3 * 40 * 6 + 1, 3 * 40 * (5 * 10 + 100) + 10)
+    roots = await contents.roots(limit=1000)
+    assert len(roots) == 120
+    assert sum(r.size for r in roots) == 3 * 40 * (5 * 10 + 100)  # the shared blob is held
