@@ -28,7 +28,7 @@ KIND_NAME: tuple[ObjectKind, ObjectKind] = ("blob", "manifest")
 MANIFEST = 1
 _COLUMNS = "id, namespace, kind, digest, size, last_access, tree_access, refcount"
 _PAGE = 500
-_UPSERT = """INSERT INTO objects (namespace, kind, digest, size, last_access, tree_access)
+UPSERT = """INSERT INTO objects (namespace, kind, digest, size, last_access, tree_access)
     VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (namespace, kind, digest) DO UPDATE SET
     size = excluded.size, last_access = max(last_access, excluded.last_access),
     tree_access = max(tree_access, excluded.tree_access)"""
@@ -88,7 +88,7 @@ class Catalogue:
     # ------------------------------------------------------------ writes
 
     def _object(self, namespace: str, kind: int, digest: str, size: int, when: float) -> int:
-        found = self.db.execute(_UPSERT + " RETURNING id",
+        found = self.db.execute(UPSERT + " RETURNING id",
                                 (namespace, kind, digest, size, when, when)).fetchone()
         return int(found[0])
 
@@ -109,7 +109,7 @@ class Catalogue:
     def add_blobs(self, blobs: Iterable[tuple[str, str, int, float]]) -> None:
         """(namespace, digest, size, when) each."""
         with self.write():
-            self.db.executemany(_UPSERT, ((ns, 0, d, size, t, t) for ns, d, size, t in blobs))
+            self.db.executemany(UPSERT, ((ns, 0, d, size, t, t) for ns, d, size, t in blobs))
 
     def add_manifests(self, manifests: Iterable[FoundManifest]) -> None:
         with self.write():

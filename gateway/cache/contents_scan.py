@@ -17,7 +17,7 @@ from typing import Any
 
 from . import scan
 from .contents import ObjectKind, Reconciled, references
-from .contents_db import KIND_CODE, Catalogue, FoundManifest, Row
+from .contents_db import KIND_CODE, UPSERT, Catalogue, FoundManifest, Row
 from .scan import Bucket, StoredObject
 
 Run = Callable[..., Awaitable[Any]]  # runs a function on the catalogue's thread
@@ -44,11 +44,8 @@ def _diff_bucket(catalogue: Catalogue, data_dir: Path, bucket: Bucket,
         catalogue.db.executemany("UPDATE objects SET size = ? WHERE id = ?", resized)
         new = [f for d, f in on_disk.items() if d not in rows]
         if bucket.kind == "blob":
-            catalogue.db.executemany(
-                "INSERT INTO objects (namespace, kind, digest, size, last_access, "
-                "tree_access) VALUES (?, 0, ?, ?, ?, ?) ON CONFLICT DO UPDATE SET "
-                "size = excluded.size", [(f.namespace, f.digest, f.size, f.mtime, f.mtime)
-                                         for f in new])
+            catalogue.db.executemany(UPSERT, [(f.namespace, 0, f.digest, f.size, f.mtime,
+                                               f.mtime) for f in new])
     counts = Reconciled(added=len(new), dropped=len(gone), resized=len(resized))
     return (new if bucket.kind == "manifest" else []), counts
 

@@ -382,6 +382,10 @@ async def test_an_index_is_rebuilt_from_the_store_tree(implementation: str, make
     assert roots[d["index"]].repositories == ("library/app",)
     assert d["base"] not in freed(roots[d["index"]])  # shared with the single image
     assert len(roots[d["index"]].frees) == 6
+    # A file's mtime stands in for its last access, for blobs found after their manifest too.
+    base = await contents.find(NS, "blob", d["base"])
+    assert base is not None
+    assert base.last_access == pytest.approx(tree.path("blob", d["base"]).stat().st_mtime)
     # Platform manifests belong to their index's repository.
     (child,) = [r for r in await contents.repositories() if r.repository == "library/app"]
     assert child.manifests == 3
