@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..cache import scan
@@ -50,26 +53,42 @@ def _problem(path: str, kind: ObjectKind, digest: str) -> str | None:
     return None if found == digest else f"bytes hash to {found}"
 
 
+def _progress(session: Session, checked: list[int], last: list[float]) -> None:
+    """A line on a terminal every few seconds: a large cache takes a while to re-hash."""
+    now = time.monotonic()
+    if session.err.isatty() and now - last[0] > 5:
+        last[0] = now
+        session.err.write(f"\rverified {checked[0]} objects ({human(checked[1])})...")
+        session.err.flush()
+
+
+async def _stored(data_dir: Path) -> AsyncIterator[scan.StoredObject]:
+    """Every blob and manifest file, a bucket listed at a time."""
+    for namespace in await asyncio.to_thread(scan.namespaces, data_dir):
+        for kind in scan.KIND_DIRS:
+            for bucket in await asyncio.to_thread(scan.buckets, data_dir, namespace, kind):
+                for stored in await asyncio.to_thread(scan.list_bucket, data_dir, bucket):
+                    yield stored
+
+
 async def _check_objects(session: Session, checked: list[int]) -> list[Damaged]:
     damaged = []
-    for namespace in await asyncio.to_thread(scan.namespaces, session.data_dir):
-        for kind in scan.KIND_DIRS:
-            for bucket in await asyncio.to_thread(scan.buckets, session.data_dir, namespace,
-                                                  kind):
-                for stored in await asyncio.to_thread(scan.list_bucket, session.data_dir,
-                                                      bucket):
-                    checked[0] += 1
-                    checked[1] += stored.size
-                    problem = await asyncio.to_thread(_problem, stored.path, kind,
-                                                      stored.digest)
-                    if problem is None:
-                        continue
-                    key = (blob_key if kind == "blob" else manifest_key)(
-                        namespace, parse_digest(stored.digest))
-                    await session.store.delete(key)
-                    await session.contents.forget(namespace, kind, stored.digest)
-                    damaged.append(Damaged(namespace, kind, stored.digest, stored.path,
-                                           problem))
+    last = [time.monotonic()]
+    async for stored in _stored(session.data_dir):
+        checked[0] += 1
+        checked[1] += stored.size
+        _progress(session, checked, last)
+        problem = await asyncio.to_thread(_problem, stored.path, stored.kind, stored.digest)
+        if problem is None:
+            continue
+        key = (blob_key if stored.kind == "blob" else manifest_key)(
+            stored.namespace, parse_digest(stored.digest))
+        await session.store.delete(key)
+        await session.contents.forget(stored.namespace, stored.kind, stored.digest)
+        damaged.append(Damaged(stored.namespace, stored.kind, stored.digest, stored.path,
+                               problem))
+    if session.err.isatty():
+        session.err.write("\r\033[K")  # the progress line goes
     return damaged
 
 
