@@ -20,12 +20,14 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..metrics import Metrics
 from . import contents_scan, scan
 from .contents import (
+    Browsable,
     CachedImage,
+    Contents,
     ContentsError,
     Entry,
     ObjectKind,
@@ -325,3 +327,8 @@ class SqliteContents:
             return []
         await self.flush()
         return await self._read(self._db.preview, plan, keep)
+
+
+if TYPE_CHECKING:  # mypy holds the class to both protocols
+    def _conforms(contents: SqliteContents) -> tuple[Contents, Browsable]:
+        return contents, contents
