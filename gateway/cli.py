@@ -16,6 +16,7 @@ from . import __version__, server
 from .client import commands as client_commands
 from .config import Config, load_config_file
 from .errors import ConfigError
+from .maintenance import add_commands as add_cache_commands
 from .net import parse_hostport
 from .tls import RELOAD_INTERVAL, TlsError
 
@@ -58,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     client_commands.add_commands(sub)
     client_commands.add_doctor(sub)
     client_commands.add_warm(sub)
+    add_cache_commands(sub)
     return parser
 
 
@@ -77,7 +79,7 @@ def _describe(config: Config) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("client", "doctor", "warm"):  # client machines: no routes.yaml
+    if args.command in ("client", "doctor", "warm", "cache"):  # they read their own inputs
         return int(args.run(args, os.environ))
     try:
         config = load_config_file(args.routes)

@@ -88,8 +88,8 @@ class Metrics:
             "gateway_evictions", "Images (or unreferenced blobs) evicted, by route and reason",
             ["route", "reason"], registry=r)
         self.index_rebuilds = Counter(
-            "gateway_index_rebuilds", "Times the cache index was rebuilt from the store",
-            registry=r)
+            "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
+            "(missing, corrupt, schema)", ["reason"], registry=r)
 
     def observe_request(self, route: str, kind: str, method: str, status: int,
                         seconds: float, body_bytes: int) -> None:

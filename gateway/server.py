@@ -18,7 +18,8 @@ from pathlib import Path
 from aiohttp import web
 
 from . import admin, api, pipeline
-from .cache import Cache, FsStore, MemoryContents, MemoryIndex, ProcessDir
+from .cache import Cache, FsStore, MemoryIndex, ProcessDir
+from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
 from .config import Config
 from .logs import start_logging
@@ -44,7 +45,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
     store = FsStore(data_dir, spool.path)
-    contents = MemoryContents(clock)  # the sqlite catalogue replaces it (issue #9)
+    contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     upstreams = {route.name: Upstream(route, metrics, clock=clock) for route in config.routes}
 

@@ -5,7 +5,7 @@ This module only re-exports; each concern has its own module (see ARCHITECTURE.m
 
 from .blobs import Blobs, CachedBlob, OpenBlob
 from .contents import Contents, Entry, Root, Usage
-from .contents_memory import MemoryContents
+from .contents_sqlite import SqliteContents
 from .core import Cache
 from .diskfull import DiskFull, MakeRoom, NoSpace
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
@@ -34,7 +34,6 @@ __all__ = [
     "Manifest",
     "ManifestResult",
     "Manifests",
-    "MemoryContents",
     "MemoryIndex",
     "NoSpace",
     "OpenBlob",
@@ -42,6 +41,7 @@ __all__ = [
     "Redirecting",
     "Relay",
     "Root",
+    "SqliteContents",
     "Upload",
     "Usage",
     "read_span",

@@ -116,6 +116,7 @@ class Blobs:
             found = await self._open(route, digest)
             if found is None:
                 await self.index.forget_blob(key)
+                await self.contents.forget(route.namespace, "blob", str(digest))
         if found is not None:
             self._count(route, "hit")
             if found.size != await self.index.blob_size(key):

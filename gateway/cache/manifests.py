@@ -116,7 +116,7 @@ class Manifests:
     async def _keep_tag(self, route: Route, key: TagKey, entry: TagEntry) -> None:
         await self.index.set_tag(key, entry)
         if await self._put(route, "tag", f"{key[1]}:{key[2]}", tag_key(*key), entry.encode()):
-            await self.contents.add_tag(key[0], key[1], key[2], entry.digest)
+            await self.contents.add_tag(key[0], key[1], key[2], entry.digest, view=key[3])
 
     # ------------------------------------------------------------ upstream
 

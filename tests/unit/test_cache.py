@@ -24,9 +24,9 @@ from gateway.cache import (
     FsStore,
     IntegrityError,
     ManifestResult,
-    MemoryContents,
     MemoryIndex,
     ProcessDir,
+    SqliteContents,
 )
 from gateway.config import Config, Route
 from gateway.errors import RegistryError, UpstreamError
@@ -101,7 +101,8 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
             store = FsStore(tmp_path / "data", spool.path)
         config = Config(routes=(route,))
         cache = Cache(config, tmp_path / "data", store, MemoryIndex(clock),
-                      MemoryContents(clock), metrics, spool, clock)
+                      SqliteContents(tmp_path / "data", clock=clock), metrics, spool,
+                      clock)
         await cache.open()
         caches.append(cache)
         return World(served, route, upstream, cache, store, metrics, clock)

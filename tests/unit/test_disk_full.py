@@ -27,11 +27,11 @@ from gateway.cache import (
     Cache,
     FetchAborted,
     FsStore,
-    MemoryContents,
     MemoryIndex,
     NoSpace,
     ProcessDir,
     Relay,
+    SqliteContents,
 )
 from gateway.cache import flight as flight_module
 from gateway.config import Config, Route
@@ -191,7 +191,8 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         store = FullStore(tmp_path / "data", spool.path)
         clock = Clock()
         cache = Cache(Config(routes=(route,)), tmp_path / "data", store, MemoryIndex(clock),
-                      MemoryContents(clock), metrics, spool, clock)
+                      SqliteContents(tmp_path / "data", clock=clock), metrics, spool,
+                      clock)
         await cache.open()
         caches.append(cache)
         disk = SmallDisk(free)

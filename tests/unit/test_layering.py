@@ -42,6 +42,8 @@ MAP: dict[str, set[str]] = {
     "gateway.config": {"gateway.reference", "gateway.errors", "gateway.presets",
                        "gateway.net"},
     "gateway.reference": {"gateway.errors"},
+    "gateway.maintenance": {"gateway.cache", "gateway.config", "gateway.reference",
+                            "gateway.errors"},
     "gateway.client": {"gateway.wire", "gateway.presets", "gateway.reference",
                        "gateway.errors", "gateway.oci", "gateway"},
     **{leaf: set() for leaf in LEAVES},
