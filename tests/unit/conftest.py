@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
 from gateway import api
+from gateway.cache import Cache, FsStore, MemoryIndex, ProcessDir, SqliteContents
 from gateway.config import CachePolicy, Config, Route, UpstreamSettings, load_config
 from gateway.metrics import Metrics
 from gateway.server import MAX_LINE, METRICS, create_app
@@ -68,6 +69,15 @@ def make_route(url: str, name: str = "fake.test", **overrides: Any) -> Route:
     return Route(name=name, namespace=name,
                  upstream=UpstreamSettings(URL(url), **parts[UpstreamSettings]),
                  cache=CachePolicy(**parts[CachePolicy]), **overrides)
+
+
+def make_cache(route: Route, data_dir: Path, metrics: Metrics, clock: Clock, *,
+               store: FsStore | None = None, store_type: type[FsStore] = FsStore) -> Cache:
+    """The real cache of one route over a filesystem store in `data_dir` (open it)."""
+    spool = ProcessDir(data_dir / ".spool")
+    store = store if store is not None else store_type(data_dir, spool.path)
+    return Cache(Config(routes=(route,)), data_dir, store, MemoryIndex(clock),
+                 SqliteContents(data_dir, clock=clock), metrics, spool, clock)
 
 
 @pytest.fixture

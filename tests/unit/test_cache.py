@@ -24,11 +24,8 @@ from gateway.cache import (
     FsStore,
     IntegrityError,
     ManifestResult,
-    MemoryIndex,
-    ProcessDir,
-    SqliteContents,
 )
-from gateway.config import Config, Route
+from gateway.config import Route
 from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
 from gateway.reference import Reference, parse_digest
@@ -39,7 +36,7 @@ from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
 from tests.support.wait import wait_until
 
-from .conftest import Served, make_route
+from .conftest import Served, make_cache, make_route
 
 REPO = "owner/img"
 MiB = 1 << 20
@@ -96,13 +93,9 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         upstream = Upstream(route, metrics)
         await upstream.start()
         upstreams.append(upstream)
-        spool = ProcessDir(tmp_path / "data" / ".spool")
-        if store is None:
-            store = FsStore(tmp_path / "data", spool.path)
-        config = Config(routes=(route,))
-        cache = Cache(config, tmp_path / "data", store, MemoryIndex(clock),
-                      SqliteContents(tmp_path / "data", clock=clock), metrics, spool,
-                      clock)
+        cache = make_cache(route, tmp_path / "data", metrics, clock, store=store)
+        store = cache.store
+        assert isinstance(store, FsStore)
         await cache.open()
         caches.append(cache)
         return World(served, route, upstream, cache, store, metrics, clock)

@@ -27,14 +27,11 @@ from gateway.cache import (
     Cache,
     FetchAborted,
     FsStore,
-    MemoryIndex,
     NoSpace,
-    ProcessDir,
     Relay,
-    SqliteContents,
 )
 from gateway.cache import flight as flight_module
-from gateway.config import Config, Route
+from gateway.config import Route
 from gateway.metrics import Metrics
 from gateway.reference import Reference, parse_digest
 from gateway.upstream import Upstream
@@ -44,7 +41,7 @@ from tests.support.faults import Fault
 from tests.support.images import sha256_digest as digest_of
 from tests.support.wait import wait_until
 
-from .conftest import Gateway, Served, make_route
+from .conftest import Gateway, Served, make_cache, make_route
 
 REPO = "owner/img"
 MiB = 1 << 20
@@ -187,12 +184,10 @@ async def world(registry: Callable[..., Awaitable[Served]], tmp_path: Path,
         upstream = Upstream(route, metrics)
         await upstream.start()
         upstreams.append(upstream)
-        spool = ProcessDir(tmp_path / "data" / ".spool")
-        store = FullStore(tmp_path / "data", spool.path)
         clock = Clock()
-        cache = Cache(Config(routes=(route,)), tmp_path / "data", store, MemoryIndex(clock),
-                      SqliteContents(tmp_path / "data", clock=clock), metrics, spool,
-                      clock)
+        cache = make_cache(route, tmp_path / "data", metrics, clock, store_type=FullStore)
+        store = cache.store
+        assert isinstance(store, FullStore)
         await cache.open()
         caches.append(cache)
         disk = SmallDisk(free)
