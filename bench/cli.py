@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only 1,2,3,4,5] [--baseline REV]`: set up, run the scenarios,
+"""`python -m bench [--quick] [--only 1,2,3,4,5,6,7] [--baseline REV]`: set up, run the scenarios,
 report."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import report, scenarios, trees
+from . import eviction, report, scenarios, startup, trees
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
-SCENARIOS = ("1", "2", "3", "4", "5")
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")  # 6 eviction, 7 start-up with a big index
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true",
                         help="small image, short windows (~3 minutes), for iteration")
     parser.add_argument("--only", default=",".join(SCENARIOS),
-                        help="scenarios to run, e.g. 1,3 (default: all)")
+                        help="scenarios to run, e.g. 1,3 (default: all; 6 is eviction, "
+                        "7 start-up with a large index)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown report (default: BENCHMARKS.md for a full run of "
                         "everything, bench/results/<profile>.md otherwise)")
@@ -169,4 +170,8 @@ def _measure(world: World, profile: scenarios.Profile, selected: set[str],
                 rate="4" in selected, with_nginx=True, baseline=baseline)
         if "5" in selected:
             records += scenarios.memory(records)
+        if "6" in selected:
+            records += eviction.run(world, profile)
+        if "7" in selected:
+            records += startup.run(world, profile)
     return image, records, baselines

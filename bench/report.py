@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import compare
+from . import compare, eviction, startup
 
 Record = dict[str, Any]
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
@@ -177,6 +177,7 @@ def _verdicts(records: list[Record]) -> list[tuple[str, str, str, str, str]]:
     tls = _one(records, scenario="warm_throughput", target="gateway", tls=True)
     if tls is not None and "status" in tls:
         add("warm serving over TLS", "see scenario 3", "measured", "–", None)
+    rows += eviction.verdicts(records) + startup.verdicts(records)
     against = compare.verdict(records)
     if against is not None:
         add(*against)
@@ -243,6 +244,8 @@ def markdown(records: list[Record]) -> str:
     out += _scenario3(records)
     out += _scenario4(records)
     out += _scenario5(records)
+    out += eviction.section(records)
+    out += startup.section(records)
     out += compare.section(records)
     if ANALYSIS.exists():
         out += ["", ANALYSIS.read_text().rstrip(), ""]
@@ -317,6 +320,8 @@ def _scenario2(records: list[Record]) -> list[str]:
 
 
 def _scenario3(records: list[Record]) -> list[str]:
+    if not _find(records, scenario="warm_throughput"):
+        return []
     out = ["## 3. Warm throughput", "",
            "C keep-alive connections pull the cached image (manifest by digest, config, layers) "
            "over and over for a fixed window. The client discards bodies in the kernel "

@@ -1,6 +1,7 @@
-"""The five scenarios. Each is a small function that starts what it needs, measures,
-stops it, and returns records (dicts, one JSON line each). A record with errors > 0
-carries no speed: the report says the run had errors instead.
+"""Scenarios 1-5 (6, eviction, is in eviction.py; 7, start-up, in startup.py). Each is
+a small function that starts what it needs, measures, stops it, and returns records
+(dicts, one JSON line each). A record with errors > 0 carries no speed: the report says
+the run had errors instead.
 """
 
 from __future__ import annotations
@@ -51,11 +52,21 @@ class Profile:
     latency_ms: float = 40
     rate_mb: float = 32  # per connection, MB/s
     pair_rounds: int = 3  # with a baseline: each window this often on each gateway
+    # 6. eviction: images of these layers, pulled through a cap of this share of them all
+    evict_images: int = 25
+    evict_layers_mib: tuple[float, ...] = (20, 20, 20, 20)
+    evict_cap_fraction: float = 0.25
+    evict_clients: int = 4
+    evict_rounds: int = 2  # each round: once with no cap, once capped
+    # 7. index start-up: entries in the index, files in the store rebuilt from
+    index_entries: int = 1_000_000
+    index_files: int = 1_000_000
 
 
 FULL = Profile("full", (110, 90, 70, 50, 40, 25, 10, 5), 200, (1, 4, 16), 5, (1, 8, 32), 8, 5)
 QUICK = Profile("quick", (24, 20, 16, 12, 8, 6, 4, 2), 50, (1, 4, 16), 3, (1, 8, 32), 3, 2,
-                pair_rounds=2)
+                pair_rounds=2, evict_images=12, evict_layers_mib=(16, 16), evict_rounds=1,
+                index_files=20_000)
 
 
 def _errors(result: dict[str, Any]) -> dict[str, Any]:

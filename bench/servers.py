@@ -106,20 +106,38 @@ def _registry_config(root: Path, port: int, **extra: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------- seeding
 
 
-def seed(world: World, *, layers_mib: list[float], extra_mib: list[float]) -> dict[str, Any]:
-    """Push a random image (and the extra blobs) into world.storage through an open registry."""
+@contextlib.contextmanager
+def _seed_registry(world: World) -> Iterator[str]:
+    """An open registry over world.storage, for pushing; its URL."""
     port = free_port()
     config = _write_config(world.workdir / "seed-registry.yml",
                            _registry_config(world.storage, port, log={"level": "warn"}))
     with running("seed-registry", [REGISTRY_BINARY, "serve", str(config)],
                  world.logs / "seed-registry.log") as proc:
         wait_http(proc, f"http://127.0.0.1:{port}/v2/")
-        image = world.tool.run(
-            "seed", "-registry", f"http://127.0.0.1:{port}", "-repo", "bench/app",
-            "-layers-mib", ",".join(f"{m:g}" for m in layers_mib),
-            "-extra-mib", ",".join(f"{m:g}" for m in extra_mib))
+        yield f"http://127.0.0.1:{port}"
+
+
+def _mib(sizes: list[float]) -> str:
+    return ",".join(f"{m:g}" for m in sizes)
+
+
+def seed(world: World, *, layers_mib: list[float], extra_mib: list[float]) -> dict[str, Any]:
+    """Push a random image (and the extra blobs) into world.storage through an open registry."""
+    with _seed_registry(world) as url:
+        image = world.tool.run("seed", "-registry", url, "-repo", "bench/app",
+                               "-layers-mib", _mib(layers_mib), "-extra-mib", _mib(extra_mib))
     world.image = image
     return image
+
+
+def seed_images(world: World, repositories: list[str], *,
+                layers_mib: list[float]) -> list[dict[str, Any]]:
+    """One random image per repository (`latest`), no layer shared with another image."""
+    with _seed_registry(world) as url:
+        return [world.tool.run("seed", "-registry", url, "-repo", repo, "-seed",
+                               str(1000 + number), "-layers-mib", _mib(layers_mib))
+                for number, repo in enumerate(repositories)]
 
 
 # ---------------------------------------------------------------- the far upstream
@@ -180,12 +198,16 @@ def gateway_version(tree: GatewayTree = CURRENT) -> str:
 
 @contextlib.contextmanager
 def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
-            name: str = "gateway", tree: GatewayTree = CURRENT) -> Iterator[Server]:
+            name: str = "gateway", tree: GatewayTree = CURRENT,
+            cache: dict[str, Any] | None = None) -> Iterator[Server]:
     """`python -m gateway serve` from `tree` (this working tree unless a baseline), one
-    route to the far upstream; its records carry `tree.label` as the target."""
+    route to the far upstream, `cache` as routes.yaml's `cache:` section if given; its
+    records carry `tree.label` as the target."""
     port = free_port()
-    routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", {
-        "default_route": ROUTE, "routes": {ROUTE: {"upstream": far.url}}})
+    config: dict[str, Any] = {"default_route": ROUTE, "routes": {ROUTE: {"upstream": far.url}}}
+    if cache is not None:
+        config["cache"] = cache
+    routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", config)
     argv = [sys.executable, "-m", "gateway", "serve", "--routes", str(routes),
             "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"]
     url = f"http://127.0.0.1:{port}"

@@ -23,6 +23,7 @@ from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
 from .config import Config
 from .logs import start_logging
+from .looplag import LoopLag
 from .metrics import Metrics
 from .routing import Router
 from .tls import RELOAD_INTERVAL, TlsCertificates
@@ -57,6 +58,12 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app[api.SERVICES] = api.Services(cache, upstreams)
 
     pins = PinKeeper(config, cache, upstreams, metrics)
+    lag = LoopLag(metrics)
+
+    async def watch_loop(app: web.Application) -> AsyncIterator[None]:
+        lag.start()  # before the cache opens: its start-up work shows as lag too
+        yield
+        await lag.close()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await cache.open()
@@ -68,7 +75,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await cache.close()
         await asyncio.gather(*(u.close() for u in upstreams.values()))
 
-    app.cleanup_ctx.append(lifecycle)
+    app.cleanup_ctx.extend((watch_loop, lifecycle))
     app.on_response_prepare.append(pipeline.add_common_headers)
     router = app.router
     for path in ("/v2", "/v2/"):
