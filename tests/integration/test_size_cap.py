@@ -1,7 +1,8 @@
 """The size cap against real registries and real pulls (issue #9): many images sharing
 base layers, three times the cap in all, pulled in random order. Sampled every 100 ms,
 the data directory never holds more than the cap plus the largest blob in flight; the
-images pulled last are still HITs; pinned images stay; evicted ones pull again."""
+images pulled last are still HITs; pinned images stay; evicted ones pull again. Every
+tenth pull is skopeo's, so a real client pulls while eviction runs."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import Gateway
-from tests.support.images import make_image, shared_images, unique_bytes
+from tests.support.images import Image, make_image, shared_images, unique_bytes
 from tests.support.pulls import pull_image
+from tests.support.skopeo import DirLayout, Skopeo
 from tests.support.upstreams import Upstream, route_entry
 
 pytestmark = pytest.mark.integration
@@ -75,9 +77,19 @@ async def metric(http: aiohttp.ClientSession, gateway: Gateway, name: str) -> fl
                for s in family.samples if s.name == name)
 
 
+def skopeo_pull(skopeo: Skopeo, gateway: Gateway, repository: str, image: Image,
+                into: Path) -> None:
+    """A real client's pull: skopeo copies the image and every digest is checked."""
+    skopeo.copy(f"{gateway.address()}/{repository}:latest", f"dir:{into}")
+    layout = DirLayout(into)
+    assert layout.manifest() == image.manifest.data
+    assert layout.blob_digests() == {b.digest: b.digest for b in image.blobs}
+
+
 async def test_many_images_over_the_cap_stay_under_it(
         start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway],
-        http: aiohttp.ClientSession) -> None:
+        http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    skopeo = Skopeo(tmp_path / "skopeo")
     upstream = start_upstream("docker.io")
     images = shared_images(IMAGES, seed=11)
     assert unique_bytes(images) > 2.8 * CAP
@@ -98,8 +110,12 @@ async def test_many_images_over_the_cap_stay_under_it(
     order = list(range(IMAGES))
     random.Random(5).shuffle(order)
     with Sampler(gateway.data_dir).sampling() as sampler:
-        for i in order:
-            await pull_image(http, base, f"cap/img-{i}", "latest", images[i])
+        for n, i in enumerate(order):
+            if n % 10 == 9:  # every tenth by skopeo, the rest by this test's own client
+                await asyncio.to_thread(skopeo_pull, skopeo, gateway, f"cap/img-{i}",
+                                        images[i], tmp_path / f"pull-{n}")
+            else:
+                await pull_image(http, base, f"cap/img-{i}", "latest", images[i])
         await asyncio.sleep(0.3)  # a few more samples while eviction settles
     assert sampler.samples > 10
     assert sampler.peak <= CAP + BASE + 256 * 1024, (
@@ -118,3 +134,6 @@ async def test_many_images_over_the_cap_stay_under_it(
     # The first pulled was evicted, and pulls again correctly (pull_image checks bytes).
     first = await pull_image(http, base, f"cap/img-{order[0]}", "latest", images[order[0]])
     assert "MISS" in first.cache.values(), first.cache
+    second = order[1]
+    await asyncio.to_thread(skopeo_pull, skopeo, gateway, f"cap/img-{second}", images[second],
+                            tmp_path / "again")
