@@ -6,6 +6,7 @@ no imports from the rest of the gateway.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -22,13 +23,16 @@ OCTET_STREAM = "application/octet-stream"
 MANIFEST_MAX = 4 << 20  # distribution's limit on a manifest's size
 
 
-def media_types(accept: str | None) -> set[str]:
-    """The media types an Accept header names, parameters dropped."""
+@functools.lru_cache(maxsize=512)
+def media_types(accept: str | None) -> frozenset[str]:
+    """The media types an Accept header names, parameters dropped. Memoised: clients send
+    the same few Accept headers on every request."""
     if not accept:
-        return set()
-    return {part.split(";", 1)[0].strip() for part in accept.split(",")} - {""}
+        return frozenset()
+    return frozenset({part.split(";", 1)[0].strip() for part in accept.split(",")} - {""})
 
 
+@functools.lru_cache(maxsize=512)
 def manifest_accept(client_accept: str | None) -> str:
     """The Accept to send upstream: the client's manifest types, or all we know.
 
@@ -49,6 +53,7 @@ def accepts(accept: str | None, media_type: str) -> bool:
     return not types or media_type in types or "*/*" in types
 
 
+@functools.lru_cache(maxsize=512)
 def takes_index(accept: str | None) -> bool:
     """Whether the answer negotiated for this Accept may be an index (every index type)."""
     negotiated = media_types(manifest_accept(accept))

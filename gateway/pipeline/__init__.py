@@ -1,7 +1,7 @@
 """The request pipeline, outermost first:
 
     edge (trusted X-Forwarded-*) → observe (errors, log, metrics) → redirect to HTTPS →
-    read-only guard → resolve (→ RegistryRequest) → access → limits → handler
+    resolve (read-only guard, → RegistryRequest) → access → limits → handler
 
 `access` and `limits` are the slots for who-may-pull rules and token buckets: they run
 on a resolved request, so a rule sees the route and repository, never a raw path.
@@ -16,7 +16,7 @@ from ..metrics import Metrics
 from ..routing import Router
 from .edge import forwarded_middleware, redirect_middleware
 from .observe import add_common_headers, observe_middleware, render
-from .resolve import read_only_middleware, resolve_middleware
+from .resolve import resolve_middleware
 
 __all__ = ["add_common_headers", "build", "render"]
 
@@ -30,7 +30,6 @@ def build(config: Config, router: Router, metrics: Metrics, *,
     stages.append(observe_middleware(metrics))
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
-    stages.append(read_only_middleware())
     stages.append(resolve_middleware(router))
     # access: (none yet) allow/deny CIDRs, users, repository rules
     # limits: (none yet) per-client token buckets

@@ -1,7 +1,8 @@
 """Resolve before policy: a `/v2/` request becomes one typed `RegistryRequest` (route,
 repository, kind, parsed reference) before access rules, limits or handlers run.
 
-Also the read-only guard. Parsing only: no upstream, no cache, no policy decisions.
+Also the read-only guard (one stage with it: a middleware layer costs on every request).
+Parsing only: no upstream, no cache, no policy decisions.
 """
 
 from __future__ import annotations
@@ -51,21 +52,13 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def read_only_middleware() -> Middleware:
+def resolve_middleware(router: Router) -> Middleware:
     @web.middleware
-    async def read_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
         if request.method not in READ_ONLY:
             raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
                                 "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
-        return await handler(request)
-
-    return read_only
-
-
-def resolve_middleware(router: Router) -> Middleware:
-    @web.middleware
-    async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
             request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
