@@ -71,6 +71,7 @@ class Metrics:
 
         # Labelled children, looked up once: labels() validates and locks on every call,
         # which is a visible share of a warm manifest request.
+        self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
 
@@ -97,6 +98,14 @@ class Metrics:
         self.index_rebuilds = Counter(
             "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
             "(missing, corrupt, schema)", ["reason"], registry=r)
+
+    def cache_outcome(self, route: str, kind: str, result: str) -> None:
+        """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""
+        key = (route, kind, result)
+        child = self._cache_children.get(key)
+        if child is None:
+            child = self._cache_children[key] = self.cache.labels(route, kind, result)
+        child.inc()
 
     def observe_request(self, route: str, kind: str, method: str, status: int,
                         seconds: float, body_bytes: int) -> None:

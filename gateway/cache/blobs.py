@@ -78,7 +78,7 @@ class Blobs:
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
 
     def _count(self, route: Route, result: str) -> None:
-        self.metrics.cache.labels(route.name, "blob", result).inc()
+        self.metrics.cache_outcome(route.name, "blob", result)
 
     async def _open(self, route: Route, digest: Digest) -> OpenBlob | CachedBlob | None:
         """The committed blob: opened, if the store has local files (one thread hop, which

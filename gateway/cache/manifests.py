@@ -183,7 +183,7 @@ class Manifests:
             assert reference.tag is not None
             result = await self._by_tag(upstream, route, repository, reference.tag, accept)
             kind = "tag"
-        self.metrics.cache.labels(route.name, kind, result.cache.lower()).inc()
+        self.metrics.cache_outcome(route.name, kind, result.cache.lower())
         # Served: its blobs stay for the lease, and it counts as used now.
         self.leases.grant(route.namespace, result.manifest.digest)
         self.contents.touch(route.namespace, "manifest", result.manifest.digest)
