@@ -6,9 +6,9 @@ did not yield. It owns only that task and must do no work of its own on the loop
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from .metrics import Metrics
+from .tasks import Background
 
 # 20 wake-ups a second cost a few microseconds each (~0.01% of a core), and a stall of
 # a few milliseconds still lands in a sample: a stall of d seconds delays one wake-up by
@@ -20,17 +20,13 @@ class LoopLag:
     def __init__(self, metrics: Metrics, interval: float = INTERVAL) -> None:
         self._histogram = metrics.event_loop_lag
         self._interval = interval
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("loop-lag")
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="loop-lag")
+        self._task.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..config import Config
 from ..metrics import Metrics
 from ..reference import parse_digest
+from ..tasks import Background
 from .contents import Contents, Entry, Root
 from .store import BlobStore, blob_key, manifest_key
 
@@ -54,7 +55,7 @@ class Evictor:
         self._routes = {r.namespace: r for r in config.routes}
         self.reserved = 0  # bytes of in-flight blobs not yet committed
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("evictor")
         self._forgotten: list[Callable[[Entry], Awaitable[None]]] = []
 
     def on_evicted(self, forget: Callable[[Entry], Awaitable[None]]) -> None:
@@ -64,14 +65,10 @@ class Evictor:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="evictor")
+        self._task.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()
 
     def wake(self) -> None:
         self._wake.set()

@@ -6,7 +6,6 @@ through the same single flight as clients. Eviction skips pinned images (core.py
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
@@ -15,6 +14,7 @@ from ..errors import RegistryError
 from ..metrics import Metrics
 from ..oci import MANIFEST_TYPES, index_entries, references
 from ..reference import Reference, parse_digest
+from ..tasks import Background
 from ..upstream import Upstream
 from .core import Cache
 from .manifests import Manifest
@@ -32,19 +32,16 @@ class PinKeeper:
         self._cache = cache
         self._upstreams = upstreams
         self._metrics = metrics
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("pins")
         ttls = [config.route(pin.route).cache.tag_ttl for pin in self._pins]
         self.interval = max(min(ttls, default=MIN_INTERVAL), MIN_INTERVAL)
 
     def start(self) -> None:
         if self._pins:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="pins")
+            self._task.start(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await self._task.stop()
 
     async def _run(self) -> None:
         while True:

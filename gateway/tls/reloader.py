@@ -8,12 +8,12 @@ a worker thread; the SNI callback only looks the new table up. Owns one watcher 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 import ssl
 from pathlib import Path
 
+from ..tasks import Background
 from .certs import Certificate, Fingerprint, TlsError, fingerprint
 from .table import CertTable, certificate_context, load_table
 
@@ -38,7 +38,7 @@ class TlsCertificates:
         self._table: CertTable | None = None
         self._fingerprint: Fingerprint = ()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._task = Background("tls-reload")
         self._problems: list[str] = []
         self._context: ssl.SSLContext | None = None
 
@@ -72,7 +72,7 @@ class TlsCertificates:
         await self.reload(force=True)
         self._context = await asyncio.to_thread(self._listener_context,
                                                 self.table.default_certificate)
-        self._task = asyncio.create_task(self._watch(), name="tls-reload")
+        self._task.start(self._watch())
 
     def reload_soon(self) -> None:
         """Check the directory now (SIGHUP) instead of at the next interval."""
@@ -128,8 +128,4 @@ class TlsCertificates:
 
     async def close(self) -> None:
         """Stop watching (idempotent); the loaded table stays usable."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._task.stop()

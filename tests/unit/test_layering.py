@@ -17,7 +17,8 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 
 # part -> the parts it may import ("gateway" itself holds only __version__).
 LEAVES = {"gateway", "gateway.errors", "gateway.oci", "gateway.net", "gateway.presets",
-          "gateway.wire", "gateway.singleflight", "gateway.logs", "gateway.metrics"}
+          "gateway.wire", "gateway.singleflight", "gateway.tasks", "gateway.logs",
+          "gateway.metrics"}
 MAP: dict[str, set[str]] = {
     "gateway.__main__": {"gateway.cli"},
     "gateway.cli": {"*"},
@@ -34,15 +35,15 @@ MAP: dict[str, set[str]] = {
     "gateway.state": {"gateway.config", "gateway.reference", "gateway.routing"},
     "gateway.cache": {"gateway.upstream", "gateway.oci", "gateway.reference",
                       "gateway.errors", "gateway.metrics", "gateway.config",
-                      "gateway.singleflight"},
+                      "gateway.singleflight", "gateway.tasks"},
     "gateway.upstream": {"gateway.oci", "gateway.reference", "gateway.errors",
                          "gateway.config", "gateway.metrics", "gateway.singleflight"},
     "gateway.routing": {"gateway.config", "gateway.reference", "gateway.errors"},
-    "gateway.tls": {"gateway.errors", "gateway.net"},
+    "gateway.tls": {"gateway.errors", "gateway.net", "gateway.tasks"},
     "gateway.config": {"gateway.reference", "gateway.errors", "gateway.presets",
                        "gateway.net"},
     "gateway.reference": {"gateway.errors"},
-    "gateway.looplag": {"gateway.metrics"},
+    "gateway.looplag": {"gateway.metrics", "gateway.tasks"},
     "gateway.maintenance": {"gateway.cache", "gateway.config", "gateway.reference",
                             "gateway.errors"},
     "gateway.client": {"gateway.wire", "gateway.presets", "gateway.reference",

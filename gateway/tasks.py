@@ -1,0 +1,29 @@
+"""A long-running task a component owns (the evictor, the pin keeper, the certificate
+watcher, the loop-lag monitor): started once, cancelled and awaited on close.
+
+The one place for that dance; no I/O, no imports from the rest of the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+
+class Background:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        self._task = asyncio.get_running_loop().create_task(work, name=self.name)
+
+    async def stop(self) -> None:
+        """Cancel and wait (idempotent)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
