@@ -67,6 +67,11 @@ class Metrics:
             "gateway_event_loop_lag_seconds", "How late the event loop woke a timer "
             "(sampled every 50 ms): time it spent on work that did not yield",
             buckets=_LAG_BUCKETS, registry=r)
+        self.refusals = Counter(
+            "gateway_refusals", "Requests refused by access rules or limits, by route and "
+            "reason (e.g. denied_address, login_required, bad_login, denied_repository, "
+            "rate, bandwidth, misses, connections, admin_only)", ["route", "reason"],
+            registry=r)
         self._add_disk_collectors(r)
 
         # Labelled children, looked up once: labels() validates and locks on every call,

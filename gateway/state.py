@@ -50,6 +50,8 @@ class RequestState:
     error: str | None = None
     body_bytes: int | None = None  # counted by streaming handlers as they write
     cache: str | None = None  # X-Cache of a streamed answer, for a client that went away
+    user: str | None = None  # who logged in (a name, never a secret); None: anonymous
+    rule: str | None = None  # the access or limits rule that allowed or refused the request
 
 
 STATE = web.RequestKey("gateway_state", RequestState)
