@@ -10,10 +10,10 @@ from typing import Any
 
 Record = dict[str, Any]
 
-# "No worse" within the noise of one run on a shared 2-core machine: the same code
-# measured against itself, interleaved in rounds, came out 0.89-1.06x in total and
-# 0.6-1.3x in single windows (quick profile, other helpers' jobs running).
-TOLERANCE = 1.10
+# "No worse", as the issue says. Mind the noise of one run on a shared 2-core machine:
+# the same code measured against itself, interleaved in rounds, came out 0.89-1.06x in
+# total and 0.6-1.3x in single windows (quick profile, other jobs running).
+TOLERANCE = 1.00
 MANIFEST_KINDS = ("GET manifest by digest", "GET manifest by tag")
 
 
@@ -92,7 +92,7 @@ def verdict(records: list[Record]) -> tuple[str, str, str, str, bool | None] | N
                  "by digest/tag")
     met = None if not pairs else all(r is not None and r <= TOLERANCE for r in ratios)
     return (f"CPU per warm GB and per manifest request vs {rev}", reference,
-            f"no worse: ≤ {TOLERANCE:.2f}× {rev} (one run's noise here)", measured, met)
+            f"no worse: ≤ {TOLERANCE:.2f}× {rev}", measured, met)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

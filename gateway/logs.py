@@ -12,6 +12,7 @@ import logging
 import queue
 import sys
 import threading
+import time
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,10 +41,15 @@ class _LineQueue(logging.Handler):
 
 
 class LogWriter:
-    """The thread that writes queued lines to stderr, as many per write(2) as are waiting."""
+    """The thread that writes queued lines to stderr, as many per write(2) as are waiting.
 
-    def __init__(self, lines: queue.SimpleQueue[str | None]) -> None:
+    After a write it sleeps a moment before looking again: a busy server then queues
+    lines without waking a thread per line (a futex wake and a GIL hand-off each), and
+    the writer does one write(2) per batch. A line waits at most `linger` seconds."""
+
+    def __init__(self, lines: queue.SimpleQueue[str | None], linger: float = 0.05) -> None:
         self._lines = lines
+        self._linger = linger
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
 
     def start(self) -> None:
@@ -56,12 +62,10 @@ class LogWriter:
 
     def _run(self) -> None:
         while True:
-            line = self._lines.get()
+            line: str | None = self._lines.get()  # idle: block until there is a line
             batch = []
             while line is not None:
                 batch.append(line)
-                if len(batch) >= 256:
-                    break
                 try:
                     line = self._lines.get_nowait()
                 except queue.Empty:
@@ -71,6 +75,7 @@ class LogWriter:
                 sys.stderr.flush()
             if line is None:
                 return
+            time.sleep(self._linger)
 
 
 def start_logging(level: str) -> LogWriter:
