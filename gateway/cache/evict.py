@@ -65,6 +65,9 @@ class Evictor:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        # A first pass at once: a cache restarted over its (maybe lowered) cap, or with
+        # idle images, must not wait for the first request or IDLE_CHECK.
+        self._wake.set()
         self._task.start(self._run())
 
     async def close(self) -> None:

@@ -24,6 +24,7 @@ from tests.support.images import Image, make_image, shared_images, unique_bytes
 from tests.support.pulls import pull_image
 from tests.support.skopeo import DirLayout, Skopeo
 from tests.support.upstreams import Upstream, route_entry
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +138,35 @@ async def test_many_images_over_the_cap_stay_under_it(
     second = order[1]
     await asyncio.to_thread(skopeo_pull, skopeo, gateway, f"cap/img-{second}", images[second],
                             tmp_path / "again")
+
+
+async def test_a_gateway_started_over_its_cap_evicts_at_once(
+        start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway],
+        http: aiohttp.ClientSession) -> None:
+    """Restarted with a lower cap (or over it after a crash), the cache comes down to the
+    cap before any request wakes the evictor, not a minute later."""
+    upstream = start_upstream("docker.io")
+    images = [make_image(layer_sizes=(MiB, MiB), seed=40 + i) for i in range(6)]
+    for i, image in enumerate(images):
+        upstream.push(f"restart/img-{i}", image)
+    routes: dict[str, Any] = {"default_route": "docker.io",
+                              "cache": {"min_free": 0, "lease": "0s"},
+                              "routes": {"docker.io": route_entry(upstream)}}
+    first = start_gateway(routes)
+    for i, image in enumerate(images):
+        await pull_image(http, first.url(), f"restart/img-{i}", "latest", image)
+    data_dir = first.data_dir
+    first.stop()
+    full = Sampler(data_dir).size()
+    assert full > 12 * MiB
+
+    routes["cache"]["max_size"] = f"{4 * MiB}"
+    second = start_gateway(routes, extra_args=("--data-dir", str(data_dir)))
+    # No request: only the evictor's first pass at start can bring it down.
+    await wait_until(lambda: Sampler(data_dir).size() <= 4 * MiB, timeout=15,
+                     what="the cache evicted down to its new cap after the restart")
+    assert await metric(http, second, "gateway_evicted_bytes_total") >= full - 4 * MiB
+    latest = len(images) - 1  # the image pulled last is the one kept
+    again = await pull_image(http, second.url(), f"restart/img-{latest}", "latest",
+                             images[latest])
+    assert set(again.cache.values()) == {"HIT"}, again.cache
