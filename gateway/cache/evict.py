@@ -22,7 +22,7 @@ from ..config import Config
 from ..metrics import Metrics
 from ..reference import parse_digest
 from ..tasks import Background
-from .contents import Contents, Entry, Root
+from .contents import Contents, Entry, Root, Usage
 from .store import BlobStore, blob_key, manifest_key
 
 log = logging.getLogger("gateway.evict")
@@ -98,9 +98,12 @@ class Evictor:
                 await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
             self._wake.clear()
             try:
+                freed = 0
                 for target in await self.targets():
-                    await self._evict(target)
-                await self._evict_idle()
+                    freed += await self._evict(target)
+                freed += await self._evict_idle()
+                if freed:  # the gauges show the cache after the pass, not before it
+                    self._report(await self._contents.usage())
             except Exception:  # a bad pass must not stop eviction for good
                 log.exception("eviction pass failed")
                 await asyncio.sleep(1.0)
@@ -119,9 +122,14 @@ class Evictor:
             found.append(Target(None, reason,
                                 max(int(limit * LOW_WATERMARK) - self.reserved, 0)))
         self._metrics.cache_limit.set(limit)
-        for namespace, used in usage.by_namespace.items():
-            self._metrics.cache_bytes.labels(self._route_name(namespace)).set(used)
+        self._report(usage)
         return found
+
+    def _report(self, usage: Usage) -> None:
+        """Bytes cached per route; a route whose last object went reads 0, not its past."""
+        for namespace in self._routes.keys() | usage.by_namespace.keys():
+            self._metrics.cache_bytes.labels(self._route_name(namespace)).set(
+                usage.by_namespace.get(namespace, 0))
 
     async def limit(self, used: int) -> tuple[int, str]:
         """The most the cache may hold: max_size, or what keeps min_free free."""
@@ -157,17 +165,19 @@ class Evictor:
                     break
             await asyncio.sleep(0)  # a bounded step: let requests run
 
-    async def _evict_idle(self) -> None:
+    async def _evict_idle(self) -> int:
         max_idle = self._config.cache.max_idle
         if max_idle is None:
-            return
+            return 0
         before = self._clock() - max_idle
+        freed = 0
         while roots := [r for r in await self._contents.roots(limit=STEP_ROOTS,
                                                                idle_before=before)
                         if not self._protected(r)]:
             for root in roots:
-                await self._remove(root, "idle")
+                freed += await self._remove(root, "idle")
             await asyncio.sleep(0)
+        return freed
 
     async def _remove(self, root: Root, reason: str) -> int:
         removed = await self._contents.remove(root)

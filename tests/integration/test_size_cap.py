@@ -166,6 +166,10 @@ async def test_a_gateway_started_over_its_cap_evicts_at_once(
     await wait_until(lambda: Sampler(data_dir).size() <= 4 * MiB, timeout=15,
                      what="the cache evicted down to its new cap after the restart")
     assert await metric(http, second, "gateway_evicted_bytes_total") >= full - 4 * MiB
+
+    async def gauge_caught_up() -> bool:  # the gauge shows the cache after the pass
+        return await metric(http, second, "gateway_cache_bytes") <= 4 * MiB
+    await wait_until(gauge_caught_up, timeout=5, what="gateway_cache_bytes under the cap")
     latest = len(images) - 1  # the image pulled last is the one kept
     again = await pull_image(http, second.url(), f"restart/img-{latest}", "latest",
                              images[latest])
