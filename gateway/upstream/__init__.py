@@ -20,10 +20,10 @@ from cachetools import TLRUCache
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import Route
-from .errors import UpstreamError
-from .metrics import Metrics
-from .singleflight import SharedCalls
+from ..config import Route
+from ..errors import UpstreamError
+from ..metrics import Metrics
+from ..singleflight import SharedCalls
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
