@@ -138,7 +138,7 @@ async def test_an_unchanged_route_keeps_its_client_a_changed_one_closes_after_dr
 
 
 async def test_a_flight_holds_a_replaced_client_after_its_request_ended() -> None:
-    pool, made = recording_pool()
+    pool, _made = recording_pool()
     route = make_route("http://127.0.0.1:1", "docker.io")
     await pool.start([route])
     async with pool.use(route) as client:
