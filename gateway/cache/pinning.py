@@ -34,7 +34,7 @@ class PinKeeper:
         self._upstreams = upstreams
         self._metrics = metrics
         self._task = Background("pins")
-        self._running = False
+        self._running = self._started = False
         self._again = asyncio.Event()
         self._configure(config)
 
@@ -46,20 +46,24 @@ class PinKeeper:
 
     def start(self) -> None:
         self._running = True
-        if self._pins:
+        self._start_if_pinned()
+
+    def _start_if_pinned(self) -> None:
+        # The task starts with the first pin (at start or by a reload) and runs until close.
+        if self._running and self._pins and not self._started:
+            self._started = True
             self._task.start(self._run())
 
     def reconfigure(self, config: Config) -> None:
         """A reload: the pins of `config`, fetched again at once (new pins, new tags)."""
-        had = bool(self._pins)
         self._configure(config)
-        if self._running and self._pins and not had:
-            self._task.start(self._run())
+        self._start_if_pinned()
         self._again.set()
 
     async def close(self) -> None:
         self._running = False
         await self._task.stop()
+        self._started = False
 
     async def _run(self) -> None:
         while True:

@@ -69,7 +69,10 @@ class Reloader:
             await self._wanted.wait()
             self._wanted.clear()
             reasons, self._reasons = self._reasons, []
-            await self.reload(", ".join(dict.fromkeys(reasons)))
+            try:
+                await self.reload(", ".join(dict.fromkeys(reasons)))
+            except Exception:  # a broken hook must not end reloading for good
+                log.exception("reload failed")
 
     def _paths(self, config: Config) -> list[Path]:
         assert self.source is not None
@@ -80,7 +83,11 @@ class Reloader:
             self._seen = await asyncio.to_thread(signatures, self._paths(self.live()))
         while True:
             await asyncio.sleep(self.interval)
-            now = await asyncio.to_thread(signatures, self._paths(self.live()))
+            try:
+                now = await asyncio.to_thread(signatures, self._paths(self.live()))
+            except Exception:  # a hook naming files failed: look again next time
+                log.exception("cannot look at the config files")
+                continue
             found = changed(self._seen, now)
             if found and not self._lock.locked():
                 self.reload_soon("changed on disk: " + ", ".join(map(str, found)))
