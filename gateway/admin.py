@@ -6,6 +6,8 @@ access stage's job; here they are plain handlers over the config and the metrics
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aiohttp import web
 
 from . import __version__
@@ -14,7 +16,8 @@ from .errors import RegistryError
 from .metrics import Metrics
 from .wire import ROUTES_PATH, GatewayListing, RouteListing
 
-CONFIG = web.AppKey("config", Config)
+# The running config (it changes on reload): read it per request, never keep it.
+CURRENT: web.AppKey[Callable[[], Config]] = web.AppKey("current config")
 METRICS = web.AppKey("metrics", Metrics)
 
 
@@ -29,7 +32,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def routes(request: web.Request) -> web.Response:
     """Route names and the hosts that pick them, for `registry-gateway client` and `doctor`."""
-    config = request.app[CONFIG]
+    config = request.app[CURRENT]()
     return web.json_response(GatewayListing(
         routes=tuple(RouteListing(r.name, r.label, r.hosts, r.aliases) for r in config.routes),
         base_domains=config.base_domains, default_route=config.default_route,

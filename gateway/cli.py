@@ -14,10 +14,11 @@ from pathlib import Path
 
 from . import __version__, server
 from .client import commands as client_commands
-from .config import Config, load_config_file
+from .config import load_config_file
 from .errors import ConfigError
 from .maintenance import add_commands as add_cache_commands
 from .net import parse_hostport
+from .reload import WATCH_INTERVAL, check_file
 from .tls import RELOAD_INTERVAL, TlsError
 
 
@@ -35,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the registry API")
-    serve.add_argument("--routes", default="routes.yaml", help="route table (default routes.yaml)")
+    serve.add_argument("--routes", "--config", dest="routes", default="routes.yaml",
+                       help="route table (default routes.yaml); reloaded on SIGHUP and "
+                            "when it changes")
+    serve.add_argument("--config-poll", type=float, default=WATCH_INTERVAL, metavar="SECONDS",
+                       help=f"how often to look for a changed route table (default "
+                            f"{WATCH_INTERVAL:g}; 0: only on SIGHUP)")
     serve.add_argument("--data-dir", default="data", help="cache directory (default ./data)")
     serve.add_argument("--listen", action="append", type=_listen, metavar="HOST:PORT",
                        help="address to listen on; repeatable (default 127.0.0.1:5000)")
@@ -53,8 +59,11 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"how often to look for replaced certificates (default "
                             f"{RELOAD_INTERVAL:g}; SIGHUP looks at once)")
 
-    check = sub.add_parser("check", help="validate a route table and print the routes")
-    check.add_argument("routes", nargs="?", default="routes.yaml")
+    check = sub.add_parser("check", help="validate a route table (as a reload would: "
+                           "secrets resolved) and print the routes; exit 1 if invalid")
+    check.add_argument("file", nargs="?", help="the route table (default routes.yaml)")
+    check.add_argument("--config", "--routes", dest="routes", default="routes.yaml",
+                       help="the route table, as `serve --config` takes it")
 
     client_commands.add_commands(sub)
     client_commands.add_doctor(sub)
@@ -63,32 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _describe(config: Config) -> str:
-    lines = [f"{config.source}: {len(config.routes)} routes, default route "
-             f"{config.default_route or '(none)'}"]
-    for route in config.routes:
-        hosts = list(route.hosts)
-        if route.label:
-            hosts += [f"{route.label}.{d}" for d in config.base_domains] or [f"{route.label}.*"]
-        credentials = route.upstream.credentials
-        auth = f", credentials for {credentials.username}" if credentials else ""
-        lines.append(f"  {route.name:<20} -> {route.upstream.url}  hosts: "
-                     f"{', '.join(hosts) or '-'}  tag_ttl: {route.cache.tag_ttl:g}s{auth}")
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("client", "doctor", "warm", "cache"):  # they read their own inputs
         return int(args.run(args, os.environ))
+    if args.command == "check":
+        ok, text = check_file(Path(args.file or args.routes))
+        print(text if ok else f"registry-gateway: {text}", file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
     try:
         config = load_config_file(args.routes)
     except ConfigError as exc:
         print(f"registry-gateway: {exc}", file=sys.stderr)
         return 1
-    if args.command == "check":
-        print(_describe(config))
-        return 0
     if args.redirect_http and not args.tls_listen:
         print("registry-gateway: --redirect-http needs a --tls-listen address", file=sys.stderr)
         return 1
@@ -98,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, Path(args.data_dir), listens=tuple(listens),
             tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
             certs=Path(args.certs), redirect_http=args.redirect_http,
-            tls_reload=args.tls_reload, log_level=args.log_level))
+            tls_reload=args.tls_reload, log_level=args.log_level,
+            config_file=Path(args.routes), config_poll=args.config_poll))
     except TlsError as exc:
         print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
         return 1

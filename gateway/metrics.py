@@ -72,13 +72,17 @@ class Metrics:
             "reason (e.g. denied_address, login_required, bad_login, denied_repository, "
             "rate, bandwidth, misses, connections, admin_only)", ["route", "reason"],
             registry=r)
-        self._add_disk_collectors(r)
+        self._add_part_collectors(r)
 
         # Labelled children, looked up once: labels() validates and locks on every call,
         # which is a visible share of a warm manifest request.
         self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
+
+    def _add_part_collectors(self, r: CollectorRegistry) -> None:
+        self._add_disk_collectors(r)
+        self._add_reload_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -103,6 +107,20 @@ class Metrics:
         self.index_rebuilds = Counter(
             "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
             "(missing, corrupt, schema)", ["reason"], registry=r)
+
+    def _add_reload_collectors(self, r: CollectorRegistry) -> None:
+        """Live reload of routes.yaml: whether the running config is the file's."""
+        self.config_reloads = Counter(
+            "gateway_config_reloads", "Reloads of routes.yaml (SIGHUP or a change on disk) by "
+            "result: ok, or error (the file was refused whole; the running config stays)",
+            ["result"], registry=r)
+        self.config_last_success = Gauge(
+            "gateway_config_last_reload_success_timestamp_seconds", "When the running config "
+            "was loaded (at start, or by the last successful reload)", registry=r)
+        self.config_last_ok = Gauge(
+            "gateway_config_last_reload_successful", "1 if the last reload succeeded (or none "
+            "was tried), 0 if it was refused: the running config is older than the file",
+            registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

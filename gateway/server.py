@@ -1,5 +1,5 @@
-"""The composition root: builds the app (store, index, cache, upstreams, pipeline,
-handlers) and runs it (listeners, TLS with its reloader, signals, logging).
+"""The composition root: builds the app (live config, store, index, cache, upstreams,
+pipeline, handlers) and runs it (listeners, TLS with its reloader, signals, logging).
 
 The only place that wires parts together; nothing here runs at import time, and the
 command line only fills in `ServeOptions`.
@@ -25,39 +25,53 @@ from .config import Config
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
-from .routing import Router
+from .reload import WATCH_INTERVAL, Live, Reloader, secret_files
 from .tls import RELOAD_INTERVAL, TlsCertificates
 from .upstream import Upstream
+from .upstream_pool import UpstreamPool
 
 log = logging.getLogger("gateway")
 
 # A 10 KB repository name must reach the handler (and get an OCI 400), not the parser's
 # plain-text 400; far beyond this the parser refuses on its own.
 MAX_LINE = 65536
-CONFIG, METRICS = admin.CONFIG, admin.METRICS
+CURRENT, METRICS = admin.CURRENT, admin.METRICS
+LIVE = web.AppKey("live", Live)
+RELOADER = web.AppKey("reloader", Reloader)
 
 
 def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                https_port: int | None = None,
-               clock: Callable[[], float] = time.time) -> web.Application:
+               clock: Callable[[], float] = time.time,
+               config_file: Path | None = None,
+               watch_interval: float = WATCH_INTERVAL) -> web.Application:
     """The gateway as one aiohttp app. `https_port`: plain-HTTP requests are redirected to
-    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it."""
+    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it.
+    `config_file`: where `config` was read from, reloaded on SIGHUP (`app[RELOADER]`) and
+    when it changes (looked at every `watch_interval` seconds; 0: never)."""
     metrics = Metrics()
+    live = Live(config)
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
     store = FsStore(data_dir, spool.path)
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
-    upstreams = {route.name: Upstream(route, metrics, clock=clock) for route in config.routes}
+    upstreams = UpstreamPool(lambda route: Upstream(route, metrics, clock=clock))
 
-    app = web.Application(middlewares=pipeline.build(config, Router(config), metrics,
-                                                     https_port=https_port),
+    app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port),
                           client_max_size=1 << 20)
-    app[CONFIG] = config
+    current: Callable[[], Config] = live
+    app[CURRENT], app[LIVE] = current, live
     app[METRICS] = metrics
     app[api.SERVICES] = api.Services(cache, upstreams)
 
     pins = PinKeeper(config, cache, upstreams, metrics)
+    reloader = Reloader(live, upstreams, metrics, source=config_file, interval=watch_interval)
+    app[RELOADER] = reloader
+    # The reload hooks of the parts built here; ACCESS/LIMITS add theirs the same way.
+    live.subscribe(lambda _old, new: cache.reconfigure(new))
+    live.subscribe(lambda _old, new: pins.reconfigure(new))
+    live.watch_files(secret_files)
     lag = LoopLag(metrics)
 
     async def watch_loop(app: web.Application) -> AsyncIterator[None]:
@@ -67,16 +81,22 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await cache.open()
-        for upstream in upstreams.values():
-            await upstream.start()
+        await upstreams.start(config.routes)
         pins.start()
+        reloader.start()
         yield
+        await reloader.close()
         await pins.close()
         await cache.close()
-        await asyncio.gather(*(u.close() for u in upstreams.values()))
+        await upstreams.close()
 
     app.cleanup_ctx.extend((watch_loop, lifecycle))
     app.on_response_prepare.append(pipeline.add_common_headers)
+    _add_handlers(app, serve_metrics)
+    return app
+
+
+def _add_handlers(app: web.Application, serve_metrics: bool) -> None:
     router = app.router
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
@@ -85,7 +105,6 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     router.add_route("HEAD", "/v2/{tail:.+}", api.dispatch)
     admin.add_routes(app, serve_metrics=serve_metrics)
     router.add_route("*", "/{tail:.*}", admin.not_found)
-    return app
 
 
 Address = tuple[str, int]
@@ -102,6 +121,8 @@ class ServeOptions:
     redirect_http: bool = False
     tls_reload: float = RELOAD_INTERVAL
     log_level: str = "info"
+    config_file: Path | None = None  # where `config` came from: reloaded live
+    config_poll: float = WATCH_INTERVAL  # seconds between looks at it (0: SIGHUP only)
 
 
 def _with_certificates(app: web.Application, certificates: TlsCertificates) -> None:
@@ -120,7 +141,8 @@ async def _serve(options: ServeOptions) -> None:
                     if options.tls_listens else None)
     https_port = options.tls_listens[0][1] if certificates and options.redirect_http else None
     app = create_app(options.config, options.data_dir,
-                     serve_metrics=options.metrics_listen is None, https_port=https_port)
+                     serve_metrics=options.metrics_listen is None, https_port=https_port,
+                     config_file=options.config_file, watch_interval=options.config_poll)
     if certificates is not None:
         _with_certificates(app, certificates)
     runners = [web.AppRunner(app, access_log=None, max_line_size=MAX_LINE,
@@ -141,13 +163,13 @@ async def _serve(options: ServeOptions) -> None:
                  ", ".join([f"http://{h}:{p}" for h, p in options.listens] +
                            [f"https://{h}:{p}" for h, p in options.tls_listens]),
                  options.data_dir)
-        await _until_stopped(certificates)
+        await _until_stopped(certificates, app[RELOADER])
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
 
 
-async def _until_stopped(certificates: TlsCertificates | None) -> None:
+async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -157,8 +179,9 @@ async def _until_stopped(certificates: TlsCertificates | None) -> None:
         # SIGHUP is "reload", never "stop", whatever is listening.
         if certificates is not None:
             certificates.reload_soon()
-        log.info("SIGHUP: %s", "looking at the certificates again" if certificates
-                 else "nothing to reload (routes.yaml is read at start)")
+        reloader.reload_soon("SIGHUP")
+        log.info("SIGHUP: reloading %s%s", reloader.source or "(no config file)",
+                 " and looking at the certificates again" if certificates else "")
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
     try:

@@ -15,6 +15,7 @@ from ..cache import Cache
 from ..errors import RegistryError
 from ..state import STATE, RegistryRequest
 from ..upstream import Upstream
+from ..upstream_pool import UpstreamPool
 from .blobs import blob_get, blob_head, headers
 
 PASSTHROUGH_MAX = 16 << 20
@@ -23,7 +24,7 @@ PASSTHROUGH_MAX = 16 << 20
 class Services:
     """What the handlers need, built once by the composition root."""
 
-    def __init__(self, cache: Cache, upstreams: dict[str, Upstream]) -> None:
+    def __init__(self, cache: Cache, upstreams: UpstreamPool) -> None:
         self.cache = cache
         self.upstreams = upstreams
 
@@ -43,9 +44,11 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     reg = request[STATE].registry
     assert reg is not None, "the resolve stage runs before every /v2/<name>/ handler"
-    upstream = services.upstreams[reg.route.name]
     handler = _HANDLERS[(reg.kind, request.method)]
-    return await handler(request, reg, services.cache, upstream)
+    # The client of the route as the request's config has it, held until the answer is
+    # sent: a reload that replaced the route closes the old client only after that.
+    async with services.upstreams.use(reg.route) as upstream:
+        return await handler(request, reg, services.cache, upstream)
 
 
 async def manifest(request: web.Request, reg: RegistryRequest, cache: Cache,

@@ -194,9 +194,12 @@ class Blobs:
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
         try:
-            await flight.run(open_upstream, commit,
-                             on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
-                             on_resume=self.metrics.resumed.labels(route.name).inc)
+            # Held: a reload that replaced this route closes its client only after us (the
+            # request that began the flight holds it until this task runs).
+            with upstream.in_use():
+                await flight.run(open_upstream, commit,
+                                 on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
+                                 on_resume=self.metrics.resumed.labels(route.name).inc)
             if isinstance(flight.error, IntegrityError):
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:

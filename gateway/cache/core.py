@@ -47,6 +47,15 @@ class Cache:
                                    disk=self.disk)
         self.evictor.on_evicted(self._forget)
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload swapped `config` in: new lease time, route namespaces, pins, limits.
+        Pushed once at the swap (not read through a getter) so the tables derived from it
+        are rebuilt once, and the evictor looks again at once: limits may have shrunk."""
+        self.config = config
+        self.leases.seconds = config.cache.lease
+        self._routes = {route.namespace: route.name for route in config.routes}
+        self.evictor.reconfigure(config)
+
     def protected(self, root: Root) -> bool:
         """Never evicted: a blob being read, a manifest within its lease (and all it
         holds), a pinned image."""

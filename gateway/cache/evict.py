@@ -58,6 +58,12 @@ class Evictor:
         self._task = Background("evictor")
         self._forgotten: list[Callable[[Entry], Awaitable[None]]] = []
 
+    def reconfigure(self, config: Config) -> None:
+        """New limits and route quotas (a reload): the next pass uses them, and starts now."""
+        self._config = config
+        self._routes = {r.namespace: r for r in config.routes}
+        self.wake()
+
     def on_evicted(self, forget: Callable[[Entry], Awaitable[None]]) -> None:
         """Call `forget` for every evicted object (memory caches drop it)."""
         self._forgotten.append(forget)

@@ -204,9 +204,10 @@ class Manifests:
         await self._check_missing(route, repository, str(digest))
 
         async def fetch() -> ManifestResult:
-            manifest = await self._remember_missing(
-                route, repository, str(digest),
-                self._fetch(upstream, route, repository, str(digest), accept, digest))
+            with upstream.in_use():  # it may outlive the request: a reload must wait for it
+                manifest = await self._remember_missing(
+                    route, repository, str(digest),
+                    self._fetch(upstream, route, repository, str(digest), accept, digest))
             await self._keep(route, repository, manifest)
             return ManifestResult(manifest, "MISS")
 
@@ -227,7 +228,9 @@ class Manifests:
         await self._check_missing(route, repository, tag)
 
         async def refresh() -> ManifestResult:
-            return await self._refresh(upstream, route, repository, tag, accept, view, usable)
+            with upstream.in_use():
+                return await self._refresh(upstream, route, repository, tag, accept, view,
+                                           usable)
 
         return await self._shared((route.namespace, "tag", repository, tag, accept or ""),
                                   refresh)

@@ -1,21 +1,24 @@
 """Pinned images kept cached and fresh: every pin that names one tag or digest is
-fetched at start and again every `tag_ttl` of its route (only the platforms it names),
-through the same single flight as clients. Eviction skips pinned images (core.py).
+fetched at start, at once after a reload, and again every `tag_ttl` of its route (only
+the platforms it names), through the same single flight as clients. Eviction skips
+pinned images (core.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
-from ..config import Config, Pin
+from ..config import Config, Pin, Route
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..oci import MANIFEST_TYPES, index_entries, references
 from ..reference import Reference, parse_digest
 from ..tasks import Background
 from ..upstream import Upstream
+from ..upstream_pool import UpstreamPool
 from .core import Cache
 from .manifests import Manifest
 
@@ -25,34 +28,56 @@ MIN_INTERVAL = 30.0
 
 
 class PinKeeper:
-    def __init__(self, config: Config, cache: Cache, upstreams: dict[str, Upstream],
+    def __init__(self, config: Config, cache: Cache, upstreams: UpstreamPool,
                  metrics: Metrics) -> None:
-        self._pins = [pin for pin in config.pins if pin.reference is not None]
-        self._config = config
         self._cache = cache
         self._upstreams = upstreams
         self._metrics = metrics
         self._task = Background("pins")
+        self._running = self._started = False
+        self._again = asyncio.Event()
+        self._configure(config)
+
+    def _configure(self, config: Config) -> None:
+        self._pins = [pin for pin in config.pins if pin.reference is not None]
+        self._config = config
         ttls = [config.route(pin.route).cache.tag_ttl for pin in self._pins]
         self.interval = max(min(ttls, default=MIN_INTERVAL), MIN_INTERVAL)
 
     def start(self) -> None:
-        if self._pins:
+        self._running = True
+        self._start_if_pinned()
+
+    def _start_if_pinned(self) -> None:
+        # The task starts with the first pin (at start or by a reload) and runs until close.
+        if self._running and self._pins and not self._started:
+            self._started = True
             self._task.start(self._run())
 
+    def reconfigure(self, config: Config) -> None:
+        """A reload: the pins of `config`, fetched again at once (new pins, new tags)."""
+        self._configure(config)
+        self._start_if_pinned()
+        self._again.set()
+
     async def close(self) -> None:
+        self._running = False
         await self._task.stop()
+        self._started = False
 
     async def _run(self) -> None:
         while True:
+            self._again.clear()
             await self.keep_all()
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._again.wait(), self.interval)
 
     async def keep_all(self) -> None:
         pinned: dict[str, int] = {}
-        for pin in self._pins:
+        config, pins = self._config, self._pins  # one round, one config (a reload may come)
+        for pin in pins:
             try:
-                size = await self.keep(pin)
+                size = await self.keep(pin, config)
             except (RegistryError, OSError) as exc:  # the next round tries again
                 log.warning("pin %s: %s", pin.text, exc)
                 continue
@@ -60,32 +85,30 @@ class PinKeeper:
         for route, size in pinned.items():
             self._metrics.pinned_bytes.labels(route).set(size)
 
-    async def keep(self, pin: Pin) -> int:
+    async def keep(self, pin: Pin, config: Config | None = None) -> int:
         """Fetch the pinned image (what is cached costs nothing); the bytes it holds."""
         assert pin.reference is not None
-        route = self._config.route(pin.route)
-        upstream = self._upstreams[pin.route]
-        top = await self._manifest(pin, pin.reference)
-        manifests = [top]
-        document = json.loads(top.body)
-        for digest in index_entries(document, pin.platforms):
-            manifests.append(await self._manifest(pin, digest))
-        size = sum(len(m.body) for m in manifests)
-        for manifest in manifests:
-            for kind, digest in references(json.loads(manifest.body)):
-                if kind == "blob":
-                    size += await self._blob(route.name, upstream, pin, digest)
+        route = (config or self._config).route(pin.route)
+        async with self._upstreams.use(route) as upstream:
+            top = await self._manifest(upstream, route, pin, pin.reference)
+            manifests = [top]
+            document = json.loads(top.body)
+            for digest in index_entries(document, pin.platforms):
+                manifests.append(await self._manifest(upstream, route, pin, digest))
+            size = sum(len(m.body) for m in manifests)
+            for manifest in manifests:
+                for kind, digest in references(json.loads(manifest.body)):
+                    if kind == "blob":
+                        size += await self._blob(route, upstream, pin, digest)
         return size
 
-    async def _manifest(self, pin: Pin, reference: str) -> Manifest:
-        route = self._config.route(pin.route)
+    async def _manifest(self, upstream: Upstream, route: Route, pin: Pin,
+                        reference: str) -> Manifest:
         result = await self._cache.manifests.get(
-            self._upstreams[pin.route], route, pin.repository, Reference.parse(reference),
-            ACCEPT_ALL)
+            upstream, route, pin.repository, Reference.parse(reference), ACCEPT_ALL)
         return result.manifest
 
-    async def _blob(self, route_name: str, upstream: Upstream, pin: Pin, digest: str) -> int:
-        route = self._config.route(route_name)
+    async def _blob(self, route: Route, upstream: Upstream, pin: Pin, digest: str) -> int:
         parsed = parse_digest(digest)
         size = await self._cache.blobs.cached_size(route, parsed)
         if size is not None:

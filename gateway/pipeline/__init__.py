@@ -1,36 +1,44 @@
 """The request pipeline, outermost first:
 
-    edge (trusted X-Forwarded-*) → observe (errors, log, metrics) → redirect to HTTPS →
-    resolve (read-only guard, → RegistryRequest) → access → limits → handler
+    edge (config snapshot, trusted X-Forwarded-*) → observe (errors, log, metrics) →
+    redirect to HTTPS → resolve (read-only guard, → RegistryRequest) → access → limits →
+    handler
 
 `access` and `limits` are the slots for who-may-pull rules and token buckets: they run
 on a resolved request, so a rule sees the route and repository, never a raw path.
+Every stage gets `snapshot` (a `Callable[[], Config]`): the config the request started
+with, the same for all its stages however many reloads happen meanwhile. What a stage
+compiles from it is memoised against the config's identity (`PerConfig`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from aiohttp.typedefs import Middleware
 
 from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
-from .edge import forwarded_middleware, redirect_middleware
+from .edge import edge_middleware, forwarded_middleware, redirect_middleware
 from .observe import add_common_headers, observe_middleware, render
 from .resolve import resolve_middleware
+from .snapshot import PerConfig, Snapshot
 
-__all__ = ["add_common_headers", "build", "render"]
+__all__ = ["PerConfig", "Snapshot", "add_common_headers", "build", "forwarded_middleware",
+           "render"]
 
 
-def build(config: Config, router: Router, metrics: Metrics, *,
+def build(current: Callable[[], Config], metrics: Metrics, *,
           https_port: int | None = None) -> list[Middleware]:
-    stages: list[Middleware] = []
-    if config.trusted_proxies:
-        # First, so the log, the routing and the rules see the real client and host.
-        stages.append(forwarded_middleware(config.trusted_proxies))
-    stages.append(observe_middleware(metrics))
+    """The stages over `current` (the running config: `Live`, or `lambda: config`)."""
+    snapshot = Snapshot(current)
+    # First, so the log, the routing and the rules see the real client and host.
+    stages: list[Middleware] = [edge_middleware(snapshot), observe_middleware(metrics)]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
-    stages.append(resolve_middleware(router))
-    # access: (none yet) allow/deny CIDRs, users, repository rules
+    stages.append(resolve_middleware(PerConfig(snapshot, Router)))
+    # access: (none yet) allow/deny CIDRs, users, repository rules — e.g.
+    #   stages.append(access_middleware(snapshot, ...))
     # limits: (none yet) per-client token buckets
     return stages

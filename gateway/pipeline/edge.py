@@ -1,5 +1,6 @@
-"""The edge of the pipeline: what a trusted proxy in front says about the request
-(X-Forwarded-Host/-Proto/-For) and the redirect of plain HTTP to HTTPS.
+"""The edge of the pipeline: the config snapshot a request runs with, what a trusted proxy
+in front says about the request (X-Forwarded-Host/-Proto/-For) and the redirect of plain
+HTTP to HTTPS.
 
 Believes forwarded headers only from configured proxies (a client cannot pick a route or
 an address by header); never routes, authorizes or logs.
@@ -14,6 +15,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from ..errors import RegistryError
 from ..net import Network, NetworkSet, client_address, split_hostport, valid_host
+from .snapshot import PerConfig, Snapshot
 
 _UNCHECKED_PATHS = ("/healthz", "/metrics")  # health checks and scrapes stay on plain HTTP
 
@@ -38,24 +40,49 @@ def forwarded_middleware(trusted: NetworkSet | Iterable[Network | str]) -> Middl
 
     @web.middleware
     async def forwarded(request: web.Request, handler: Handler) -> web.StreamResponse:
-        peer = request.remote
-        if peer is None or peer not in networks:
-            return await handler(request)
-        changes: dict[str, str] = {}
-        host = _last_value(request.headers.getall("X-Forwarded-Host", []))
-        if host and valid_host(host):
-            changes["host"] = host
-        proto = _last_value(request.headers.getall("X-Forwarded-Proto", []))
-        if proto and proto.lower() in ("http", "https"):
-            changes["scheme"] = proto.lower()
-        client = client_address(peer, request.headers.getall("X-Forwarded-For", []), networks)
-        if client != peer:
-            changes["remote"] = client
-        if changes:
-            request = request.clone(**changes)  # type: ignore[arg-type]
-        return await handler(request)
+        return await handler(_forwarded(request, networks))
 
     return forwarded
+
+
+def edge_middleware(snapshot: Snapshot) -> Middleware:
+    """The first stage: pins the config the request runs with (every later stage reads
+    it through `snapshot`), then applies its `trusted_proxies` as `forwarded_middleware`
+    does. Cheap when no proxy is trusted: one identity check."""
+    trusted: PerConfig[NetworkSet] = PerConfig(
+        snapshot, lambda config: NetworkSet(config.trusted_proxies))
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        config, token = snapshot.pin()
+        try:
+            networks = trusted.of(config)
+            if networks.networks:
+                request = _forwarded(request, networks)
+            return await handler(request)
+        finally:
+            snapshot.unpin(token)
+
+    return edge
+
+
+def _forwarded(request: web.Request, networks: NetworkSet) -> web.Request:
+    peer = request.remote
+    if peer is None or peer not in networks:
+        return request
+    changes: dict[str, str] = {}
+    host = _last_value(request.headers.getall("X-Forwarded-Host", []))
+    if host and valid_host(host):
+        changes["host"] = host
+    proto = _last_value(request.headers.getall("X-Forwarded-Proto", []))
+    if proto and proto.lower() in ("http", "https"):
+        changes["scheme"] = proto.lower()
+    client = client_address(peer, request.headers.getall("X-Forwarded-For", []), networks)
+    if client != peer:
+        changes["remote"] = client
+    if changes:
+        request = request.clone(**changes)  # type: ignore[arg-type]
+    return request
 
 
 def redirect_middleware(https_port: int) -> Middleware:

@@ -8,6 +8,7 @@ Parsing only: no upstream, no cache, no policy decisions.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -52,7 +53,9 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def resolve_middleware(router: Router) -> Middleware:
+def resolve_middleware(routers: Callable[[], Router]) -> Middleware:
+    """`routers()`: the Router of the request's config (compiled once per config)."""
+
     @web.middleware
     async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
@@ -62,7 +65,7 @@ def resolve_middleware(router: Router) -> Middleware:
         path = request.path
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
             request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), router)
+                                            request.query.get("ns"), routers())
         return await handler(request)
 
     return resolve

@@ -11,7 +11,8 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,33 @@ class Upstream:
         self._tokens: TLRUCache[str, _Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
+        # Who is using this client (a request, a blob flight, a manifest fetch): after a
+        # reload replaced its route, it is closed only once they are all done.
+        self.users = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def acquire(self) -> None:
+        self.users += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.users -= 1
+        if not self.users:
+            self._idle.set()
+
+    @contextmanager
+    def in_use(self) -> Iterator[Upstream]:
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    async def drained(self) -> None:
+        """Return once nobody uses this upstream (at once if nobody does)."""
+        while self.users:
+            await self._idle.wait()
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True

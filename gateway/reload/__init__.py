@@ -1,0 +1,29 @@
+"""Live configuration: the running `Config` (`Live`), its reload on SIGHUP or a change on
+disk (`Reloader`), and `registry-gateway check`.
+
+The only place that swaps the config; it never reads the environment itself (config/ does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from ..config import Config
+from .check import check_file, describe_config
+from .live import Callback, Check, Live, Paths
+from .reloader import WATCH_INTERVAL, Reloader, describe
+
+__all__ = ["WATCH_INTERVAL", "Callback", "Check", "Live", "Paths", "Reloader", "check_file",
+           "describe", "describe_config", "secret_files"]
+
+
+def secret_files(config: Config) -> Iterable[Path]:
+    """The password files routes read (`password_file:`): a new password is a reload."""
+    for route in config.routes:
+        ref = route.upstream.credentials_ref
+        if ref is None:
+            continue
+        for secret in (ref.username, ref.password):
+            if secret.source == "file":
+                yield Path(secret.value).expanduser()
