@@ -161,5 +161,5 @@ class Failover:
         wait = min(e.breaker.retry_in() for e in self.endpoints)
         return UpstreamError(
             "UNAVAILABLE", f"upstream {self.name} is failing and skipped for now "
-            f"(circuit breaker open; next try in {math.ceil(wait)}s)", 503, retryable=True,
+            f"(circuit breaker open; next try in {math.ceil(wait)}s)", 502, retryable=True,
             headers={"Retry-After": str(max(1, math.ceil(wait)))})
