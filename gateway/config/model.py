@@ -131,7 +131,7 @@ class CachePolicy:
     stale_if_error: float = field(default=FOREVER, metadata=yaml_key(duration, inherit=True))
     # Past tag_ttl, within this: answered from cache at once while one HEAD revalidates.
     stale_while_revalidate: float = field(default=0.0,
-                                          metadata=yaml_key(duration, inherit=True))
+                                          metadata=yaml_key(resilience.window, inherit=True))
     # A fetch that no client waits for any more still completes up to this size,
     # so the next pull is a hit; larger ones are abandoned.
     orphan_fetch_limit: int = field(default=8 << 30, metadata=yaml_key(size, inherit=True))

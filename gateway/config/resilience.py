@@ -1,6 +1,6 @@
 """Route keys for a failing upstream: `fallbacks:` (mirrors of the same registry),
 `timeouts:`, `retries:` and `breaker:` (mappings whose keys a route may set one by one
-over `defaults:`). Parsing only: the upstream package acts on them.
+over `defaults:`), `stale_while_revalidate:`. Parsing only: upstream/ and cache/ act on them.
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ def _positive_duration(value: Any, at: Place) -> float:
     if seconds <= 0 or math.isinf(seconds):
         raise at.error("want a duration above zero, like 5s or 500ms")
     return seconds
+
+
+def window(value: Any, at: Place) -> float:
+    """`stale_while_revalidate: 1h` (a duration), or `off` (which YAML reads as false)."""
+    return 0.0 if value is False or value is None else duration(value, at)
 
 
 def _count(value: Any, at: Place) -> int:
