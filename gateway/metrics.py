@@ -20,8 +20,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gateway_requests", "Client requests by route, kind, method and status",
             ["route", "kind", "method", "status"], registry=r)
@@ -83,6 +82,7 @@ class Metrics:
     def _add_part_collectors(self, r: CollectorRegistry) -> None:
         self._add_disk_collectors(r)
         self._add_reload_collectors(r)
+        self._add_resilience_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -121,6 +121,27 @@ class Metrics:
             "gateway_config_last_reload_successful", "1 if the last reload succeeded (or none "
             "was tried), 0 if it was refused: the running config is older than the file",
             registry=r)
+
+    def _add_resilience_collectors(self, r: CollectorRegistry) -> None:
+        """Fallbacks, circuit breakers, retries, stale-while-revalidate (upstream = URL)."""
+        self.breaker_state = Gauge(
+            "gateway_upstream_breaker_state", "Circuit breaker of each upstream URL of a "
+            "route: 0 closed, 1 open (skipped), 2 half-open (one probe out)",
+            ["route", "upstream"], registry=r)
+        self.breaker_opens = Counter(
+            "gateway_upstream_breaker_opens", "Times a circuit breaker opened",
+            ["route", "upstream"], registry=r)
+        self.fallbacks = Counter(
+            "gateway_upstream_fallbacks", "Requests sent to a fallback upstream because "
+            "the ones before it failed or were skipped", ["route", "upstream"], registry=r)
+        self.retries = Counter(
+            "gateway_upstream_retries", "Upstream requests tried again after a backoff, "
+            "by route and reason (down: connect/timeout/5xx, busy: 429)", ["route", "reason"],
+            registry=r)
+        self.revalidations = Counter(
+            "gateway_tag_revalidations", "Background revalidations of tags answered "
+            "stale-while-revalidate, by result (unchanged, changed, failed)",
+            ["route", "result"], registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

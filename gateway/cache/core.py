@@ -88,6 +88,7 @@ class Cache:
     async def close(self) -> None:
         await self.evictor.close()
         await self.blobs.flights.close()
+        await self.manifests.revalidating.close()
         await self.manifests.calls.close()
         await self.contents.close()
         await asyncio.to_thread(self.spool.close)

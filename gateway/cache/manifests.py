@@ -1,5 +1,6 @@
 """Manifests: by digest (immutable, verified against the digest), and tags → digest
-(revalidated with a HEAD after their TTL, served stale when the upstream fails).
+(revalidated with a HEAD after their TTL, served stale when the upstream fails, or at once
+while one background HEAD revalidates them: stale_while_revalidate).
 
 One upstream call per key however many clients ask at once; never keeps or serves a
 manifest whose bytes do not hash to the digest the upstream or the client named. One the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from ..errors import RegistryError, UpstreamError
 from ..metrics import Metrics
 from ..oci import MANIFEST_MAX, MANIFEST_TYPES, SCHEMA1_TYPES, manifest_accept, references
 from ..reference import Digest, Reference, parse_digest
-from ..singleflight import SharedCalls
+from ..singleflight import SharedCalls, SingleFlight
 from ..upstream import Upstream
 from . import policy
 from .contents import Contents
@@ -34,6 +36,7 @@ from .policy import TagEntry, View
 from .store import BlobStore, manifest_key, tag_key
 
 T = TypeVar("T")
+log = logging.getLogger("gateway.cache")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,8 @@ class Manifests:
         self._memory: LRUCache[tuple[str, str], Manifest] = LRUCache(
             maxsize=memory, getsizeof=lambda m: len(m.body) + 200)
         self.calls: SharedCalls[tuple[Any, ...], ManifestResult] = SharedCalls("manifest")
+        # Background revalidations (stale-while-revalidate), one per tag; closed with the cache.
+        self.revalidating: SingleFlight[tuple[Any, ...], None] = SingleFlight("revalidate")
 
     # ------------------------------------------------------------ storage
 
@@ -221,7 +226,8 @@ class Manifests:
         if view == policy.NARROW and not policy.usable(entry, accept):
             entry = await self._tag((route.namespace, repository, tag, policy.NARROW))
         usable = entry if policy.usable(entry, accept) else None
-        if usable is not None and policy.fresh(usable, route.cache, self._clock()):
+        now = self._clock()
+        if usable is not None and policy.fresh(usable, route.cache, now):
             cached = await self.local(route, usable.digest)
             if cached is not None:
                 return ManifestResult(cached, "HIT")
@@ -232,8 +238,30 @@ class Manifests:
                 return await self._refresh(upstream, route, repository, tag, accept, view,
                                            usable)
 
-        return await self._shared((route.namespace, "tag", repository, tag, accept or ""),
-                                  refresh)
+        key = (route.namespace, "tag", repository, tag, accept or "")
+        if usable is not None and policy.revalidate_in_background(usable, route.cache, now):
+            cached = await self.local(route, usable.digest)
+            if cached is not None:
+                self._revalidate(route, key, refresh)
+                return ManifestResult(cached, "STALE")
+        return await self._shared(key, refresh)
+
+    def _revalidate(self, route: Route, key: tuple[Any, ...],
+                    refresh: Callable[[], Awaitable[ManifestResult]]) -> None:
+        """Revalidate a tag behind the answer: one task per tag (sharing the refresh of a
+        client that asks past the window), owned here and cancelled at close."""
+
+        async def work() -> None:
+            try:
+                result, _started = await self.calls.call(key, refresh)
+            except Exception as exc:  # nobody awaits this task: count and log
+                log.info("revalidating tag %s of %s failed: %s", key[3], route.name, exc)
+                outcome = "failed"
+            else:
+                outcome = {"MISS": "changed", "HIT": "unchanged"}.get(result.cache, "failed")
+            self.metrics.revalidations.labels(route.name, outcome).inc()
+
+        self.revalidating.join(key, lambda: (None, work()))
 
     async def _refresh(self, upstream: Upstream, route: Route, repository: str, tag: str,
                        accept: str | None, view: View, entry: TagEntry | None) -> ManifestResult:

@@ -1,4 +1,5 @@
-"""When a cached tag may answer, when it must be revalidated, when stale will do.
+"""When a cached tag may answer, when it must be revalidated (now, or in the background
+while it answers: stale-while-revalidate), when stale will do.
 
 Pure decisions over a tag entry, the route's cache policy and the time; nothing here
 talks to an upstream or a store (manifests.py does, following these rules).
@@ -61,3 +62,9 @@ def fresh(entry: TagEntry, policy: CachePolicy, now: float) -> bool:
 def may_serve_stale(entry: TagEntry, policy: CachePolicy, now: float) -> bool:
     """Past its TTL, the upstream failing: still within stale-if-error."""
     return now - entry.checked < policy.tag_ttl + policy.stale_if_error
+
+
+def revalidate_in_background(entry: TagEntry, policy: CachePolicy, now: float) -> bool:
+    """Past its TTL, within stale-while-revalidate: answer from cache at once while one
+    background HEAD asks upstream."""
+    return now - entry.checked < policy.tag_ttl + policy.stale_while_revalidate

@@ -28,6 +28,7 @@ from ..presets import PRESETS
 from .document import Document, Place
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
+from .resilience import layered
 from .schema import Key, build, check_keys, keys_of, parse_keys
 from .secrets import resolve_secrets
 from .values import ABSENT, domains, networks
@@ -110,8 +111,10 @@ def _route(name: str, spec: Any, at: Place, defaults: Mapping[str, Any]) -> Rout
         raise at.error(f"{name} is not a preset ({', '.join(PRESETS)}): "
                        "give its upstream: https://...")
     # The route's own keys win over defaults:, which win over its preset.
-    values = {**parse_keys(at, written, _ROUTE_KEYS), **defaults,
-              **parse_keys(at, spec, _ROUTE_KEYS)}
+    values = {**parse_keys(at, written, _ROUTE_KEYS), **defaults}
+    # A mapping-valued key (timeouts:, retries:, breaker:) takes the sub-keys it names.
+    values.update({name: layered(value, values.get(name))
+                   for name, value in parse_keys(at, spec, _ROUTE_KEYS).items()})
     return build(Route, values, name=name, namespace=re.sub(r"[^a-z0-9.-]", "_", name),
                  upstream=build(UpstreamSettings, values), cache=build(CachePolicy, values))
 

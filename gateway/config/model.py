@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from . import resilience
 from .document import Location, Place
+from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
 from .values import (
     FOREVER,
@@ -109,6 +111,15 @@ class UpstreamSettings:
         default=None, metadata=yaml_key(credentials_ref, name="credentials"))
     ca_file: str | None = field(default=None, metadata=yaml_key(readable_file))
     proxy: str | None = field(default=None, metadata=yaml_key(proxy_url, inherit=True))
+    # Mirrors of the same registry, tried in order after `url` (anonymously: the route's
+    # credentials go to `url` only); the cache namespace stays the route's.
+    fallbacks: tuple[URL, ...] = field(default=(), metadata=yaml_key(resilience.registry_urls))
+    timeouts: Timeouts = field(default_factory=Timeouts,
+                               metadata=yaml_key(resilience.timeouts, inherit=True))
+    retries: Retries = field(default_factory=Retries,
+                             metadata=yaml_key(resilience.retries, inherit=True))
+    breaker: BreakerSettings = field(default_factory=BreakerSettings,
+                                     metadata=yaml_key(resilience.breaker, inherit=True))
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,9 @@ class CachePolicy:
     tag_ttl: float = field(default=600.0, metadata=yaml_key(duration, inherit=True))
     negative_ttl: float = field(default=30.0, metadata=yaml_key(duration, inherit=True))
     stale_if_error: float = field(default=FOREVER, metadata=yaml_key(duration, inherit=True))
+    # Past tag_ttl, within this: answered from cache at once while one HEAD revalidates.
+    stale_while_revalidate: float = field(default=0.0,
+                                          metadata=yaml_key(resilience.window, inherit=True))
     # A fetch that no client waits for any more still completes up to this size,
     # so the next pull is a hit; larger ones are abandoned.
     orphan_fetch_limit: int = field(default=8 << 30, metadata=yaml_key(size, inherit=True))

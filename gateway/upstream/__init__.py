@@ -1,6 +1,7 @@
-"""Talking to one upstream registry: auth challenge → token, credentials, proxy, redirects.
+"""Talking to one upstream registry: auth challenge → token, credentials, proxy, redirects,
+over the route's upstream URLs (failover.py: fallbacks, breakers, retries, time budgets).
 
-One `aiohttp.ClientSession` per upstream. Every failure is translated here, in one
+One `aiohttp.ClientSession` per route. Every failure is translated here, in one
 table, into an `UpstreamError` a client can read; tokens and passwords never leave
 this module (not in errors, logs or metrics).
 """
@@ -21,10 +22,11 @@ from cachetools import TLRUCache
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..config import Route
+from ..config import Credentials, Route
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..singleflight import SharedCalls
+from .failover import Endpoint, Failover
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
@@ -67,15 +69,19 @@ def _challenge_scope(header: str) -> str | None:
 class Upstream:
     """The client side of one route. `request` returns a 2xx/3xx-free response or raises."""
 
-    def __init__(self, route: Route, metrics: Metrics, *, read_timeout: float = 60.0,
+    def __init__(self, route: Route, metrics: Metrics, *, read_timeout: float | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.route = route
         self.name = route.name
         self.settings = route.upstream
         self._metrics = metrics
-        self._read_timeout = read_timeout
+        timeouts = route.upstream.timeouts
+        # `read_timeout` (tests) stands for both the headers and the stall timeout.
+        self._headers_timeout = read_timeout or timeouts.headers
+        self._stall_timeout = read_timeout or timeouts.stall
         self._session: aiohttp.ClientSession | None = None
-        self._challenge: _Challenge | None = None
+        self.failover = Failover(route.name, route.upstream, metrics, clock)
+        self._challenges: dict[URL, _Challenge] = {}  # per upstream URL: its own realm
         self._tokens: TLRUCache[str, _Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
@@ -115,7 +121,8 @@ class Upstream:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=ssl_context,
                                          ttl_dns_cache=300)
         # Per-read timeouts only: a multi-GB layer must not be cut off by a total timeout.
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=self._read_timeout)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeouts.connect,
+                                        sock_read=self._stall_timeout)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=timeout, auto_decompress=False,
             headers={"User-Agent": "registry-gateway/0.1", "Accept-Encoding": "identity"},
@@ -135,24 +142,31 @@ class Upstream:
 
     # ------------------------------------------------------------------ auth
 
-    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None) -> str:
+    def _credentials(self, endpoint: Endpoint) -> Credentials | None:
+        """The route's credentials are for its `upstream:` only, never for a fallback."""
+        return self.settings.credentials if endpoint.primary else None
+
+    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None,
+                     endpoint: Endpoint) -> str:
         """A token for `scope`: cached, or fetched once however many requests ask at once.
 
         `rejected` is the Authorization the upstream just refused: a cached token other
         than that one was renewed meanwhile and is used as it is.
         """
-        key = f"{challenge.realm} {challenge.service} {scope}"
+        # Per upstream URL: a fallback sharing the realm must not get the primary's token.
+        key = f"{endpoint.url} {challenge.realm} {challenge.service} {scope}"
         cached = self._tokens.get(key)
         if cached is not None and f"Bearer {cached.value}" != rejected:
             return cached.value
         value, _started = await self._token_calls.call(
-            key, lambda: self._fetch_token(challenge, scope, key))
+            key, lambda: self._fetch_token(challenge, scope, key, endpoint))
         return value
 
-    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str) -> str:
+    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str,
+                           endpoint: Endpoint) -> str:
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
         headers = {}
-        credentials = self.settings.credentials
+        credentials = self._credentials(endpoint)
         if credentials is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(credentials.username,
                                                                  credentials.password)
@@ -185,14 +199,15 @@ class Upstream:
         self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
         return value
 
-    async def _authorization(self, scope: str, rejected: str | None = None) -> str | None:
-        challenge = self._challenge
+    async def _authorization(self, scope: str, endpoint: Endpoint,
+                             rejected: str | None = None) -> str | None:
+        challenge = self._challenges.get(endpoint.url)
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self.settings.credentials
+            creds = self._credentials(endpoint)
             return aiohttp.encode_basic_auth(creds.username, creds.password) if creds else None
-        return "Bearer " + await self._token(challenge, scope, rejected)
+        return "Bearer " + await self._token(challenge, scope, rejected, endpoint)
 
     # --------------------------------------------------------------- requests
 
@@ -208,37 +223,52 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send `method path` upstream with auth and redirects; raise on any non-2xx.
 
-        The caller owns the returned response and must release it.
+        Tried over the route's upstream URLs with retries (failover.py), within the
+        headers timeout (a blob: the stall timeout). The caller owns the returned
+        response and must release it.
         """
         scope = f"repository:{repository}:pull" if repository else ""
+        budget = self._stall_timeout if kind == "blob" else self._headers_timeout
+
+        async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
+            return await self._attempt(endpoint, method, path, kind, scope, headers, params)
+
+        return await self.failover.call(
+            method, budget, attempt,
+            lambda status, answer: self._status_error(status, kind, answer),
+            lambda: self.transport_error(TimeoutError(), kind))
+
+    async def _attempt(self, endpoint: Endpoint, method: str, path: str, kind: str, scope: str,
+                       headers: Mapping[str, str] | None,
+                       params: Mapping[str, str] | None) -> aiohttp.ClientResponse:
+        """One request to one upstream URL, through its auth dance: any status."""
         started = time.monotonic()
-        authorization = await self._authorization(scope)
+        authorization = await self._authorization(scope, endpoint)
         retried_auth = False
         while True:
-            resp = await self._send(method, path, kind, headers, params, authorization)
+            resp = await self._send(endpoint.url, method, path, kind, headers, params,
+                                    authorization)
             if resp.status != 401 or retried_auth:
                 break
             www = resp.headers.get("WWW-Authenticate", "")
             resp.release()
             challenge = _parse_challenge(www)
             if challenge is None or (challenge.scheme == "basic"
-                                     and self.settings.credentials is None):
+                                     and self._credentials(endpoint) is None):
                 raise UpstreamError(
                     "UNAUTHORIZED", f"upstream {self.name} requires credentials the gateway "
                     "does not have for this repository", 401, retryable=False, upstream_status=401)
-            self._challenge = challenge
-            authorization = await self._authorization(_challenge_scope(www) or scope,
+            self._challenges[endpoint.url] = challenge
+            authorization = await self._authorization(_challenge_scope(www) or scope, endpoint,
                                                       rejected=authorization)
             retried_auth = True
         self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
         self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
-        if resp.status >= 300:
-            resp.release()
-            raise self._status_error(resp.status, kind, resp.headers)
         return resp
 
     async def _send(
         self,
+        base: URL,
         method: str,
         path: str,
         kind: str,
@@ -246,10 +276,14 @@ class Upstream:
         params: Mapping[str, str] | None,
         authorization: str | None,
     ) -> aiohttp.ClientResponse:
-        url = self.settings.url.with_path(path)
+        url = base.with_path(path)
         if params:
             url = url.with_query(params)
-        origin = self.settings.url.origin()
+        origin = base.origin()
+        # A blob body may pause up to the stall timeout; a small answer up to the headers one.
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=self.settings.timeouts.connect,
+            sock_read=self._stall_timeout if kind == "blob" else self._headers_timeout)
         send_headers: CIMultiDict[str] = CIMultiDict(headers or {})
         for _ in range(_MAX_REDIRECTS + 1):
             if authorization and url.origin() == origin:
@@ -259,7 +293,8 @@ class Upstream:
                 send_headers.pop("Authorization", None)
             try:
                 resp = await self.session.request(method, url, headers=send_headers,
-                                                  allow_redirects=False, proxy=self.settings.proxy)
+                                                  allow_redirects=False, timeout=timeout,
+                                                  proxy=self.settings.proxy)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
@@ -269,8 +304,9 @@ class Upstream:
             url = url.join(location) if not location.is_absolute() else location
             if url.scheme not in ("http", "https"):
                 break
+        # The upstream answered (a redirect loop): no point in asking it again at once.
         raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: too many redirects", 502,
-                            retryable=True)
+                            retryable=True, upstream_status=resp.status)
 
     # ---------------------------------------------------------- error table
 

@@ -37,9 +37,11 @@ def check_loopback_routes(routes: dict[str, Any]) -> None:
         upstream = (route or {}).get("upstream")
         if not upstream:
             raise ValueError(f"route {name!r} has no upstream: presets point at the internet")
-        host = urllib.parse.urlsplit(upstream).hostname
-        assert host is not None, upstream
-        ensure_loopback(host)
+        fallbacks = (route or {}).get("fallbacks") or []
+        for url in [upstream, *([fallbacks] if isinstance(fallbacks, str) else fallbacks)]:
+            host = urllib.parse.urlsplit(url).hostname
+            assert host is not None, url
+            ensure_loopback(host)
 
 
 @dataclass

@@ -781,3 +781,89 @@ async def test_stalled_transfer_is_resumed_after_the_read_timeout(world: MakeWor
         assert blob_path(w, digest).read_bytes() == data
     finally:
         await stalled_upstream.close()
+
+
+# -- stale-while-revalidate ---------------------------------------------------------------
+
+
+async def test_stale_while_revalidate_answers_before_the_head_and_learns_the_change(
+        world: MakeWorld) -> None:
+    w = await world(tag_ttl=60, stale_while_revalidate=600)
+    old, new = image_manifest(b"old"), image_manifest(b"new")
+    w.fake.add_manifest(REPO, old, tag="v1")
+    path = f"/v2/{REPO}/manifests/v1"
+    assert (await w.manifest("v1")).cache == "MISS"
+    w.fake.add_manifest(REPO, new, tag="v1")  # re-pointed upstream
+    gate = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return w.fake.manifest_response(request, REPO, "v1")
+
+    w.fake.override("HEAD", path, held)
+    w.clock.advance(61)
+    # Every client past the TTL is answered at once from cache, while one HEAD is held.
+    answers = await asyncio.wait_for(asyncio.gather(*(w.manifest("v1") for _ in range(5))), 5)
+    assert {(a.cache, a.manifest.body) for a in answers} == {("STALE", old)}
+    await wait_until(lambda: w.fake.count("HEAD", path) == 1, what="the background HEAD")
+    assert w.fake.count("GET", path) == 1
+    assert w.metric("gateway_cache_requests_total", kind="tag", result="stale") == 5
+    assert w.metric("gateway_stale_served_total") == 0, "no upstream failure was involved"
+    gate.set()
+    await wait_until(lambda: w.metric("gateway_tag_revalidations_total", result="changed") == 1,
+                     what="the revalidation to finish")
+    after = await w.manifest("v1")
+    assert (after.cache, after.manifest.body) == ("HIT", new)
+    assert w.fake.count("HEAD", path) == 1 and w.fake.count("GET", path) == 2
+
+
+async def test_stale_while_revalidate_unchanged_and_failed(world: MakeWorld) -> None:
+    w = await world(tag_ttl=60, stale_while_revalidate=600)
+    body = image_manifest(b"same")
+    w.fake.add_manifest(REPO, body, tag="v1")
+    path = f"/v2/{REPO}/manifests/v1"
+    await w.manifest("v1")
+    w.clock.advance(61)
+    assert (await w.manifest("v1")).cache == "STALE"
+    await wait_until(lambda: w.metric("gateway_tag_revalidations_total",
+                                      result="unchanged") == 1, what="the revalidation")
+    assert (await w.manifest("v1")).cache == "HIT"  # confirmed: fresh again
+    w.fake.respond("HEAD", path, 503)
+    w.clock.advance(61)
+    assert (await w.manifest("v1")).cache == "STALE"
+    await wait_until(lambda: w.metric("gateway_tag_revalidations_total", result="failed") == 1,
+                     what="the failed revalidation")
+    assert w.fake.count("GET", path) == 1
+
+
+async def test_past_the_window_the_tag_is_revalidated_in_the_foreground(
+        world: MakeWorld) -> None:
+    w = await world(tag_ttl=60, stale_while_revalidate=30)
+    old, new = image_manifest(b"old"), image_manifest(b"new")
+    w.fake.add_manifest(REPO, old, tag="v1")
+    await w.manifest("v1")
+    w.fake.add_manifest(REPO, new, tag="v1")
+    w.clock.advance(91)
+    result = await w.manifest("v1")
+    assert (result.cache, result.manifest.body) == ("MISS", new)
+    assert w.metric("gateway_tag_revalidations_total", result="changed") == 0
+
+
+async def test_a_background_revalidation_is_cancelled_at_close(world: MakeWorld) -> None:
+    w = await world(tag_ttl=60, stale_while_revalidate=600)
+    w.fake.add_manifest(REPO, image_manifest(b"v1"), tag="v1")
+    path = f"/v2/{REPO}/manifests/v1"
+    await w.manifest("v1")
+    never = asyncio.Event()
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    w.fake.override("HEAD", path, hang)
+    w.clock.advance(61)
+    assert (await w.manifest("v1")).cache == "STALE"
+    await wait_until(lambda: w.fake.count("HEAD", path) == 1, what="the background HEAD")
+    assert len(w.cache.manifests.revalidating) == 1
+    await asyncio.wait_for(w.cache.close(), 5)
+    assert len(w.cache.manifests.revalidating) == 0

@@ -495,8 +495,12 @@ async def test_connection_refused_is_502(upstream_for: UpstreamFor) -> None:
     assert (error.code, error.status, error.retryable) == ("UNAVAILABLE", 502, True)
     assert "fake.test" in error.message
     assert_no_secret(error, SECRET)
+    # Every attempt is counted: the first and each retry (retries: attempts 3 by default).
+    retries = metrics.registry.get_sample_value(
+        "gateway_upstream_retries_total", {"route": "fake.test", "reason": "down"})
+    assert retries == 2
     assert metrics.registry.get_sample_value(
-        "gateway_upstream_errors_total", {"route": "fake.test", "reason": "connect"}) == 1
+        "gateway_upstream_errors_total", {"route": "fake.test", "reason": "connect"}) == 1 + retries
 
 
 async def test_read_timeout_is_504(registry: Registry, upstream_for: UpstreamFor) -> None:
