@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from yarl import URL
 
+from .access import AccessSettings, RepositoryRules, repository_rules, route_anonymous
 from .document import Location, Place
 from .schema import check_keys, yaml_key
 from .values import (
@@ -151,6 +152,13 @@ class Route:
     hosts: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     aliases: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     library_prefix: bool = field(default=False, metadata=yaml_key(boolean))
+    # Access (config/access.py): who may pull without a login (None: access.anonymous;
+    # () is `none`, the way to keep a route with upstream credentials for logged-in
+    # users), and which repositories may be pulled at all.
+    anonymous: tuple[Network, ...] | None = field(
+        default=None, metadata=yaml_key(route_anonymous, inherit=True))
+    repositories: RepositoryRules = field(
+        default_factory=RepositoryRules, metadata=yaml_key(repository_rules, inherit=True))
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,7 @@ class Config:
     trusted_proxies: tuple[Network, ...] = ()
     cache: CacheLimits = field(default_factory=CacheLimits)
     pins: tuple[Pin, ...] = ()
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     def route(self, name: str) -> Route:
         for route in self.routes:

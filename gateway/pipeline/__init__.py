@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
+from .access import access_middleware
 from .edge import forwarded_middleware, redirect_middleware
 from .observe import add_common_headers, observe_middleware, render
 from .resolve import resolve_middleware
@@ -31,6 +32,7 @@ def build(config: Config, router: Router, metrics: Metrics, *,
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
     stages.append(resolve_middleware(router))
-    # access: (none yet) allow/deny CIDRs, users, repository rules
+    # Until live reload: the one Config (current() is read once per request).
+    stages.append(access_middleware(lambda: config, metrics))
     # limits: (none yet) per-client token buckets
     return stages
