@@ -47,10 +47,17 @@ def admin_list(value: Any, at: Place) -> tuple[Network, ...] | Absent:
 
 def anonymous(value: Any, at: Place) -> tuple[Network, ...]:
     """`all` (everyone, the default), `none` (logins only) or a list of networks."""
-    if isinstance(value, str) and value.strip().lower() in ("all", "none"):
-        return EVERYONE if value.strip().lower() == "all" else ()
-    if value is None or isinstance(value, bool | dict):
-        raise at.error("want all, none, or a list of networks like [10.0.0.0/8]")
+    want = "want all, none, or a list of networks like [10.0.0.0/8]"
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("all", "none"):
+            return EVERYONE if word == "all" else ()
+        try:
+            return (ipaddress.ip_network(word, strict=False),)
+        except ValueError:
+            raise at.error(f"{value[:100]!r}: {want}") from None
+    if value is None or isinstance(value, bool | dict | int | float):
+        raise at.error(want)
     return networks(value, at)
 
 

@@ -22,6 +22,7 @@ import bcrypt
 from cachetools import TTLCache
 
 from ..errors import RegistryError
+from ..singleflight import SharedCalls
 
 log = logging.getLogger("gateway.users")
 
@@ -112,9 +113,12 @@ class Htpasswd:
         self._next_look = float("-inf")
         self._lock = asyncio.Lock()
 
-    async def refresh(self) -> None:
-        """Read the file again now if its mtime, size or inode changed."""
+    async def refresh(self, *, due_only: bool = False) -> None:
+        """Read the file again now if its mtime, size or inode changed (`due_only`: only
+        if the interval has passed: requests waiting on another's look do not look again)."""
         async with self._lock:
+            if due_only and self._clock() < self._next_look:
+                return
             self._next_look = self._clock() + self._interval
             try:
                 if self._identity is not None and \
@@ -131,8 +135,9 @@ class Htpasswd:
             log.info("read %d users from %s", len(self._table.hashes), self.path)
 
     async def table(self) -> Table:
-        if self._clock() >= self._next_look:
-            await self.refresh()
+        # While a look is in progress, wait for it: the first requests need the first read.
+        if self._clock() >= self._next_look or self._lock.locked():
+            await self.refresh(due_only=True)
         return self._table
 
 
@@ -154,6 +159,8 @@ class Logins:
         # A wrong password is remembered briefly too: a client retrying it costs nothing.
         self._good: TTLCache[bytes, bool] = TTLCache(cache_size, remember, timer=clock)
         self._bad: TTLCache[bytes, bool] = TTLCache(cache_size, remember_failure, timer=clock)
+        # The parallel first requests of a pull share one check.
+        self._calls: SharedCalls[bytes, bool] = SharedCalls("bcrypt")
 
     def file(self, path: str) -> Htpasswd:
         found = self._files.get(path)
@@ -176,14 +183,19 @@ class Logins:
             return True
         if key in self._bad:
             return False
+        good, _ = await self._calls.call(key, lambda: self._check(key, password, stored,
+                                                                  table.decoy))
+        return good
+
+    async def _check(self, key: bytes, password: bytes, stored: bytes | None,
+                     decoy: bytes) -> bool:
         if self._pending >= self._capacity:
             raise RegistryError("TOOMANYREQUESTS", "too many logins are being checked; "
                                 "retry in a moment", 429, headers={"Retry-After": "1"})
         self._pending += 1
         try:
             async with self._checks:
-                good = await asyncio.to_thread(_checkpw, password,
-                                               stored or table.decoy or b"")
+                good = await asyncio.to_thread(_checkpw, password, stored or decoy)
         finally:
             self._pending -= 1
         good = good and stored is not None

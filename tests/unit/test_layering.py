@@ -29,7 +29,7 @@ MAP: dict[str, set[str]] = {
                       "gateway"},
     "gateway.pipeline": {"gateway.routing", "gateway.state", "gateway.config",
                          "gateway.errors", "gateway.metrics", "gateway.net",
-                         "gateway.reference"},
+                         "gateway.reference", "gateway.singleflight"},
     "gateway.api": {"gateway.cache", "gateway.state", "gateway.upstream", "gateway.oci",
                     "gateway.errors", "gateway.reference"},
     "gateway.state": {"gateway.config", "gateway.reference", "gateway.routing"},
