@@ -89,7 +89,7 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
             if reg is not None:
                 verdict = policy.pull(address, reg.route, reg.repository, user)
             elif request.path in BASE_PATHS:
-                verdict = policy.base(user)
+                verdict = policy.base(address, request.host, user)
             else:
                 verdict = Verdict("access.allow")  # not an API path: a 404 follows
         state.rule = verdict.rule

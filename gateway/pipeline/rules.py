@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..config import Config, Route
 from ..config.access import EVERYONE
 from ..net import Network, NetworkSet
+from ..routing import Router
 
 OPEN_PATHS = frozenset({"/healthz"})  # load balancers' health checks: open to everyone
 
@@ -100,6 +101,7 @@ class Policy:
             _RouteRules(route, NetworkSet(route.anonymous), f"routes.{route.name}.anonymous")
             for route in config.routes}
         self._base_anonymous = everyone
+        self._router = Router(config)  # which route a Host picks, for /v2/
 
     def screen(self, address: str | None, path: str) -> Verdict | None:
         """The rules on the address alone, before any login is checked (so a refused
@@ -142,16 +144,22 @@ class Policy:
                            f"{repository} is not served by this gateway")
         return verdict
 
-    def base(self, user: str | None) -> Verdict:
-        """`/v2/`, the version check clients start with. With logins configured it
-        challenges a client that sent none (as every registry with logins does): clients
-        send credentials only after /v2/ asked for them, and `docker login` checks them
-        here. The challenge is no refusal: an anonymous pull may follow."""
+    def base(self, address: str | None, host: str | None, user: str | None) -> Verdict:
+        """`/v2/`, the version check clients start with. Docker and containers/image
+        send credentials only after /v2/ asked for them, and docker fails a pull when
+        asked but it has none (moby: "no basic auth credentials"). So /v2/ challenges
+        only a client that sent no login and may not pull anonymously from the route
+        its Host picks (or, when the Host picks none, per `access.anonymous`). The
+        challenge is no refusal: it is not counted."""
         if user is not None:
             return Verdict("access.users")
-        if self.logins:
-            return Verdict("access.users", 401, "", "log in to this registry gateway")
-        return Verdict("access.anonymous")
+        route = self._router.by_host(host)
+        rules = self._routes[route.name] if route is not None else None
+        anonymous = rules.anonymous if rules is not None else self._base_anonymous
+        rule = rules.anonymous_rule if rules is not None else "access.anonymous"
+        if address in anonymous or not self.logins:
+            return Verdict(rule)
+        return Verdict(rule, 401, "", "log in to this registry gateway")
 
 
 def _first_match(networks: Iterable[Network], address: str | None) -> str:

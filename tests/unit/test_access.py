@@ -83,7 +83,7 @@ def test_no_access_section_keeps_everyone_pulling_and_admin_on_loopback() -> Non
     for address in ("203.0.113.9", "10.1.2.3", "2001:db8::1", "127.0.0.1"):
         assert policy.screen(address, "/v2/owner/app/manifests/v1") is None
         assert policy.pull(address, route, "owner/app", None).allowed
-    assert policy.base(None).allowed
+    assert policy.base("203.0.113.9", None, None).allowed
     for path in ("/metrics", "/_gateway/routes"):
         assert policy.screen("127.0.0.1", path).allowed  # type: ignore[union-attr]
         assert policy.screen("::1", path).allowed  # type: ignore[union-attr]
@@ -217,7 +217,10 @@ def test_anonymous_list_login_and_private_route(htpasswd: Path) -> None:
         access: {{users: {htpasswd}, anonymous: [10.0.0.0/8]}}
         routes:
           ghcr.io: {{upstream: 'http://127.0.0.1:1'}}
-          private.example: {{upstream: 'http://127.0.0.1:2', anonymous: none}}
+          private.example:
+            upstream: http://127.0.0.1:2
+            anonymous: none
+            hosts: [private.gw.test]
           quay.io: {{upstream: 'http://127.0.0.1:3', anonymous: all}}
     """)
     ghcr, private, quay = config.routes
@@ -229,10 +232,13 @@ def test_anonymous_list_login_and_private_route(htpasswd: Path) -> None:
     assert (closed.status, closed.rule) == (401, "routes.private.example.anonymous")
     assert policy.pull("10.2.3.4", private, "owner/app", "alice").allowed
     assert policy.pull("192.0.2.7", quay, "owner/app", None).rule == "routes.quay.io.anonymous"
-    # /v2/ challenges a client that sent no login (so clients send theirs), admits a login.
-    challenge = policy.base(None)
+    # /v2/ challenges a client that sent no login (so docker and podman send theirs) only
+    # where it may not pull anonymously: docker fails a pull challenged without one.
+    challenge = policy.base("192.0.2.7", "ghcr.gw.test", None)
     assert (challenge.status, challenge.reason) == (401, "")  # not counted as a refusal
-    assert policy.base("alice").allowed
+    assert policy.base("10.2.3.4", None, None).allowed
+    assert policy.base("10.2.3.4", "private.gw.test:5000", None).status == 401
+    assert policy.base("192.0.2.7", None, "alice").allowed
 
 
 def test_without_users_an_address_outside_anonymous_gets_403() -> None:
@@ -240,7 +246,7 @@ def test_without_users_an_address_outside_anonymous_gets_403() -> None:
                                "routes: {ghcr.io: {upstream: 'http://127.0.0.1:1'}}")
     verdict = policy.pull("192.0.2.7", config.routes[0], "owner/app", None)
     assert (verdict.status, verdict.reason) == (403, "denied_address")  # no login exists
-    assert policy.base(None).allowed
+    assert policy.base("192.0.2.7", None, None).allowed
 
 
 def test_repository_globs_and_docker_hubs_library() -> None:
@@ -454,7 +460,8 @@ async def test_logins_over_http(registry: Any, gateway: Any, htpasswd: Path, ali
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
     by_remote = [(line["remote"], line["status"], line["user"], line["rule"]) for line in lines]
     assert by_remote == [
-        ("192.0.2.7", 401, None, "access.users"), ("192.0.2.7", 200, "alice", "access.users"),
+        ("192.0.2.7", 401, None, "access.anonymous"),
+        ("192.0.2.7", 200, "alice", "access.users"),
         ("10.1.1.1", 401, None, "access.users"), ("10.1.1.1", 200, None, "access.anonymous"),
         ("192.0.2.7", 401, None, "access.anonymous"),
         ("192.0.2.7", 200, "alice", "access.users")]
