@@ -3,8 +3,9 @@
     edge (trusted X-Forwarded-*) → observe (errors, log, metrics) → redirect to HTTPS →
     resolve (read-only guard, → RegistryRequest) → access → limits → handler
 
-`access` and `limits` are the slots for who-may-pull rules and token buckets: they run
-on a resolved request, so a rule sees the route and repository, never a raw path.
+`access` (access.py: address rules, logins, repository rules, admin-only endpoints) and
+`limits` run on a resolved request, so a rule sees the route and repository, never a raw
+path.
 """
 
 from __future__ import annotations
