@@ -25,6 +25,7 @@ from .config import Config
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
+from .pipeline.users import Logins
 from .reload import WATCH_INTERVAL, Live, Reloader, secret_files
 from .tls import RELOAD_INTERVAL, TlsCertificates
 from .upstream import Upstream
@@ -58,7 +59,10 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     upstreams = UpstreamPool(lambda route: Upstream(route, metrics, clock=clock))
 
-    app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port),
+    # Logins outlive config swaps: the htpasswd tables and the bcrypt cache stay warm.
+    logins = Logins()
+    app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port,
+                                                     logins=logins),
                           client_max_size=1 << 20)
     current: Callable[[], Config] = live
     app[CURRENT], app[LIVE] = current, live
@@ -72,6 +76,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     live.subscribe(lambda _old, new: cache.reconfigure(new))
     live.subscribe(lambda _old, new: pins.reconfigure(new))
     live.watch_files(secret_files)
+    live.watch_files(_htpasswd_file)
     lag = LoopLag(metrics)
 
     async def watch_loop(app: web.Application) -> AsyncIterator[None]:
@@ -94,6 +99,11 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app.on_response_prepare.append(pipeline.add_common_headers)
     _add_handlers(app, serve_metrics)
     return app
+
+
+def _htpasswd_file(config: Config) -> list[Path]:
+    """`access.users`: a changed file is read again (Htpasswd also looks every 2 s)."""
+    return [Path(config.access.users)] if config.access.users else []
 
 
 def _add_handlers(app: web.Application, serve_metrics: bool) -> None:

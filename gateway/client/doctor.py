@@ -16,7 +16,7 @@ from ..wire import ROUTES_PATH
 from .checkup import Checkup, Report
 from .doctor_docker import check_docker
 from .doctor_tls import check_tls
-from .source import info_from_listing, tls_context
+from .source import info_from_listing, listing_refused, tls_context
 from .target import ClientConfError, GatewayInfo, Target, probe_hosts
 
 
@@ -107,6 +107,11 @@ class Doctor:
             self.report.problem(f"{url} redirects to {location}",
                                 f"use the address it redirects to (e.g. https://{host})")
             return False
+        if status == 403 and version.startswith("registry/2"):
+            self.report.problem(f"{url} answered 403: the gateway refuses this machine's "
+                                "address", "in the gateway's routes.yaml, add this machine's "
+                                "address to access.allow, or take it out of access.deny")
+            return False
         if status not in (200, 401) or not version.startswith("registry/2"):
             self.report.problem(f"{url} answered {status} without the registry API header",
                                 "something else answers here; if a proxy is in front, it "
@@ -129,6 +134,14 @@ class Doctor:
         try:
             async with self._session() as session, session.get(
                     url, ssl=self._ssl(), allow_redirects=False) as response:
+                if listing_refused(url, response.status) is not None:
+                    self.report.problem(
+                        f"{url} answered {response.status}: the gateway lists its routes "
+                        "only to the addresses in access.admin",
+                        "add this machine's address to access.admin in the gateway's "
+                        "routes.yaml, or give `registry-gateway client` --routes with a "
+                        "copy of that routes.yaml")
+                    return None
                 if response.status != 200:
                     self.report.problem(f"{url} answered {response.status}",
                                         "update the gateway (it publishes its routes since "

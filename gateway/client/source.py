@@ -26,6 +26,17 @@ def tls_context(ca: Path | None) -> ssl.SSLContext:
     return context
 
 
+def listing_refused(url: str, status: int) -> str | None:
+    """What to tell the user when the gateway will not list its routes to this machine
+    (its /_gateway/ endpoints answer `access.admin` addresses only), None otherwise."""
+    if status not in (401, 403):
+        return None
+    return (f"{url} answered {status}: the gateway lists its routes only to the addresses "
+            "in access.admin of its routes.yaml (default: the gateway machine itself); add "
+            "this machine's address there, or pass --routes with a copy of the gateway's "
+            "routes.yaml")
+
+
 def info_from_listing(document: Any, source: str) -> GatewayInfo:
     """A decoded `/_gateway/routes` answer, refused with a message if it is not one."""
     try:
@@ -48,7 +59,8 @@ async def fetch_info(target: Target, ca: Path | None, seconds: float) -> Gateway
             try:
                 async with session.get(url, ssl=context, allow_redirects=False) as response:
                     if response.status != 200:
-                        errors.append(f"{url}: HTTP {response.status}")
+                        errors.append(listing_refused(url, response.status)
+                                      or f"{url}: HTTP {response.status}")
                         continue
                     document = await response.json(content_type=None)
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:

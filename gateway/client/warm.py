@@ -122,6 +122,10 @@ async def preflight(session: aiohttp.ClientSession, target: Target, seconds: flo
         shown = location[:-len("/v2/")] if location.endswith("/v2/") else location
         raise ClientConfError(f"{base}/v2/ redirects to {location[:200]}: give "
                               f"{shown[:200]} instead")
+    if status == 403:
+        raise ClientConfError(f"{base}/v2/ answered 403: the gateway refuses this machine's "
+                              "address; add it to access.allow in the gateway's routes.yaml "
+                              "(or take it out of access.deny)")
     if status not in (200, 401):
         raise ClientConfError(f"{base}/v2/ answered {status}, not the registry API: is "
                               f"{base} the gateway?")

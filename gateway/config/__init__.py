@@ -7,6 +7,7 @@ values.py (durations, sizes, URLs), secrets.py (the only reader of the environme
 from __future__ import annotations
 
 from ..presets import PRESETS, Preset
+from .access import AccessSettings, RepositoryRules
 from .load import (
     SECTIONS,
     Section,
@@ -35,6 +36,7 @@ __all__ = [
     "FOREVER",
     "PRESETS",
     "SECTIONS",
+    "AccessSettings",
     "CacheLimits",
     "CachePolicy",
     "Config",
@@ -44,6 +46,7 @@ __all__ = [
     "Network",
     "Pin",
     "Preset",
+    "RepositoryRules",
     "Route",
     "SecretRef",
     "Section",

@@ -25,6 +25,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..presets import PRESETS
+from .access import access_section
 from .document import Document, Place
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
@@ -139,6 +140,7 @@ SECTIONS: Mapping[str, Section] = {
     "default_route": Section(_default_route, "default_route"),
     "cache": settings_section(CacheLimits, "cache"),
     "pins": Section(pins, "pins"),
+    "access": Section(access_section, "access"),
 }
 
 

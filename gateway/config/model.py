@@ -17,6 +17,7 @@ from typing import Any, Literal
 from yarl import URL
 
 from . import resilience
+from .access import AccessSettings, RepositoryRules, repository_rules, route_anonymous
 from .document import Location, Place
 from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
@@ -165,6 +166,13 @@ class Route:
     hosts: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     aliases: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     library_prefix: bool = field(default=False, metadata=yaml_key(boolean))
+    # Access (config/access.py): who may pull without a login (None: access.anonymous;
+    # () is `none`, the way to keep a route with upstream credentials for logged-in
+    # users), and which repositories may be pulled at all.
+    anonymous: tuple[Network, ...] | None = field(
+        default=None, metadata=yaml_key(route_anonymous, inherit=True))
+    repositories: RepositoryRules = field(
+        default_factory=RepositoryRules, metadata=yaml_key(repository_rules, inherit=True))
 
 
 @dataclass(frozen=True)
@@ -206,6 +214,7 @@ class Config:
     trusted_proxies: tuple[Network, ...] = ()
     cache: CacheLimits = field(default_factory=CacheLimits)
     pins: tuple[Pin, ...] = ()
+    access: AccessSettings = field(default_factory=AccessSettings)
 
     def route(self, name: str) -> Route:
         for route in self.routes:

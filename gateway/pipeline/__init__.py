@@ -4,8 +4,9 @@
     redirect to HTTPS → resolve (read-only guard, → RegistryRequest) → access → limits →
     handler
 
-`access` and `limits` are the slots for who-may-pull rules and token buckets: they run
-on a resolved request, so a rule sees the route and repository, never a raw path.
+`access` (access.py: address rules, logins, repository rules, admin-only endpoints) and
+`limits` run on a resolved request, so a rule sees the route and repository, never a raw
+path.
 Every stage gets `snapshot` (a `Callable[[], Config]`): the config the request started
 with, the same for all its stages however many reloads happen meanwhile. What a stage
 compiles from it is memoised against the config's identity (`PerConfig`).
@@ -20,17 +21,19 @@ from aiohttp.typedefs import Middleware
 from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
+from .access import access_middleware
 from .edge import edge_middleware, forwarded_middleware, redirect_middleware
 from .observe import add_common_headers, observe_middleware, render
 from .resolve import resolve_middleware
 from .snapshot import PerConfig, Snapshot
+from .users import Logins
 
 __all__ = ["PerConfig", "Snapshot", "add_common_headers", "build", "forwarded_middleware",
            "render"]
 
 
 def build(current: Callable[[], Config], metrics: Metrics, *,
-          https_port: int | None = None) -> list[Middleware]:
+          https_port: int | None = None, logins: Logins | None = None) -> list[Middleware]:
     """The stages over `current` (the running config: `Live`, or `lambda: config`)."""
     snapshot = Snapshot(current)
     # First, so the log, the routing and the rules see the real client and host.
@@ -38,7 +41,6 @@ def build(current: Callable[[], Config], metrics: Metrics, *,
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
     stages.append(resolve_middleware(PerConfig(snapshot, Router)))
-    # access: (none yet) allow/deny CIDRs, users, repository rules — e.g.
-    #   stages.append(access_middleware(snapshot, ...))
+    stages.append(access_middleware(snapshot, metrics, logins=logins))
     # limits: (none yet) per-client token buckets
     return stages

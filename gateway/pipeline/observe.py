@@ -122,6 +122,8 @@ def _log(request: web.Request, metrics: Metrics, response: web.StreamResponse | 
         "bytes": sent,
         "duration_ms": round(duration * 1000, 2),
         "cache": cache,
+        "user": state.user,  # a login name, never a secret
+        "rule": state.rule,
     }
     if state.error is not None:
         record["error"] = state.error

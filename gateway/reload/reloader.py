@@ -90,6 +90,9 @@ class Reloader:
                 continue
             found = changed(self._seen, now)
             if found and not self._lock.locked():
+                # Seen now: one reload is asked for, not one more at every look until the
+                # reload task gets to run (a busy loop may take longer than `interval`).
+                self._seen = now
                 self.reload_soon("changed on disk: " + ", ".join(map(str, found)))
 
     # ------------------------------------------------------------ one reload

@@ -32,7 +32,7 @@ import pytest
 
 from .dockerd import Dockerd, docker_client
 from .gateway import REPOSITORY_ROOT
-from .net import stop_process
+from .net import ensure_loopback, stop_process
 from .tools import require_tool
 from .wait import wait_for
 
@@ -80,8 +80,11 @@ class Relay:
     """Accepts inside the sandbox on `listen`, connects to `target` on this machine's
     loopback, and copies bytes both ways (TLS passes through untouched)."""
 
-    def __init__(self, netns: str, listen: tuple[str, int], target: tuple[str, int]) -> None:
+    def __init__(self, netns: str, listen: tuple[str, int], target: tuple[str, int],
+                 source: str | None = None) -> None:
         self.target = target
+        # The loopback address the target sees the client at (rules by client address).
+        self.source = (source, 0) if source is not None else None
         self.listener = listening_socket_in(netns, listen)
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -95,7 +98,8 @@ class Relay:
             except OSError:
                 return
             try:
-                upstream = socket.create_connection(self.target, timeout=10)
+                upstream = socket.create_connection(self.target, timeout=10,
+                                                    source_address=self.source)
                 upstream.settimeout(None)
             except OSError:
                 client.close()
@@ -206,8 +210,13 @@ class Sandbox:
         environment = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root)}
         return self.run(sys.executable, "-m", "gateway", *args, env=environment, check=check)
 
-    def forward(self, listen: tuple[str, int], target: tuple[str, int]) -> None:
-        self.relays.append(Relay(self.netns, listen, target))
+    def forward(self, listen: tuple[str, int], target: tuple[str, int], *,
+                source: str | None = None) -> None:
+        """Relay `listen` inside to `target` on this machine's loopback, connecting from
+        `source` (a 127.0.0.0/8 address) when given: clients at different addresses."""
+        if source is not None:
+            ensure_loopback(source)
+        self.relays.append(Relay(self.netns, listen, target, source))
 
     def stop(self) -> None:
         for relay in self.relays:

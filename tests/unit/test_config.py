@@ -627,7 +627,8 @@ def test_route_keys_are_the_fields_of_route_upstream_and_cache_policy() -> None:
     assert _listed_keys(error) == _yaml_keys(Route, UpstreamSettings, CachePolicy) == {
         "upstream", "label", "hosts", "aliases", "library_prefix", "tag_ttl", "negative_ttl",
         "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit", "max_size",
-        "fallbacks", "timeouts", "retries", "breaker", "stale_while_revalidate"}
+        "fallbacks", "timeouts", "retries", "breaker", "stale_while_revalidate",
+        "anonymous", "repositories"}
 
 
 def test_defaults_keys_are_the_cache_policy_and_proxy() -> None:
@@ -636,14 +637,14 @@ def test_defaults_keys_are_the_cache_policy_and_proxy() -> None:
     # nor are a route's fallbacks (mirrors of its own registry) anybody else's.
     assert _listed_keys(error) == {f.name for f in dataclasses.fields(CachePolicy)
                                    if f.name != "max_size"} | {
-        "proxy", "timeouts", "retries", "breaker"}
+        "proxy", "timeouts", "retries", "breaker", "anonymous", "repositories"}
 
 
 def test_top_level_keys_are_the_sections() -> None:
     error = config_error("routes: {ghcr.io: {}}\nbogus: 1")
     assert _listed_keys(error) == set(SECTIONS) == {
         "base_domains", "default_route", "defaults", "routes", "trusted_proxies", "cache",
-        "pins"}
+        "pins", "access"}
 
 
 def test_a_settings_section_is_parsed_from_its_fields() -> None:

@@ -33,7 +33,7 @@ MAP: dict[str, set[str]] = {
                       "gateway"},
     "gateway.pipeline": {"gateway.routing", "gateway.state", "gateway.config",
                          "gateway.errors", "gateway.metrics", "gateway.net",
-                         "gateway.reference"},
+                         "gateway.reference", "gateway.singleflight"},
     "gateway.api": {"gateway.cache", "gateway.state", "gateway.upstream",
                     "gateway.upstream_pool", "gateway.oci",
                     "gateway.errors", "gateway.reference"},

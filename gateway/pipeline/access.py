@@ -1,0 +1,134 @@
+"""The access stage: applies `access:` (pipeline/rules.py) to every request after resolve,
+checks logins (HTTP Basic against the htpasswd file, pipeline/users.py) and refuses with
+401 UNAUTHORIZED (plus the Basic challenge) or 403 DENIED; sets the audit fields.
+
+Basic, not a token service: every client in use sends it (docker/podman login, skopeo
+--creds, containerd's static hosts.toml header), and it needs no signing key shared
+between workers and replicas. It never logs or echoes a password, a hash or a header.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from ..config import Config
+from ..errors import RegistryError
+from ..metrics import Metrics
+from ..state import STATE
+from .rules import Policy, Verdict
+from .users import Logins
+
+CHALLENGE = 'Basic realm="registry-gateway", charset="UTF-8"'
+BASE_PATHS = frozenset({"/v2", "/v2/"})
+
+
+class BadLogin(Exception):
+    """An Authorization header that is Basic but not user:password in base64."""
+
+
+def basic_credentials(header: str | None) -> tuple[str, bytes] | None:
+    """(user, password) of `Authorization: Basic ...`; None when the client offers no
+    login (no header, another scheme, or an empty user name, which some clients send
+    when they have none). Raises BadLogin for a Basic header that does not decode."""
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True)
+        user_bytes, colon, password = decoded.partition(b":")
+        user = user_bytes.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise BadLogin from None
+    if not user:
+        return None
+    if not colon:
+        raise BadLogin
+    return user, password
+
+
+class _Compiled:
+    """The Policy of the Config last seen (a reload swaps the Config object)."""
+
+    def __init__(self) -> None:
+        self._config: Config | None = None
+        self._policy: Policy | None = None
+
+    def policy(self, config: Config) -> Policy:
+        if config is not self._config or self._policy is None:
+            self._policy, self._config = Policy(config), config
+        return self._policy
+
+
+def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
+                      logins: Logins | None = None) -> Middleware:
+    """The stage; `current()` is read once per request. `logins` (built once by the
+    composition root, which calls `logins.refresh()` on a reload) holds the htpasswd
+    table and the bcrypt cache across Config swaps."""
+    logins = logins if logins is not None else Logins()
+    compiled = _Compiled()
+
+    @web.middleware
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        config = current()
+        policy = compiled.policy(config)
+        state = request[STATE]
+        reg = state.registry
+        route = reg.route.name if reg is not None else "-"
+        address = request.remote
+        verdict = policy.screen(address, request.path)
+        if verdict is None:
+            user = await _login(request, config, logins, metrics, route)
+            state.user = user
+            if reg is not None:
+                verdict = policy.pull(address, reg.route, reg.repository, user)
+            elif request.path in BASE_PATHS:
+                verdict = policy.base(address, request.host, user)
+            else:
+                verdict = Verdict("access.allow")  # not an API path: a 404 follows
+        state.rule = verdict.rule
+        if not verdict.allowed:
+            if verdict.reason:
+                metrics.refusals.labels(route, verdict.reason).inc()
+            raise _refusal(verdict)
+        return await handler(request)
+
+    return access
+
+
+async def _login(request: web.Request, config: Config, logins: Logins, metrics: Metrics,
+                 route: str) -> str | None:
+    """The user a valid login names; None without one (or when no `users` file is
+    configured: credentials are then not looked at). A wrong one is refused with 401."""
+    path = config.access.users
+    if path is None:
+        return None
+    try:
+        offered = basic_credentials(request.headers.get("Authorization"))
+        if offered is None:
+            return None
+        user, password = offered
+        if await logins.verify(path, user, password):
+            return user
+    except BadLogin:
+        pass
+    except RegistryError:  # too many checks waiting: 429
+        metrics.refusals.labels(route, "login_busy").inc()
+        raise
+    request[STATE].rule = "access.users"
+    metrics.refusals.labels(route, "bad_login").inc()
+    raise RegistryError("UNAUTHORIZED", "wrong user name or password", 401,
+                        headers={"WWW-Authenticate": CHALLENGE})
+
+
+def _refusal(verdict: Verdict) -> RegistryError:
+    if verdict.status == 401:
+        return RegistryError("UNAUTHORIZED", verdict.message, 401,
+                             headers={"WWW-Authenticate": CHALLENGE})
+    return RegistryError("DENIED", verdict.message, verdict.status)
