@@ -88,7 +88,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await cache.open()
         await upstreams.start(config.routes)
         pins.start()
-        reloader.start()
+        await reloader.start()
         yield
         await reloader.close()
         await pins.close()

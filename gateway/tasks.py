@@ -23,7 +23,13 @@ class Background:
     async def stop(self) -> None:
         """Cancel and wait (idempotent)."""
         if self._task is not None:
-            self._task.cancel()
+            task = self._task
+            while not task.done():
+                # Asked again until it ends: Python 3.11's wait_for swallows a cancel that
+                # arrives as its awaitable completes (gh-86296), and the evictor's loop,
+                # woken at that moment, would run on and this would wait forever.
+                task.cancel()
+                await asyncio.wait([task], timeout=1.0)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
             self._task = None

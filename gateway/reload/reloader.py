@@ -47,11 +47,14 @@ class Reloader:
         self._reloads = Background("reload")
         self._watch = Background("watch routes.yaml")
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start watching; what the files look like now is what the running config was
+        read from (the caller read it just before)."""
         self._metrics.config_last_success.set(self._clock())
         self._metrics.config_last_ok.set(1)
         self._reloads.start(self._run())
         if self.source is not None and self.interval > 0:
+            self._seen = await asyncio.to_thread(signatures, self._paths(self.live()))
             self._watch.start(self._watch_files())
 
     async def close(self) -> None:
