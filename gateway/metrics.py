@@ -73,9 +73,9 @@ class Metrics:
             "rate, bandwidth, misses, connections, admin_only)", ["route", "reason"],
             registry=r)
         self._add_disk_collectors(r)
+        self._add_ranged_collectors(r)
 
-        # Labelled children, looked up once: labels() validates and locks on every call,
-        # which is a visible share of a warm manifest request.
+        # Children looked up once: labels() locks per call (a share of a warm manifest GET).
         self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
@@ -103,6 +103,19 @@ class Metrics:
         self.index_rebuilds = Counter(
             "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
             "(missing, corrupt, schema)", ["reason"], registry=r)
+
+    def _add_ranged_collectors(self, r: CollectorRegistry) -> None:
+        """Parallel ranged fetch (cache/ranged.py): how cold blobs came, and their parts."""
+        self.blob_transfers = Counter(
+            "gateway_blob_transfers", "Cold blob fetches by route and mode: ranged (in "
+            "parallel Range parts) or single (one stream: small, or the upstream ignores "
+            "Range)", ["route", "mode"], registry=r)
+        self.blob_parts = Counter(
+            "gateway_blob_parts", "Range parts of ranged blob fetches fetched whole",
+            ["route"], registry=r)
+        self.blob_part_resumes = Counter(
+            "gateway_blob_part_resumes", "Range parts resumed (asking for their missing "
+            "tail) after their connection broke", ["route"], registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""
