@@ -66,9 +66,10 @@ class BlobFlight:
         self._open_upstream = open_upstream
         fd = -1
         try:
+            # Read and write: a part written ahead of the prefix is hashed by reading it back.
             fd = await self._with_room(
                 lambda: asyncio.to_thread(os.open, self.spool,
-                                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+                                          os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644),
                 CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
             await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume, plan)

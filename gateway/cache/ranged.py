@@ -145,7 +145,7 @@ class Parts:
         return part
 
     async def _worker(self, body: UpstreamBody | None) -> None:
-        part: _Part | None = self._parts[0]
+        part = self._parts[0] if body is not None else self._take()
         while part is not None:
             if body is None:
                 body = UpstreamBody(self._plan.open_part, part.start, end=part.end,
