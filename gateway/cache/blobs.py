@@ -215,10 +215,12 @@ class Blobs:
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
         try:
-            await flight.run(open_upstream, commit,
+            plan = self._plan(upstream, route, path, open_upstream)
+            # With parts, every request (the first too) learns or reuses the CDN redirect.
+            await flight.run(plan.open_part if plan else open_upstream, commit,
                              on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
                              on_resume=self.metrics.resumed.labels(route.name).inc,
-                             plan=self._plan(upstream, route, path, open_upstream))
+                             plan=plan)
             if isinstance(flight.error, IntegrityError):
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:

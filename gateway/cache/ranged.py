@@ -42,7 +42,7 @@ class Plan:
 
     part_size: int
     parts: int
-    open_part: Opener  # the requests for parts after the first (reusing the redirect)
+    open_part: Opener  # every request of the transfer (reuse_redirect)
     on_mode: Callable[[str], None] = lambda _mode: None  # "ranged" | "single"
     on_part: Callable[[], None] = _nothing
     on_part_resume: Callable[[], None] = _nothing
