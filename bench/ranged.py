@@ -25,7 +25,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "8MiB x6": {"parallel_fetch_threshold": "8MiB", "parallel_fetch_parts": 6},
     "16MiB x8": {"parallel_fetch_threshold": "16MiB", "parallel_fetch_parts": 8},
 }
-DEFAULT_SHAPE = "16MiB x4"  # what CachePolicy's defaults are (keep in step)
+DEFAULT_SHAPE = "16MiB x6"  # what CachePolicy's defaults are (keep in step)
 
 
 def _log(message: str) -> None:

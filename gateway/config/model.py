@@ -128,7 +128,7 @@ class CachePolicy:
     # comes as Range parts of that size, this many at once (off, or parts 1: one stream).
     parallel_fetch_threshold: int | None = field(
         default=16 << 20, metadata=yaml_key(optional_size, inherit=True))
-    parallel_fetch_parts: int = field(default=4, metadata=yaml_key(count, inherit=True))
+    parallel_fetch_parts: int = field(default=6, metadata=yaml_key(count, inherit=True))
 
 
 @dataclass(frozen=True)
