@@ -58,7 +58,13 @@ class UpstreamBody:
         self._gather = False
 
     async def open(self) -> None:
-        await self._request(ranged=self.position > 0 or self.end is not None)
+        try:
+            await self._request(ranged=self.position > 0 or self.end is not None)
+        except UpstreamError as exc:
+            if exc.status != 416 or self.position > 0 or self.end is None:
+                raise
+            self.end = None  # an empty blob has no byte 0 to ask for: ask for all of it
+            await self._request(ranged=False)
 
     def close(self) -> None:
         if self._resp is not None:

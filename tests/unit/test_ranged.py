@@ -217,3 +217,15 @@ async def test_the_cdn_redirect_is_followed_once_and_asked_again_when_refused(
     assert w.fake.count("GET", path_of(digest)) == 2
     served = [g for g in w.fake.seen("GET", cdn) if g.status == 206]
     assert len(served) == 11 and tiles(asked(served), SIZE)
+
+
+async def test_an_empty_blob_is_asked_for_again_without_range(
+        world: MakeWorld) -> None:  # noqa: F811
+    w = await world(parallel_fetch_threshold=PART, parallel_fetch_parts=4)
+    digest = w.fake.add_blob(b"")
+    flight, _ = w.flight(digest)
+    assert await read_all(flight) == b""
+    await w.settled(digest)
+    assert blob_path(w, digest).read_bytes() == b""
+    assert [(g.range, g.status) for g in w.fake.blob_requests(digest=digest)] == [
+        (f"bytes=0-{PART - 1}", 416), (None, 200)]
