@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--only 1,2,3,4,5,6,7] [--baseline REV]`: set up, run the scenarios,
+"""`python -m bench [--quick] [--only 1,2,3,4,5,6,7,8] [--baseline REV]`: set up, run the scenarios,
 report."""
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import eviction, report, scenarios, startup, trees
+from . import eviction, ranged, report, scenarios, startup, trees
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7")  # 6 eviction, 7 start-up with a big index
+# 6 eviction, 7 start-up with a big index, 8 parallel ranged fetch
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="small image, short windows (~3 minutes), for iteration")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help="scenarios to run, e.g. 1,3 (default: all; 6 is eviction, "
-                        "7 start-up with a large index)")
+                        "7 start-up with a large index, 8 parallel ranged fetch)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown report (default: BENCHMARKS.md for a full run of "
                         "everything, bench/results/<profile>.md otherwise)")
@@ -174,4 +175,6 @@ def _measure(world: World, profile: scenarios.Profile, selected: set[str],
             records += eviction.run(world, profile)
         if "7" in selected:
             records += startup.run(world, profile)
+        if "8" in selected:
+            records += ranged.run(world, profile)
     return image, records, baselines

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import compare, eviction, startup
+from . import compare, eviction, ranged, startup
 
 Record = dict[str, Any]
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
@@ -177,7 +177,7 @@ def _verdicts(records: list[Record]) -> list[tuple[str, str, str, str, str]]:
     tls = _one(records, scenario="warm_throughput", target="gateway", tls=True)
     if tls is not None and "status" in tls:
         add("warm serving over TLS", "see scenario 3", "measured", "–", None)
-    rows += eviction.verdicts(records) + startup.verdicts(records)
+    rows += eviction.verdicts(records) + startup.verdicts(records) + ranged.verdicts(records)
     against = compare.verdict(records)
     if against is not None:
         add(*against)
@@ -246,6 +246,7 @@ def markdown(records: list[Record]) -> str:
     out += _scenario5(records)
     out += eviction.section(records)
     out += startup.section(records)
+    out += ranged.section(records)
     out += compare.section(records)
     if ANALYSIS.exists():
         out += ["", ANALYSIS.read_text().rstrip(), ""]

@@ -160,8 +160,10 @@ class Far:
 
 
 @contextlib.contextmanager
-def far_upstream(world: World, *, latency_ms: float, rate_mb: float) -> Iterator[Far]:
-    """The upstream registry (token auth) behind the throttling proxy with the token server."""
+def far_upstream(world: World, *, latency_ms: float, rate_mb: float,
+                 total_mb: float = 0) -> Iterator[Far]:
+    """The upstream registry (token auth) behind the throttling proxy with the token server
+    (`rate_mb` per connection, `total_mb` over all of them if given)."""
     reg_port, far_port = free_port(), free_port()
     far_url = f"http://127.0.0.1:{far_port}"
     config = _write_config(world.workdir / "upstream-registry.yml", _registry_config(
@@ -177,7 +179,8 @@ def far_upstream(world: World, *, latency_ms: float, rate_mb: float) -> Iterator
         proxy = stack.enter_context(running("far-proxy", [
             str(world.tool.path), "far", "-listen", f"127.0.0.1:{far_port}",
             "-upstream", f"http://127.0.0.1:{reg_port}", "-latency", f"{latency_ms}ms",
-            "-rate-mb", str(rate_mb), "-token-key", str(world.keys / "token.key"),
+            "-rate-mb", str(rate_mb), "-total-mb", str(total_mb),
+            "-token-key", str(world.keys / "token.key"),
             "-token-cert", str(world.keys / "token.crt"), "-service", TOKEN_SERVICE,
             "-issuer", TOKEN_ISSUER], world.logs / "far-proxy.log"))
         wait_http(proxy, f"{far_url}/__bench/stats")
@@ -199,12 +202,14 @@ def gateway_version(tree: GatewayTree = CURRENT) -> str:
 @contextlib.contextmanager
 def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
             name: str = "gateway", tree: GatewayTree = CURRENT,
-            cache: dict[str, Any] | None = None) -> Iterator[Server]:
+            cache: dict[str, Any] | None = None,
+            route: dict[str, Any] | None = None) -> Iterator[Server]:
     """`python -m gateway serve` from `tree` (this working tree unless a baseline), one
-    route to the far upstream, `cache` as routes.yaml's `cache:` section if given; its
-    records carry `tree.label` as the target."""
+    route to the far upstream (with the `route` keys if given), `cache` as routes.yaml's
+    `cache:` section if given; its records carry `tree.label` as the target."""
     port = free_port()
-    config: dict[str, Any] = {"default_route": ROUTE, "routes": {ROUTE: {"upstream": far.url}}}
+    config: dict[str, Any] = {"default_route": ROUTE,
+                              "routes": {ROUTE: {"upstream": far.url, **(route or {})}}}
     if cache is not None:
         config["cache"] = cache
     routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", config)

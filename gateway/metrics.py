@@ -73,8 +73,7 @@ class Metrics:
             registry=r)
         self._add_part_collectors(r)
 
-        # Labelled children, looked up once: labels() validates and locks on every call,
-        # which is a visible share of a warm manifest request.
+        # Children looked up once: labels() locks per call (a share of a warm manifest GET).
         self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
@@ -83,6 +82,7 @@ class Metrics:
         self._add_disk_collectors(r)
         self._add_reload_collectors(r)
         self._add_resilience_collectors(r)
+        self._add_ranged_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -142,6 +142,19 @@ class Metrics:
             "gateway_tag_revalidations", "Background revalidations of tags answered "
             "stale-while-revalidate, by result (unchanged, changed, failed)",
             ["route", "result"], registry=r)
+
+    def _add_ranged_collectors(self, r: CollectorRegistry) -> None:
+        """Parallel ranged fetch (cache/ranged.py): how cold blobs came, and their parts."""
+        self.blob_transfers = Counter(
+            "gateway_blob_transfers", "Cold blob fetches by route and mode: ranged (in "
+            "parallel Range parts) or single (one stream: small, or the upstream ignores "
+            "Range)", ["route", "mode"], registry=r)
+        self.blob_parts = Counter(
+            "gateway_blob_parts", "Range parts of ranged blob fetches fetched whole",
+            ["route"], registry=r)
+        self.blob_part_resumes = Counter(
+            "gateway_blob_part_resumes", "Range parts resumed (asking for their missing "
+            "tail) after their connection broke", ["route"], registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

@@ -2,7 +2,8 @@ package main
 
 // The "far" upstream: a reverse proxy in front of the upstream registry that adds a
 // round-trip latency to every request (and one more on each new connection, the TCP
-// handshake), paces each connection's response bytes to a fixed rate, serves the
+// handshake), paces each connection's response bytes to a fixed rate and, if asked, all
+// connections' bytes together to a shared rate (the link behind a CDN), serves the
 // Bearer token endpoint itself (behind the same latency), and counts what it sent.
 
 import (
@@ -46,6 +47,8 @@ type far struct {
 	proxy   *httputil.ReverseProxy
 	latency time.Duration
 	rate    float64 // bytes per second per connection; 0 = unlimited
+	total   float64 // bytes per second over all connections; 0 = unlimited
+	shared  connState
 	issuer  *issuer
 	stats   *farStats
 }
@@ -81,18 +84,12 @@ func (w *pacedWriter) Write(p []byte) (int, error) {
 		if n > 64<<10 {
 			n = 64 << 10
 		}
-		if w.f.rate > 0 {
-			w.conn.mu.Lock()
-			now := time.Now()
-			if w.conn.next.Before(now) {
-				w.conn.next = now
-			}
-			wait := w.conn.next.Sub(now)
-			w.conn.next = w.conn.next.Add(time.Duration(float64(n) / w.f.rate * float64(time.Second)))
-			w.conn.mu.Unlock()
-			if wait > 0 {
-				time.Sleep(wait)
-			}
+		wait := pace(w.conn, w.f.rate, n)
+		if shared := pace(&w.f.shared, w.f.total, n); shared > wait {
+			wait = shared
+		}
+		if wait > 0 {
+			time.Sleep(wait)
 		}
 		k, err := w.ResponseWriter.Write(p[:n])
 		written += k
@@ -103,6 +100,23 @@ func (w *pacedWriter) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return written, nil
+}
+
+// pace books n bytes at `rate` on `state`'s schedule and says how long to wait before
+// sending them (0 for an unlimited rate).
+func pace(state *connState, rate float64, n int) time.Duration {
+	if rate <= 0 {
+		return 0
+	}
+	state.mu.Lock()
+	defer state.mu.Unlock()
+	now := time.Now()
+	if state.next.Before(now) {
+		state.next = now
+	}
+	wait := state.next.Sub(now)
+	state.next = state.next.Add(time.Duration(float64(n) / rate * float64(time.Second)))
+	return wait
 }
 
 func (w *pacedWriter) Flush() {
@@ -182,6 +196,7 @@ func cmdFar(args []string) error {
 	upstream := fs.String("upstream", "", "registry URL")
 	latency := fs.Duration("latency", 40*time.Millisecond, "added per request (and per new connection)")
 	rate := fs.Float64("rate-mb", 32, "MB/s (10^6) per connection; 0 = unlimited")
+	total := fs.Float64("total-mb", 0, "MB/s (10^6) over all connections; 0 = unlimited")
 	keyFile := fs.String("token-key", "", "token signing key (PEM)")
 	certFile := fs.String("token-cert", "", "token signing certificate (PEM)")
 	service := fs.String("service", "bench-registry", "token audience")
@@ -209,7 +224,7 @@ func cmdFar(args []string) error {
 		FlushInterval: -1,
 		BufferPool:    bufPool{},
 	}
-	f := &far{proxy: rp, latency: *latency, rate: *rate * 1e6, issuer: is, stats: stats}
+	f := &far{proxy: rp, latency: *latency, rate: *rate * 1e6, total: *total * 1e6, issuer: is, stats: stats}
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		return err

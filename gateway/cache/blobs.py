@@ -10,12 +10,13 @@ import asyncio
 import os
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 import aiohttp
+from yarl import URL
 
 from ..config import Route
 from ..metrics import Metrics
@@ -27,8 +28,10 @@ from .diskfull import DiskFull
 from .flight import BlobFlight, IntegrityError, read_span
 from .index import BlobKey, Index
 from .leases import Readers
+from .ranged import Plan, reuse_redirect
 from .relay import Relay
 from .store import BlobStore, LocalFiles, blob_key
+from .transfer import Opener, blob_length
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +174,23 @@ class Blobs:
             os.close(fd)
             await asyncio.to_thread(spool.unlink, True)
 
+    def _plan(self, upstream: Upstream, route: Route, path: str,
+              open_upstream: Opener) -> Plan | None:
+        """The route's parallel ranged fetch, if it has one (cache/ranged.py)."""
+        threshold, parts = route.cache.parallel_fetch_threshold, route.cache.parallel_fetch_parts
+        if threshold is None or parts < 2:
+            return None
+
+        def get_redirected(url: URL, headers: dict[str, str]) -> Awaitable[
+                aiohttp.ClientResponse | None]:
+            return upstream.get_redirected(url, headers, kind="blob")
+
+        m = self.metrics
+        return Plan(max(threshold, 1), parts, reuse_redirect(open_upstream, get_redirected, path),
+                    on_mode=lambda mode: m.blob_transfers.labels(route.name, mode).inc(),
+                    on_part=m.blob_parts.labels(route.name).inc,
+                    on_part_resume=m.blob_part_resumes.labels(route.name).inc)
+
     async def _run(self, flight: BlobFlight, upstream: Upstream, route: Route,
                    repository: str, store_key: str) -> None:
         path = f"/v2/{repository}/blobs/{flight.digest}"
@@ -181,8 +201,9 @@ class Blobs:
             nonlocal reserved
             resp = await upstream.request("GET", path, kind="blob", repository=repository,
                                           headers=headers)
-            if not reserved and resp.content_length:  # make room before the bytes arrive
-                reserved = resp.content_length
+            length = blob_length(resp)
+            if not reserved and length:  # make room before the bytes arrive
+                reserved = length
                 self.space.reserve(reserved)
             return resp
 
@@ -194,12 +215,15 @@ class Blobs:
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
         try:
+            plan = self._plan(upstream, route, path, open_upstream)
             # Held: a reload that replaced this route closes its client only after us (the
             # request that began the flight holds it until this task runs).
             with upstream.in_use():
-                await flight.run(open_upstream, commit,
+                # With parts, every request (the first too) learns or reuses the redirect.
+                await flight.run(plan.open_part if plan else open_upstream, commit,
                                  on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
-                                 on_resume=self.metrics.resumed.labels(route.name).inc)
+                                 on_resume=self.metrics.resumed.labels(route.name).inc,
+                                 plan=plan)
             if isinstance(flight.error, IntegrityError):
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:

@@ -17,8 +17,10 @@ from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+from ..errors import UpstreamError
 from ..reference import Digest
 from .diskfull import DiskFull, NoSpace, is_no_space
+from .ranged import Parts, Plan
 from .relay import Relay
 from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
 
@@ -57,17 +59,20 @@ class BlobFlight:
         event.set()
 
     async def run(self, open_upstream: Opener, commit: Callable[[Path], Awaitable[None]],
-                  on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
-        """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`."""
+                  on_bytes: Callable[[int], None], on_resume: Callable[[], None], *,
+                  plan: Plan | None = None) -> None:
+        """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`.
+        With a `plan`, a blob larger than its part size comes in parallel parts."""
         self._open_upstream = open_upstream
         fd = -1
         try:
+            # Read and write: a part written ahead of the prefix is hashed by reading it back.
             fd = await self._with_room(
                 lambda: asyncio.to_thread(os.open, self.spool,
-                                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
+                                          os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644),
                 CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
-            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume)
+            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume, plan)
             self._verify(hasher)
             # Verified: readers may have their last byte now; making it durable (fsync,
             # then rename) need not hold them up (~0.2 s for a 100 MB layer).
@@ -115,28 +120,63 @@ class BlobFlight:
                       f"upstream for {self._disk.relay_seconds:g} s")
 
     async def _transfer(self, open_upstream: Opener, fd: int, hasher: hashlib._Hash,
-                        on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
-        """Every byte of the blob into the spool, resuming a broken transfer with Range."""
+                        on_bytes: Callable[[int], None], on_resume: Callable[[], None],
+                        plan: Plan | None) -> None:
+        """Every byte of the blob into the spool, resuming a broken transfer with Range;
+        in parallel parts if the plan applies (the first answer is then the first part)."""
         def resumed() -> None:
             self.resumes += 1
             on_resume()
 
-        body = UpstreamBody(open_upstream, on_bytes=on_bytes, on_resume=resumed)
+        body = UpstreamBody(open_upstream, end=plan.part_size if plan else None,
+                            on_bytes=on_bytes, on_resume=resumed)
         try:
             await body.open()
             self.size = body.size
             if not self._headers.done():
                 self._headers.set_result(None)
-            async with contextlib.aclosing(body.chunks()) as chunks:
-                async for data in chunks:
-                    await self._write(fd, hasher, data)
-                    self.written += len(data)
-                    self._notify()
-                    if self.readers == 0 and self.size is not None and \
-                            self.size - self.written > self._orphan_limit:
-                        raise asyncio.CancelledError("nobody waits and too much is left")
+            if plan is not None and plan.applies(body):
+                assert self.size is not None
+                plan.on_mode("ranged")
+                await Parts(plan, fd=fd, hasher=hasher, size=self.size,
+                            write=_write_and_hash, with_room=self._with_room,
+                            progress=self._advanced,
+                            orphaned=self._orphaned, on_bytes=on_bytes, on_resume=resumed,
+                            what=f"blob {self.digest}").run(body)
+                return
+            if plan is not None:
+                plan.on_mode("single")
+            await self._stream(body, fd, hasher)
+            if body.end is not None:  # a 206 that did not say the blob's size: the rest
+                body.close()
+                body = UpstreamBody(open_upstream, self.written, on_bytes=on_bytes,
+                                    on_resume=resumed)
+                try:
+                    await body.open()
+                except UpstreamError as exc:
+                    if exc.status != 416:  # 416: the first part was the whole blob
+                        raise
+                    return
+                await self._stream(body, fd, hasher)
         finally:
             body.close()
+
+    async def _stream(self, body: UpstreamBody, fd: int, hasher: hashlib._Hash) -> None:
+        async with contextlib.aclosing(body.chunks()) as chunks:
+            async for data in chunks:
+                await self._write(fd, hasher, data)
+                self._advanced(self.written + len(data))
+                if self._orphaned():
+                    raise asyncio.CancelledError("nobody waits and too much is left")
+
+    def _advanced(self, prefix: int) -> None:
+        """Bytes [0, prefix) are in the spool and hashed: readers may have them."""
+        self.written = prefix
+        self._notify()
+
+    def _orphaned(self) -> bool:
+        return self.readers == 0 and self.size is not None and \
+            self.size - self.written > self._orphan_limit
 
     async def _write(self, fd: int, hasher: hashlib._Hash, data: bytes) -> None:
         offset = self.written
@@ -300,11 +340,12 @@ class BlobFlight:
             raise FetchAborted(f"the fetched blob is gone ({exc.strerror})") from None
 
 
-def _write_and_hash(fd: int, hasher: hashlib._Hash, data: bytes, offset: int) -> None:
-    """Write `data` at `offset` whole, then hash it: a failed write leaves the hash as it
-    was, so the write can be retried."""
+def _write_and_hash(fd: int, hasher: hashlib._Hash | None, data: bytes, offset: int) -> None:
+    """Write `data` at `offset` whole, then hash it (if a hasher is given): a failed write
+    leaves the hash as it was, so the write can be retried."""
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
-    hasher.update(data)
+    if hasher is not None:
+        hasher.update(data)

@@ -41,11 +41,14 @@ class UpstreamBody:
     """The bytes of one blob from `start` to its end, as one stream however often the
     connection breaks. `open()` sends the first request; `chunks()` yields the bytes."""
 
-    def __init__(self, open_upstream: Opener, start: int = 0, *,
+    def __init__(self, open_upstream: Opener, start: int = 0, *, end: int | None = None,
                  on_bytes: Callable[[int], None] = _nothing,
                  on_resume: Callable[[], None] = _nothing) -> None:
         self._open = open_upstream
         self.position = start  # blob offset of the next byte chunks() yields
+        # A part [start, end) of the blob (ranged.py), or None: up to the blob's end. An
+        # answer that covers the whole blob (200, or a 206 up to its end) clears it.
+        self.end = end
         self.size: int | None = None  # the blob's length, if the upstream said
         self.resumes = 0
         self._on_bytes = on_bytes
@@ -55,14 +58,21 @@ class UpstreamBody:
         self._gather = False
 
     async def open(self) -> None:
-        await self._request(ranged=self.position > 0)
+        try:
+            await self._request(ranged=self.position > 0 or self.end is not None)
+        except UpstreamError as exc:
+            if exc.status != 416 or self.position > 0 or self.end is None:
+                raise
+            self.end = None  # an empty blob has no byte 0 to ask for: ask for all of it
+            await self._request(ranged=False)
 
     def close(self) -> None:
         if self._resp is not None:
             self._resp.release()
 
     async def _request(self, *, ranged: bool) -> None:
-        headers = {"Range": f"bytes={self.position}-"} if ranged else {}
+        last = "" if self.end is None else str(self.end - 1)
+        headers = {"Range": f"bytes={self.position}-{last}"} if ranged else {}
         resp = await self._open(headers)
         self._resp, self._gather = resp, False  # the first bytes of an answer go out at once
         if ranged and resp.status == 206:
@@ -71,14 +81,33 @@ class UpstreamBody:
                 raise UpstreamError("UNAVAILABLE", "upstream answered a resume with the "
                                     "wrong range", 502, retryable=True)
             self._skip = 0
-            total = content_range.rpartition("/")[2]
-            length = int(total) if total.isdigit() else None
+            length = _total(content_range)
+            if self.end is not None:
+                self._check_part(content_range, length)
+        elif self.end is not None and self.position > 0:
+            # A part must come as asked: the whole blob again would fetch bytes twice.
+            raise UpstreamError("UNAVAILABLE", "upstream stopped honouring Range in the "
+                                "middle of a ranged transfer", 502, retryable=True)
         else:
+            self.end = None
             # Without Range, or an upstream that ignores it: the whole blob again.
             self._skip = self.position
             length = resp.content_length
         if self.size is None:
             self.size = length
+
+    def _check_part(self, content_range: str, length: int | None) -> None:
+        """A part's answer must end where asked, or at the blob's end: more would
+        overlap the next part (one upstream copy of each byte)."""
+        assert self.end is not None
+        last = content_range[len("bytes "):].partition("/")[0].partition("-")[2]
+        want = self.end if length is None else min(self.end, length)
+        if not last.isdigit() or int(last) + 1 != want:
+            raise UpstreamError("UNAVAILABLE", f"upstream answered Range bytes="
+                                f"{self.position}-{self.end - 1} with {content_range!r}",
+                                502, retryable=True)
+        if length is not None and self.end >= length and self.position == 0:
+            self.end = None  # the whole blob in one answer: resumes ask for the rest
 
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """Every byte from `position` to the end (Docker Hub's CDN and containerd both
@@ -121,6 +150,18 @@ class UpstreamBody:
         self.resumes += 1
         self._on_resume()
         await self._request(ranged=True)
+
+
+def _total(content_range: str) -> int | None:
+    total = content_range.rpartition("/")[2]
+    return int(total) if total.isdigit() else None
+
+
+def blob_length(resp: aiohttp.ClientResponse) -> int | None:
+    """The whole blob's length from an answer to a GET of it, ranged or not."""
+    if resp.status == 206:
+        return _total(resp.headers.get("Content-Range", ""))
+    return resp.content_length
 
 
 async def gather(content: aiohttp.StreamReader, first: bytes, seconds: float) -> bytes:

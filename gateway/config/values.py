@@ -141,6 +141,13 @@ def free_space(value: Any, at: Place) -> FreeSpace:
     return FreeSpace(bytes=size(value, at))
 
 
+def count(value: Any, at: Place) -> int:
+    """A whole number from 1 to 64 (how many of something at once)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise at.error(f"{value!r} is not a count: want a whole number from 1 to 64")
+    return value
+
+
 def boolean(value: Any, at: Place) -> bool:
     if not isinstance(value, bool):
         raise at.error("want true or false")

@@ -308,6 +308,26 @@ class Upstream:
         raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: too many redirects", 502,
                             retryable=True, upstream_status=resp.status)
 
+    async def get_redirected(self, url: URL, headers: Mapping[str, str], *,
+                             kind: str) -> aiohttp.ClientResponse | None:
+        """GET `url`, where this upstream redirected a GET before (a CDN's signed URL), as
+        it is: no Authorization (it never goes to another host), no redirect followed.
+        None if the URL no longer works (expired: 401, 403, 404, 410, or a redirect): ask
+        the registry again. The caller owns the response."""
+        try:
+            resp = await self.session.get(url, headers=headers, allow_redirects=False,
+                                          proxy=self.settings.proxy)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self.transport_error(exc, kind) from None
+        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
+        if resp.status in (*_REDIRECTS, 401, 403, 404, 410):
+            resp.release()
+            return None
+        if resp.status >= 300:
+            resp.release()
+            raise self._status_error(resp.status, kind, resp.headers)
+        return resp
+
     # ---------------------------------------------------------- error table
 
     def _status_error(self, status: int, kind: str, headers: Mapping[str, str]) -> UpstreamError:

@@ -212,10 +212,11 @@ async def hang_up(request: web.Request, *, reset: bool) -> None:
 
 async def send_body(request: web.Request, response: web.StreamResponse,
                     chunks: AsyncIterable[bytes], *, start: int, fault: Fault, gate: Gate,
-                    on_sent: Callable[[int], None]) -> None:
+                    on_sent: Callable[[int], None],
+                    pace: Callable[[int], Awaitable[None]] | None = None) -> None:
     """Write `chunks` (the object's bytes from offset `start`) with `fault` applied.
     `on_sent(n)` is called before each write, so a count read by a test that has seen
-    the bytes arrive includes them."""
+    the bytes arrive includes them; `pace(n)` after it (a server's shared rate cap)."""
     position = start
     stalled = False
     limit = PIECE
@@ -251,6 +252,8 @@ async def send_body(request: web.Request, response: web.StreamResponse,
             offset = stop
             if fault.throttle:
                 await asyncio.sleep(len(piece) / fault.throttle)
+            if pace is not None:
+                await pace(len(piece))
     await checkpoint()
 
 

@@ -34,18 +34,22 @@ _CONTENT_RANGE_START = re.compile(r"bytes (\d+)-")
 class CountingProxy(RequestLog, Scripted):
     """Reverse proxy to `upstream` (http://127.0.0.1:PORT) with request accounting.
 
-    `throttle_bytes_per_second`, `latency` and `fail_status` apply to every request
-    (a fault of the script's takes precedence for the request it matches).
+    `throttle_bytes_per_second` (per response, so per connection), `latency` and
+    `fail_status` apply to every request (a fault of the script's takes precedence for the
+    request it matches); `total_bytes_per_second` caps all responses' bodies together, as
+    a CDN that paces each connection and the link behind it do.
     """
 
     def __init__(self, upstream: str, *, throttle_bytes_per_second: int | None = None,
-                 latency: float = 0.0) -> None:
+                 total_bytes_per_second: int | None = None, latency: float = 0.0) -> None:
         RequestLog.__init__(self)
         Scripted.__init__(self)
         host = upstream.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[0]
         ensure_loopback(host)
         self.upstream = upstream.rstrip("/")
         self.throttle_bytes_per_second = throttle_bytes_per_second
+        self.total_bytes_per_second = total_bytes_per_second
+        self._shared_next = 0.0  # when the shared cap lets the next byte go (server loop time)
         self.latency = latency
         self.fail_status: int | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -149,6 +153,17 @@ class CountingProxy(RequestLog, Scripted):
                 chunks = (pieces(replaced, start, len(replaced)) if replaced is not None
                           else upstream.content.iter_chunked(64 * 1024))
                 await send_body(request, response, chunks, start=start, fault=fault,
-                                gate=self.gate, on_sent=lambda n: self.update(seen, sent=n))
+                                gate=self.gate, on_sent=lambda n: self.update(seen, sent=n),
+                                pace=self._pace)
             await response.write_eof()
+            self.update(seen, ended=True)
             return response
+
+    async def _pace(self, sent: int) -> None:
+        """Hold this response back until the shared cap allows `sent` more bytes."""
+        rate = self.total_bytes_per_second
+        if not rate:
+            return
+        now = asyncio.get_running_loop().time()
+        self._shared_next = max(self._shared_next, now) + sent / rate
+        await asyncio.sleep(self._shared_next - now)

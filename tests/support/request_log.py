@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -29,6 +30,11 @@ class Seen:
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict, repr=False)
     status: int = 0
     body_bytes: int = 0
+    # When the request arrived and when its answer's last byte was written (monotonic
+    # seconds; None while it runs or if it never ended cleanly): to tell overlapping
+    # requests apart, never to judge speed.
+    started: float = field(default_factory=time.monotonic)
+    ended: float | None = None
 
     @property
     def range(self) -> str | None:
@@ -47,11 +53,14 @@ class RequestLog:
             self._log.append(seen)
         return seen
 
-    def update(self, seen: Seen, *, status: int | None = None, sent: int = 0) -> None:
+    def update(self, seen: Seen, *, status: int | None = None, sent: int = 0,
+               ended: bool = False) -> None:
         with self._log_lock:
             if status is not None:
                 seen.status = status
             seen.body_bytes += sent
+            if ended:
+                seen.ended = time.monotonic()
 
     def reset(self) -> None:
         with self._log_lock:

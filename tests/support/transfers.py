@@ -15,7 +15,19 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDictProxy
 
+from gateway.config import CachePolicy
+
 from .net import ensure_loopback
+
+_THRESHOLD = CachePolicy().parallel_fetch_threshold or 0
+# The Range of a cold blob's first GET from the gateway (with the default parallel ranged
+# fetch): its first part, which is the whole blob for one no larger than that.
+FIRST_RANGE = f"bytes=0-{_THRESHOLD - 1}"
+
+
+def resumes(headers: Any) -> bool:
+    """Whether a GET's headers ask for a blob's rest (a resume), not its start."""
+    return "Range" in headers and not headers["Range"].startswith("bytes=0-")
 
 
 @dataclass

@@ -34,6 +34,7 @@ from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry, image_manifest, stream_in_parts
 from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
+from tests.support.transfers import FIRST_RANGE
 from tests.support.wait import wait_until
 
 from .conftest import Served, make_cache, make_route
@@ -232,7 +233,7 @@ async def test_truncated_transfer_is_resumed_with_range(world: MakeWorld) -> Non
     assert await read_all(flight) == data
     await w.settled(digest)
     first, second = w.fake.seen("GET", path)
-    assert "Range" not in first.headers
+    assert first.headers.get("Range") == FIRST_RANGE
     assert second.headers["Range"] == f"bytes={flight.written - (len(data) - half)}-"
     assert second.headers["Range"] == f"bytes={half}-"
     assert flight.resumes == 1
@@ -777,7 +778,7 @@ async def test_stalled_transfer_is_resumed_after_the_read_timeout(world: MakeWor
         assert await asyncio.wait_for(read_all(flight), 10) == data
         await w.settled(digest)
         assert [s.headers.get("Range") for s in w.fake.seen("GET", path)] == [
-            None, "bytes=1000-"]
+            FIRST_RANGE, "bytes=1000-"]
         assert blob_path(w, digest).read_bytes() == data
     finally:
         await stalled_upstream.close()

@@ -628,7 +628,27 @@ def test_route_keys_are_the_fields_of_route_upstream_and_cache_policy() -> None:
         "upstream", "label", "hosts", "aliases", "library_prefix", "tag_ttl", "negative_ttl",
         "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit", "max_size",
         "fallbacks", "timeouts", "retries", "breaker", "stale_while_revalidate",
-        "anonymous", "repositories"}
+        "anonymous", "repositories", "parallel_fetch_threshold",
+        "parallel_fetch_parts"}
+
+
+def test_parallel_fetch_keys_are_per_route_and_inherited_from_defaults() -> None:
+    config = parse_config(textwrap.dedent("""\
+        defaults: {parallel_fetch_threshold: 32MiB, parallel_fetch_parts: 6}
+        routes:
+          ghcr.io: {}
+          quay.io: {parallel_fetch_threshold: "off"}
+          docker.io: {parallel_fetch_parts: 1}
+        """), "routes.yaml")
+    ghcr, quay, hub = (config.route(n).cache for n in ("ghcr.io", "quay.io", "docker.io"))
+    assert (ghcr.parallel_fetch_threshold, ghcr.parallel_fetch_parts) == (32 << 20, 6)
+    assert (quay.parallel_fetch_threshold, quay.parallel_fetch_parts) == (None, 6)
+    assert (hub.parallel_fetch_threshold, hub.parallel_fetch_parts) == (32 << 20, 1)
+    default = parse_config("routes: {ghcr.io: {}}").route("ghcr.io").cache
+    assert (default.parallel_fetch_threshold, default.parallel_fetch_parts) == (16 << 20, 6)
+    for bad in ("0", "65", "two", "true"):
+        error = config_error(f"routes: {{ghcr.io: {{parallel_fetch_parts: {bad}}}}}")
+        assert "parallel_fetch_parts" in str(error) and "1 to 64" in str(error)
 
 
 def test_defaults_keys_are_the_cache_policy_and_proxy() -> None:

@@ -1,0 +1,224 @@
+"""Parallel ranged fetch: one cold blob as several Range parts at once, written into its
+spool at their offsets, hashed in order as the contiguous prefix grows.
+
+Owns the part schedule (a sliding window over fixed-size parts, lowest offset first, so
+the prefix completes first) and the reuse of a CDN redirect. Never serves a byte and never
+judges the blob (the flight verifies it); each byte is asked of the upstream once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aiohttp
+from yarl import URL
+
+from ..errors import UpstreamError
+from .transfer import CHUNK, Opener, UpstreamBody
+
+T = TypeVar("T")
+# A signed CDN URL is asked again after this long even if it still works: its expiry
+# is the CDN's business (Docker Hub's last ~20 minutes), and a new one costs one request.
+REDIRECT_REUSE_SECONDS = 300.0
+Write = Callable[[int, "hashlib._Hash | None", bytes, int], None]  # (fd, hasher, data, at)
+WithRoom = Callable[[Callable[[], Awaitable[None]], int, Callable[[], str]], Awaitable[None]]
+GetRedirected = Callable[[URL, dict[str, str]], Awaitable[aiohttp.ClientResponse | None]]
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one route fetches a cold blob in parts: `part_size` bytes each (also the
+    threshold: a blob no larger comes in one answer), `parts` of them at once."""
+
+    part_size: int
+    parts: int
+    open_part: Opener  # every request of the transfer (reuse_redirect)
+    on_mode: Callable[[str], None] = lambda _mode: None  # "ranged" | "single"
+    on_part: Callable[[], None] = _nothing
+    on_part_resume: Callable[[], None] = _nothing
+
+    def applies(self, first: UpstreamBody) -> bool:
+        """Whether the first answer allows parts: a 206 that named the blob's size and
+        left some of it for other parts (an upstream that ignores Range answered 200)."""
+        return first.end is not None and first.size is not None and first.size > first.end
+
+
+def reuse_redirect(open_upstream: Opener, get_redirected: GetRedirected, path: str, *,
+                   clock: Callable[[], float] = time.monotonic) -> Opener:
+    """An opener that asks the registry once and then GETs the URL it redirected to (a
+    CDN's signed URL) directly while that works: a part costs one round trip to the CDN,
+    not one to the registry and one to the CDN. Asks the registry again when the URL is
+    refused (expired) or older than REDIRECT_REUSE_SECONDS."""
+    seen: tuple[URL, float] | None = None
+
+    async def open_part(headers: dict[str, str]) -> aiohttp.ClientResponse:
+        nonlocal seen
+        if seen is not None and clock() - seen[1] < REDIRECT_REUSE_SECONDS:
+            resp = await get_redirected(seen[0], headers)
+            if resp is not None:
+                return resp
+        resp = await open_upstream(headers)
+        seen = (resp.url, clock()) if resp.url.path != path else None
+        return resp
+
+    return open_part
+
+
+@dataclass
+class _Part:
+    start: int
+    end: int
+    position: int  # the next byte of this part to write
+
+
+class _Orphaned(Exception):
+    """Nobody waits for the blob any more and too much of it is left."""
+
+
+class Parts:
+    """The parts of one blob after the first answer: `run(first)` fetches them all (the
+    first over `first`, already open), writes each at its offset and hashes the prefix.
+
+    `write(fd, hasher, data, offset)` writes (and hashes, given a hasher) in a thread;
+    `progress(prefix)` says how many bytes from the start are written and hashed;
+    `orphaned()` says whether to give up; `with_room(op, needed, doing)` runs a disk
+    write with the flight's disk-full handling.
+    """
+
+    def __init__(self, plan: Plan, *, fd: int, hasher: hashlib._Hash, size: int,
+                 write: Write, with_room: WithRoom, progress: Callable[[int], None],
+                 orphaned: Callable[[], bool], on_bytes: Callable[[int], None],
+                 on_resume: Callable[[], None], what: str) -> None:
+        self._plan = plan
+        self._fd = fd
+        self._hasher = hasher
+        self._size = size
+        self._write_at = write  # blocking: pwrite whole, then hash if given a hasher
+        self._with_room = with_room
+        self._progress = progress
+        self._orphaned = orphaned
+        self._on_bytes = on_bytes
+        self._on_resume = on_resume
+        self._what = what  # "blob sha256:..." for messages
+        step = plan.part_size
+        self._parts = [_Part(s, min(s + step, size), s) for s in range(0, size, step)]
+        self._next = 1  # the first part is the first answer's
+        self.hashed = 0  # bytes [0, hashed) are written and hashed
+        self._lock = asyncio.Lock()  # one disk or hash operation at a time: the hash in order
+
+    async def run(self, first: UpstreamBody) -> None:
+        workers = [asyncio.create_task(self._worker(first))]
+        workers += [asyncio.create_task(self._worker(None))
+                    for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+        try:
+            await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in workers:  # the first failure in part order is the transfer's
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    if isinstance(exc, _Orphaned):
+                        raise asyncio.CancelledError(str(exc))
+                    assert exc is not None
+                    raise exc
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        if self.hashed != self._size:  # every part ended where asked: a bug if not
+            raise UpstreamError("UNAVAILABLE", f"{self._what}: parts left a gap at byte "
+                                f"{self.hashed}", 502, retryable=True)
+
+    def _take(self) -> _Part | None:
+        if self._next >= len(self._parts):
+            return None
+        part = self._parts[self._next]
+        self._next += 1
+        return part
+
+    async def _worker(self, body: UpstreamBody | None) -> None:
+        part = self._parts[0] if body is not None else self._take()
+        while part is not None:
+            if body is None:
+                body = UpstreamBody(self._plan.open_part, part.start, end=part.end,
+                                    on_bytes=self._on_bytes, on_resume=self._resumed)
+                try:
+                    await body.open()
+                    await self._fetch(part, body)
+                finally:
+                    body.close()
+            else:
+                await self._fetch(part, body)  # the first answer: its owner closes it
+            self._plan.on_part()
+            body, part = None, self._take()
+
+    def _resumed(self) -> None:
+        self._on_resume()
+        self._plan.on_part_resume()
+
+    async def _fetch(self, part: _Part, body: UpstreamBody) -> None:
+        if body.size != self._size:
+            raise UpstreamError("UNAVAILABLE", f"{self._what}: the upstream said "
+                                f"{body.size} bytes for a part, {self._size} before", 502,
+                                retryable=True)
+        async for data in body.chunks():
+            if part.position + len(data) > part.end:
+                raise UpstreamError("UNAVAILABLE", f"{self._what}: the upstream sent more "
+                                    "than the part asked for", 502, retryable=True)
+            await self._write(part, data)
+            if self._orphaned():
+                raise _Orphaned("nobody waits and too much is left")
+        if part.position != part.end:
+            raise UpstreamError("UNAVAILABLE", f"{self._what}: a part ended at byte "
+                                f"{part.position}, want {part.end}", 502, retryable=True)
+
+    async def _write(self, part: _Part, data: bytes) -> None:
+        offset = part.position
+        async with self._lock:
+            if offset == self.hashed:  # the prefix's own bytes: hashed on the way
+                await self._with_room(
+                    lambda: asyncio.to_thread(self._write_at, self._fd, self._hasher, data,
+                                              offset),
+                    self._size - offset, lambda: f"spooling {self._what} at byte {offset}")
+                self.hashed += len(data)
+            else:
+                await self._with_room(
+                    lambda: asyncio.to_thread(self._write_at, self._fd, None, data, offset),
+                    self._size - self.hashed,
+                    lambda: f"spooling {self._what} at byte {offset}")
+            part.position += len(data)
+            await self._catch_up()
+        self._progress(self.hashed)
+
+    async def _catch_up(self) -> None:
+        """Hash what later parts wrote once the prefix reaches it (read back: it is in
+        the page cache), so the hash stays in order."""
+        end = self._contiguous()
+        if end > self.hashed:
+            await asyncio.to_thread(hash_span, self._fd, self._hasher, self.hashed, end)
+            self.hashed = end
+
+    def _contiguous(self) -> int:
+        index = self.hashed // self._plan.part_size
+        while index < len(self._parts) and self._parts[index].position == \
+                self._parts[index].end:
+            index += 1
+        return self._parts[index].position if index < len(self._parts) else self._size
+
+
+def hash_span(fd: int, hasher: hashlib._Hash, start: int, end: int) -> None:
+    """Hash bytes [start, end) of the file (blocking: runs in a thread)."""
+    while start < end:
+        data = os.pread(fd, min(CHUNK, end - start), start)
+        if not data:
+            raise OSError(f"the spool is shorter than {end} bytes")
+        hasher.update(data)
+        start += len(data)
