@@ -265,7 +265,10 @@ async def test_twenty_reloads_during_a_pull_loop_fail_nothing_and_a_bad_file_is_
         await wait_until(lambda: _metric_is(http, base, "gateway_config_reloads_total", 1,
                                             result="error"),
                          what="the refused reload to be counted", diagnostics=gateway.log)
-        assert f"{gateway.routes_path}:{line}: cache.max_size" in gateway.log()
+        # The log is written by its own thread, a moment after the metric moved.
+        await wait_until(lambda: f"{gateway.routes_path}:{line}: cache.max_size"
+                         in gateway.log(), what="the refusal logged", timeout=5,
+                         diagnostics=gateway.log)
         assert "the running config stays" in gateway.log()
         assert await metric(http, base, "gateway_config_last_reload_successful") == 0
         assert await route_names(http, base) == names
