@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import admin, api, pipeline
+from . import admin, api, listen, pipeline
 from .cache import Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
@@ -32,16 +32,19 @@ from .upstream import Upstream
 log = logging.getLogger("gateway")
 
 # A 10 KB repository name must reach the handler (and get an OCI 400), not the parser's
-# plain-text 400; far beyond this the parser refuses on its own.
+# plain-text 400; far beyond this the parser refuses on its own. (The default of
+# limits.server.max_request_line, which the listeners use.)
 MAX_LINE = 65536
 CONFIG, METRICS = admin.CONFIG, admin.METRICS
 
 
 def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                https_port: int | None = None,
-               clock: Callable[[], float] = time.time) -> web.Application:
+               clock: Callable[[], float] = time.time,
+               limits: pipeline.ClientLimits | None = None) -> web.Application:
     """The gateway as one aiohttp app. `https_port`: plain-HTTP requests are redirected to
-    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it."""
+    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it. `limits`:
+    the per-client and per-route buckets (tests inject a clock there)."""
     metrics = Metrics()
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
@@ -49,9 +52,12 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     upstreams = {route.name: Upstream(route, metrics, clock=clock) for route in config.routes}
+    limits = limits or pipeline.ClientLimits()
+    for name, upstream in upstreams.items():
+        upstream.pace = limits.upstream_pace(name, lambda: config)
 
     app = web.Application(middlewares=pipeline.build(config, Router(config), metrics,
-                                                     https_port=https_port),
+                                                     https_port=https_port, limits=limits),
                           client_max_size=1 << 20)
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -123,16 +129,21 @@ async def _serve(options: ServeOptions) -> None:
                      serve_metrics=options.metrics_listen is None, https_port=https_port)
     if certificates is not None:
         _with_certificates(app, certificates)
-    runners = [web.AppRunner(app, access_log=None, max_line_size=MAX_LINE,
-                             max_field_size=MAX_LINE)]
+    server_limits = options.config.limits.server
+    guard = listen.ConnectionGuard(lambda: options.config, listen.max_connections(
+        server_limits, listen.raise_descriptor_limit()), app[METRICS])
+    listen.quiet_accept_errors(asyncio.get_running_loop())
+    runners = [web.AppRunner(app, access_log=None, **listen.handler_options(server_limits))]
     await runners[0].setup()
     try:
-        for host, port in options.listens:
-            await web.TCPSite(runners[0], host, port, backlog=1024).start()
+        sites = [site for host, port in options.listens
+                 for site in listen.guarded_sites(runners[0], host, port, guard)]
         for host, port in options.tls_listens:
             assert certificates is not None
-            await web.TCPSite(runners[0], host, port, backlog=1024,
-                              ssl_context=certificates.context).start()
+            sites += listen.guarded_sites(runners[0], host, port, guard,
+                                          ssl_context=certificates.context)
+        for site in sites:
+            await site.start()
         if options.metrics_listen is not None:
             runners.append(web.AppRunner(admin.metrics_app(app[METRICS]), access_log=None))
             await runners[-1].setup()
@@ -145,6 +156,7 @@ async def _serve(options: ServeOptions) -> None:
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        guard.close()
 
 
 async def _until_stopped(certificates: TlsCertificates | None) -> None:

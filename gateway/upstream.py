@@ -11,7 +11,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,9 @@ class Upstream:
         self._tokens: TLRUCache[str, _Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
+        # Awaited for each batch of blob bytes read: the route's upstream bandwidth cap,
+        # set by the composition root (None: read as fast as the upstream sends).
+        self.pace: Callable[[int], Awaitable[None]] | None = None
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True

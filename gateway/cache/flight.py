@@ -20,7 +20,15 @@ from typing import TypeVar
 from ..reference import Digest
 from .diskfull import DiskFull, NoSpace, is_no_space
 from .relay import Relay
-from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
+from .transfer import (
+    CHUNK,
+    FetchAborted,
+    IntegrityError,
+    Opener,
+    Pace,
+    UpstreamBody,
+    read_span,
+)
 
 __all__ = ["BlobFlight", "FetchAborted", "IntegrityError", "Opener", "read_span"]
 
@@ -57,7 +65,8 @@ class BlobFlight:
         event.set()
 
     async def run(self, open_upstream: Opener, commit: Callable[[Path], Awaitable[None]],
-                  on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
+                  on_bytes: Callable[[int], None], on_resume: Callable[[], None],
+                  pace: Pace | None = None) -> None:
         """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`."""
         self._open_upstream = open_upstream
         fd = -1
@@ -67,7 +76,7 @@ class BlobFlight:
                                           os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644),
                 CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
-            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume)
+            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume, pace)
             self._verify(hasher)
             # Verified: readers may have their last byte now; making it durable (fsync,
             # then rename) need not hold them up (~0.2 s for a 100 MB layer).
@@ -115,13 +124,14 @@ class BlobFlight:
                       f"upstream for {self._disk.relay_seconds:g} s")
 
     async def _transfer(self, open_upstream: Opener, fd: int, hasher: hashlib._Hash,
-                        on_bytes: Callable[[int], None], on_resume: Callable[[], None]) -> None:
+                        on_bytes: Callable[[int], None], on_resume: Callable[[], None],
+                        pace: Pace | None) -> None:
         """Every byte of the blob into the spool, resuming a broken transfer with Range."""
         def resumed() -> None:
             self.resumes += 1
             on_resume()
 
-        body = UpstreamBody(open_upstream, on_bytes=on_bytes, on_resume=resumed)
+        body = UpstreamBody(open_upstream, on_bytes=on_bytes, on_resume=resumed, pace=pace)
         try:
             await body.open()
             self.size = body.size

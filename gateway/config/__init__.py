@@ -7,6 +7,7 @@ values.py (durations, sizes, URLs), secrets.py (the only reader of the environme
 from __future__ import annotations
 
 from ..presets import PRESETS, Preset
+from .limits import Exempt, Limits, RouteLimits, ServerLimits
 from .load import (
     SECTIONS,
     Section,
@@ -40,13 +41,17 @@ __all__ = [
     "Config",
     "Credentials",
     "CredentialsRef",
+    "Exempt",
     "FreeSpace",
+    "Limits",
     "Network",
     "Pin",
     "Preset",
     "Route",
+    "RouteLimits",
     "SecretRef",
     "Section",
+    "ServerLimits",
     "UpstreamSettings",
     "load_config",
     "load_config_file",

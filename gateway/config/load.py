@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..presets import PRESETS
 from .document import Document, Place
+from .limits import Limits
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
 from .schema import Key, build, check_keys, keys_of, parse_keys
@@ -136,6 +137,7 @@ SECTIONS: Mapping[str, Section] = {
     "default_route": Section(_default_route, "default_route"),
     "cache": settings_section(CacheLimits, "cache"),
     "pins": Section(pins, "pins"),
+    "limits": settings_section(Limits, "limits"),
 }
 
 

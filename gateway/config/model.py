@@ -17,6 +17,7 @@ from typing import Any, Literal
 from yarl import URL
 
 from .document import Location, Place
+from .limits import Limits, RouteLimits, route_limits
 from .schema import check_keys, yaml_key
 from .values import (
     FOREVER,
@@ -151,6 +152,7 @@ class Route:
     hosts: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     aliases: tuple[str, ...] = field(default=(), metadata=yaml_key(host_names))
     library_prefix: bool = field(default=False, metadata=yaml_key(boolean))
+    limits: RouteLimits = field(default_factory=RouteLimits, metadata=yaml_key(route_limits))
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,7 @@ class Config:
     trusted_proxies: tuple[Network, ...] = ()
     cache: CacheLimits = field(default_factory=CacheLimits)
     pins: tuple[Pin, ...] = ()
+    limits: Limits = field(default_factory=Limits)
 
     def route(self, name: str) -> Route:
         for route in self.routes:

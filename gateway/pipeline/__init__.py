@@ -15,14 +15,17 @@ from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
 from .edge import forwarded_middleware, redirect_middleware
+from .limits import ClientLimits, limits_middleware
 from .observe import add_common_headers, observe_middleware, render
 from .resolve import resolve_middleware
 
-__all__ = ["add_common_headers", "build", "render"]
+__all__ = ["ClientLimits", "add_common_headers", "build", "render"]
 
 
 def build(config: Config, router: Router, metrics: Metrics, *,
-          https_port: int | None = None) -> list[Middleware]:
+          https_port: int | None = None,
+          limits: ClientLimits | None = None) -> list[Middleware]:
+    """`limits`: the per-client buckets, kept by the composition root across reloads."""
     stages: list[Middleware] = []
     if config.trusted_proxies:
         # First, so the log, the routing and the rules see the real client and host.
@@ -32,5 +35,5 @@ def build(config: Config, router: Router, metrics: Metrics, *,
         stages.append(redirect_middleware(https_port))
     stages.append(resolve_middleware(router))
     # access: (none yet) allow/deny CIDRs, users, repository rules
-    # limits: (none yet) per-client token buckets
+    stages.append(limits_middleware(lambda: config, limits or ClientLimits(), metrics))
     return stages

@@ -626,7 +626,8 @@ def test_route_keys_are_the_fields_of_route_upstream_and_cache_policy() -> None:
     error = config_error("routes: {ghcr.io: {bogus: 1}}")
     assert _listed_keys(error) == _yaml_keys(Route, UpstreamSettings, CachePolicy) == {
         "upstream", "label", "hosts", "aliases", "library_prefix", "tag_ttl", "negative_ttl",
-        "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit", "max_size"}
+        "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit", "max_size",
+        "limits"}
 
 
 def test_defaults_keys_are_the_cache_policy_and_proxy() -> None:
@@ -640,7 +641,7 @@ def test_top_level_keys_are_the_sections() -> None:
     error = config_error("routes: {ghcr.io: {}}\nbogus: 1")
     assert _listed_keys(error) == set(SECTIONS) == {
         "base_domains", "default_route", "defaults", "routes", "trusted_proxies", "cache",
-        "pins"}
+        "pins", "limits"}
 
 
 def test_a_settings_section_is_parsed_from_its_fields() -> None:
