@@ -64,6 +64,36 @@ def max_connections(server: ServerLimits, descriptors: int) -> int:
     return max(16, min(_MAX_CONNECTIONS, (descriptors - _RESERVED) // 2))
 
 
+class _Summarised(logging.Filter):
+    """Lets one record through per `seconds`, as one line saying how many it stands for
+    (the traceback dropped): aiohttp logs each malformed request with a traceback, which
+    a stranger could otherwise turn into a flood."""
+
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._seconds = seconds
+        self._clock = clock
+        self._last = -seconds
+        self._held = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self._held += 1
+        now = self._clock()
+        if now - self._last < self._seconds:
+            return False
+        reason = record.exc_info[1] if record.exc_info else None
+        message = record.msg if isinstance(record.msg, str) else "error"
+        if record.args:
+            with contextlib.suppress(TypeError, ValueError):
+                message = message % record.args
+        record.msg = "%s (%d malformed or refused requests since the last report): %s"
+        record.args = (message, self._held, " ".join(str(reason).split()))
+        record.exc_info, record.exc_text, record.levelno = None, None, logging.WARNING
+        record.levelname = "WARNING"
+        self._last, self._held = now, 0
+        return True
+
+
 def handler_options(server: ServerLimits) -> dict[str, Any]:
     """aiohttp's request-handler options (AppRunner keywords) for `limits.server`.
 
@@ -71,9 +101,14 @@ def handler_options(server: ServerLimits) -> dict[str, Any]:
     and closes the connection if no whole request head has arrived by then: one timer
     covers idle keep-alives and a slowloris dribbling its headers.
     """
+    # A logger of the runner's own (not in logging's registry, so nothing is shared
+    # between runners), under "gateway" for its handlers.
+    quiet = logging.Logger("gateway.http")
+    quiet.parent = logging.getLogger("gateway")
+    quiet.addFilter(_Summarised(SUMMARY_SECONDS))
     return {"keepalive_timeout": server.idle_timeout, "max_line_size": server.max_request_line,
             "max_field_size": server.max_header_size, "max_headers": server.max_headers,
-            "lingering_time": 2.0}
+            "lingering_time": 2.0, "logger": quiet}
 
 
 class ConnectionGuard:

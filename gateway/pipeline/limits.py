@@ -9,6 +9,7 @@ reload in `ClientLimits` (built once by the composition root). Never reads a bod
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -76,17 +77,36 @@ class _Rules:
 
     limits: Limits
     networks: NetworkSet
-    memo: dict[str, bool] = field(default_factory=dict)
+    memo: dict[str, str | None] = field(default_factory=dict)
 
-    def exempt(self, address: str, user: str | None) -> bool:
+    def client(self, address: str, user: str | None) -> str | None:
+        """The bucket key of a client (its address; an IPv6 client's /64, which one
+        host commonly holds whole), or None when no limit applies to it."""
         if user is not None and user in self.limits.exempt.users:
-            return True
-        found = self.memo.get(address)
-        if found is None:
-            if len(self.memo) >= _EXEMPT_MEMO:
-                self.memo.clear()
-            found = self.memo[address] = address in self.networks
-        return found
+            return None
+        try:
+            return self.memo[address]
+        except KeyError:
+            pass
+        if len(self.memo) >= _EXEMPT_MEMO:
+            self.memo.clear()
+        key: str | None = None
+        if address not in self.networks:
+            key = address
+            if ":" in address:
+                key = _v6_client(address)
+        self.memo[address] = key
+        return key
+
+
+def _v6_client(address: str) -> str:
+    try:
+        parsed = ipaddress.IPv6Address(address.partition("%")[0])
+    except ValueError:
+        return address
+    if parsed.ipv4_mapped is not None:
+        return str(parsed.ipv4_mapped)
+    return str(ipaddress.IPv6Network((parsed, 64), strict=False))
 
 
 def _refuse(metrics: Metrics, state: RequestState, reason: str, wait: float,
@@ -136,9 +156,9 @@ def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
             raise RegistryError("UNSUPPORTED", "this registry mirror is read-only and "
                                 "takes no request bodies", 413)
         config = current()
-        address = request.remote or "-"
         found = rules(config)
-        if found.exempt(address, state.user):
+        address = found.client(request.remote or "-", state.user)
+        if address is None:  # exempt
             return await handler(request)
         settings = found.limits
         if settings.requests_per_second is not None:
