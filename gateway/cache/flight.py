@@ -55,6 +55,7 @@ class BlobFlight:
         self._disk = disk
         self._route = route
         self._open_upstream: Opener | None = None
+        self._pace: Pace | None = None
         self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
 
@@ -68,7 +69,7 @@ class BlobFlight:
                   on_bytes: Callable[[int], None], on_resume: Callable[[], None],
                   pace: Pace | None = None) -> None:
         """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`."""
-        self._open_upstream = open_upstream
+        self._open_upstream, self._pace = open_upstream, pace
         fd = -1
         try:
             fd = await self._with_room(
@@ -285,7 +286,8 @@ class BlobFlight:
         assert self._open_upstream is not None, "run() first"
         return self._disk.relay_for(self._route, self.digest, self._open_upstream,
                                     size=self.size, prefix_fd=fd,
-                                    prefix_len=self.written if fd >= 0 else 0)
+                                    prefix_len=self.written if fd >= 0 else 0,
+                                    pace=self._pace)
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield bytes [start, end) as they arrive, in reads of up to 1 MiB."""
