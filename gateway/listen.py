@@ -131,6 +131,9 @@ class ConnectionGuard:
         self._children: dict[str, Any] = {}
         self._summary: asyncio.TimerHandle | None = None
         self._reserve = _open_reserve()
+        cap = current().limits.connections_per_ip
+        log.info("accepting at most %d client connections, %s per address", total,
+                 cap if cap is not None else "any number")
 
     def connections(self, address: str) -> int:
         return self._per_address.get(address, 0)
