@@ -17,11 +17,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import admin, api, pipeline
+from . import admin, api, listen, pipeline
 from .cache import Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
-from .config import Config
+from .config import Config, Route
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -34,7 +34,8 @@ from .upstream_pool import UpstreamPool
 log = logging.getLogger("gateway")
 
 # A 10 KB repository name must reach the handler (and get an OCI 400), not the parser's
-# plain-text 400; far beyond this the parser refuses on its own.
+# plain-text 400; far beyond this the parser refuses on its own. (The default of
+# limits.server.max_request_line, which the listeners use.)
 MAX_LINE = 65536
 CURRENT, METRICS = admin.CURRENT, admin.METRICS
 LIVE = web.AppKey("live", Live)
@@ -45,11 +46,13 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                https_port: int | None = None,
                clock: Callable[[], float] = time.time,
                config_file: Path | None = None,
-               watch_interval: float = WATCH_INTERVAL) -> web.Application:
+               watch_interval: float = WATCH_INTERVAL,
+               limits: pipeline.ClientLimits | None = None) -> web.Application:
     """The gateway as one aiohttp app. `https_port`: plain-HTTP requests are redirected to
     HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it.
     `config_file`: where `config` was read from, reloaded on SIGHUP (`app[RELOADER]`) and
-    when it changes (looked at every `watch_interval` seconds; 0: never)."""
+    when it changes (looked at every `watch_interval` seconds; 0: never). `limits`: the
+    per-client and per-route buckets (tests inject a clock there)."""
     metrics = Metrics()
     live = Live(config)
     data_dir = Path(data_dir)
@@ -57,15 +60,16 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     store = FsStore(data_dir, spool.path)
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
-    upstreams = UpstreamPool(lambda route: Upstream(route, metrics, clock=clock))
+    limits = limits or pipeline.ClientLimits()
+    upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
     # Logins outlive config swaps: the htpasswd tables and the bcrypt cache stay warm.
     logins = Logins()
     app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port,
-                                                     logins=logins),
+                                                     logins=logins, limits=limits),
                           client_max_size=1 << 20)
-    current: Callable[[], Config] = live
-    app[CURRENT], app[LIVE] = current, live
+    app[CURRENT] = live  # admin's view of the running config
+    app[LIVE] = live
     app[METRICS] = metrics
     app[api.SERVICES] = api.Services(cache, upstreams)
 
@@ -99,6 +103,17 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app.on_response_prepare.append(pipeline.add_common_headers)
     _add_handlers(app, serve_metrics)
     return app
+
+
+def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
+                      limits: pipeline.ClientLimits, live: Live) -> Callable[[Route], Upstream]:
+    def make(route: Route) -> Upstream:
+        upstream = Upstream(route, metrics, clock=clock)
+        # The route's upstream bandwidth cap, read from the running config at each batch.
+        upstream.pace = limits.upstream_pace(route.name, live)
+        return upstream
+
+    return make
 
 
 def _htpasswd_file(config: Config) -> list[Path]:
@@ -155,16 +170,21 @@ async def _serve(options: ServeOptions) -> None:
                      config_file=options.config_file, watch_interval=options.config_poll)
     if certificates is not None:
         _with_certificates(app, certificates)
-    runners = [web.AppRunner(app, access_log=None, max_line_size=MAX_LINE,
-                             max_field_size=MAX_LINE)]
+    server_limits = options.config.limits.server
+    guard = listen.ConnectionGuard(app[LIVE], listen.max_connections(
+        server_limits, listen.raise_descriptor_limit()), app[METRICS])
+    listen.quiet_accept_errors(asyncio.get_running_loop())
+    runners = [web.AppRunner(app, access_log=None, **listen.handler_options(server_limits))]
     await runners[0].setup()
     try:
-        for host, port in options.listens:
-            await web.TCPSite(runners[0], host, port, backlog=1024).start()
+        sites = [site for host, port in options.listens
+                 for site in listen.guarded_sites(runners[0], host, port, guard)]
         for host, port in options.tls_listens:
             assert certificates is not None
-            await web.TCPSite(runners[0], host, port, backlog=1024,
-                              ssl_context=certificates.context).start()
+            sites += listen.guarded_sites(runners[0], host, port, guard,
+                                          ssl_context=certificates.context)
+        for site in sites:
+            await site.start()
         if options.metrics_listen is not None:
             runners.append(web.AppRunner(admin.metrics_app(app[METRICS]), access_log=None))
             await runners[-1].setup()
@@ -177,6 +197,7 @@ async def _serve(options: ServeOptions) -> None:
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        guard.close()
 
 
 async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader) -> None:

@@ -64,6 +64,10 @@ class SharedCalls(Generic[K, T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    def running(self, key: K) -> bool:
+        """Whether a call for `key` is under way (a new caller would share it)."""
+        return self._flights.get(key) is not None
+
     async def call(self, key: K, compute: Callable[[], Awaitable[T]]) -> tuple[T, bool]:
         """`compute()`'s result, shared; True for the caller whose call computed it."""
 

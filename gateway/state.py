@@ -4,6 +4,7 @@ outcome. Set by the pipeline and the handlers, read by the access log; nothing e
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,6 +15,11 @@ from .reference import Digest, Reference
 from .routing import Via
 
 Kind = Literal["manifest", "blob", "tags", "referrers"]
+# Awaited before `count` body bytes go out: returns once this client may send them.
+Pace = Callable[[int], Awaitable[None]]
+# Called just before the gateway asks the upstream on this request's behalf (a miss):
+# raises RegistryError (429) when the client is over its budget of misses.
+AdmitMiss = Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,8 @@ class RequestState:
     cache: str | None = None  # X-Cache of a streamed answer, for a client that went away
     user: str | None = None  # who logged in (a name, never a secret); None: anonymous
     rule: str | None = None  # the access or limits rule that allowed or refused the request
+    pace: Pace | None = None  # set by the limits stage when a byte rate applies to the client
+    admit_miss: AdmitMiss | None = None  # set by the limits stage: the client's miss budget
 
 
 STATE = web.RequestKey("gateway_state", RequestState)

@@ -56,7 +56,7 @@ async def manifest(request: web.Request, reg: RegistryRequest, cache: Cache,
     # Docker and skopeo send one Accept line per media type: all of them count.
     accept = ", ".join(request.headers.getall("Accept", ())) or None
     result = await cache.manifests.get(upstream, reg.route, reg.repository, reg.reference,
-                                       accept)
+                                       accept, admit=request[STATE].admit_miss)
     m = result.manifest
     return web.Response(body=m.body, headers=headers(
         reg, result.cache, **{"Content-Type": m.media_type, "Docker-Content-Digest": m.digest,
@@ -71,8 +71,11 @@ class _Answer:
     filters_applied: str | None
 
 
-async def _passthrough(reg: RegistryRequest, upstream: Upstream, path: str,
-                       params: dict[str, str]) -> _Answer:
+async def _passthrough(request: web.Request, reg: RegistryRequest, upstream: Upstream,
+                       path: str, params: dict[str, str]) -> _Answer:
+    admit = request[STATE].admit_miss
+    if admit is not None:  # never cached: every one is a miss
+        admit()
     resp = await upstream.request("GET", path, kind=reg.kind, repository=reg.repository,
                                   params=params)
     body = await upstream.read_body(resp, PASSTHROUGH_MAX, reg.kind)
@@ -102,7 +105,8 @@ async def tags(request: web.Request, reg: RegistryRequest, cache: Cache,
         params["n"] = n
     if "last" in request.query:
         params["last"] = request.query["last"]
-    answer = await _passthrough(reg, upstream, f"/v2/{reg.repository}/tags/list", params)
+    answer = await _passthrough(request, reg, upstream, f"/v2/{reg.repository}/tags/list",
+                                params)
     out = headers(reg, "-", **{"Content-Type": answer.content_type or "application/json"})
     if answer.next_page is not None:
         out["Link"] = _client_link(request, answer.next_page)
@@ -112,8 +116,8 @@ async def tags(request: web.Request, reg: RegistryRequest, cache: Cache,
 async def referrers(request: web.Request, reg: RegistryRequest, cache: Cache,
                     upstream: Upstream) -> web.StreamResponse:
     params = {k: request.query[k] for k in ("artifactType",) if k in request.query}
-    answer = await _passthrough(reg, upstream, f"/v2/{reg.repository}/referrers/{reg.digest}",
-                                params)
+    answer = await _passthrough(request, reg, upstream,
+                                f"/v2/{reg.repository}/referrers/{reg.digest}", params)
     out = headers(reg, "-", **{"Content-Type": answer.content_type
                                or "application/vnd.oci.image.index.v1+json"})
     if answer.filters_applied is not None:

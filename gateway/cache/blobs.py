@@ -107,10 +107,13 @@ class Blobs:
                 await self.index.set_blob(key, size)
         return size
 
-    async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest
+    async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest,
+                  *, admit: Callable[[], None] | None = None
                   ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
         """For a GET: the committed blob, or its in-flight fetch (True: started here), or
-        while the disk is full a relay from the upstream. Counts the outcome once."""
+        while the disk is full a relay from the upstream. Counts the outcome once.
+        `admit()` is called (and may raise) before this GET would start an upstream fetch;
+        joining a fetch under way costs the upstream nothing and is not a miss."""
         key = (route.namespace, str(digest))
         found = await self._open(route, digest)
         if found is None and await self.index.blob_size(key) is not None:
@@ -128,6 +131,8 @@ class Blobs:
                 await self.index.touch(key)
             self.contents.touch(route.namespace, "blob", str(digest))
             return found
+        if admit is not None and self.inflight(route, digest) is None:
+            admit()
         if self.disk.relaying() and self.inflight(route, digest) is None:
             self._count(route, "miss")  # a spool would fail again: relay, keep nothing
             return self.disk.relay(upstream, route.name, repository, digest)
@@ -223,7 +228,7 @@ class Blobs:
                 await flight.run(plan.open_part if plan else open_upstream, commit,
                                  on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
                                  on_resume=self.metrics.resumed.labels(route.name).inc,
-                                 plan=plan)
+                                 plan=plan, pace=upstream.pace)
             if isinstance(flight.error, IntegrityError):
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:

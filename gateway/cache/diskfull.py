@@ -20,7 +20,7 @@ from ..metrics import Metrics
 from ..reference import Digest
 from ..upstream import Upstream
 from .relay import Relay
-from .transfer import Opener
+from .transfer import Opener, Pace
 
 log = logging.getLogger("gateway.cache")
 
@@ -85,10 +85,12 @@ class DiskFull:
 
     def relay(self, upstream: Upstream, route: str, repository: str, digest: Digest) -> Relay:
         """A GET of a blob relayed from the upstream, without a spool."""
-        return self.relay_for(route, digest, blob_opener(upstream, repository, digest))
+        return self.relay_for(route, digest, blob_opener(upstream, repository, digest),
+                              pace=upstream.pace)
 
     def relay_for(self, route: str, digest: Digest, open_upstream: Opener, *,
-                  size: int | None = None, prefix_fd: int = -1, prefix_len: int = 0) -> Relay:
+                  size: int | None = None, prefix_fd: int = -1, prefix_len: int = 0,
+                  pace: Pace | None = None) -> Relay:
         """A relay of one blob for one client (see Relay), counted; its upstream bytes and
         integrity failures count for `route`."""
         self.metrics.disk_full_relays.labels(route).inc()
@@ -97,7 +99,7 @@ class DiskFull:
             self.metrics.integrity_failures.labels(route, "blob").inc()
 
         return Relay(digest, open_upstream, size=size, prefix_fd=prefix_fd,
-                     prefix_len=prefix_len,
+                     prefix_len=prefix_len, pace=pace,
                      on_bytes=self.metrics.upstream_bytes.labels(route).inc,
                      on_integrity_failure=integrity_failed)
 

@@ -22,7 +22,15 @@ from ..reference import Digest
 from .diskfull import DiskFull, NoSpace, is_no_space
 from .ranged import Parts, Plan
 from .relay import Relay
-from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
+from .transfer import (
+    CHUNK,
+    FetchAborted,
+    IntegrityError,
+    Opener,
+    Pace,
+    UpstreamBody,
+    read_span,
+)
 
 __all__ = ["BlobFlight", "FetchAborted", "IntegrityError", "Opener", "read_span"]
 
@@ -49,6 +57,7 @@ class BlobFlight:
         self._disk = disk
         self._route = route
         self._open_upstream: Opener | None = None
+        self._pace: Pace | None = None
         self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
 
@@ -60,10 +69,11 @@ class BlobFlight:
 
     async def run(self, open_upstream: Opener, commit: Callable[[Path], Awaitable[None]],
                   on_bytes: Callable[[int], None], on_resume: Callable[[], None], *,
-                  plan: Plan | None = None) -> None:
+                  plan: Plan | None = None, pace: Pace | None = None) -> None:
         """Fetch, verify, commit. Never raises; the outcome is in `done`/`error`/`lost`.
-        With a `plan`, a blob larger than its part size comes in parallel parts."""
-        self._open_upstream = open_upstream
+        With a `plan`, a blob larger than its part size comes in parallel parts; `pace`
+        (a route's upstream bandwidth cap) is awaited for every batch read."""
+        self._open_upstream, self._pace = open_upstream, pace
         fd = -1
         try:
             # Read and write: a part written ahead of the prefix is hashed by reading it back.
@@ -72,7 +82,7 @@ class BlobFlight:
                                           os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644),
                 CHUNK, lambda: f"creating the spool file of blob {self.digest}")
             hasher = hashlib.new(self.digest.algorithm)
-            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume, plan)
+            await self._transfer(open_upstream, fd, hasher, on_bytes, on_resume, plan, pace)
             self._verify(hasher)
             # Verified: readers may have their last byte now; making it durable (fsync,
             # then rename) need not hold them up (~0.2 s for a 100 MB layer).
@@ -121,7 +131,7 @@ class BlobFlight:
 
     async def _transfer(self, open_upstream: Opener, fd: int, hasher: hashlib._Hash,
                         on_bytes: Callable[[int], None], on_resume: Callable[[], None],
-                        plan: Plan | None) -> None:
+                        plan: Plan | None, pace: Pace | None) -> None:
         """Every byte of the blob into the spool, resuming a broken transfer with Range;
         in parallel parts if the plan applies (the first answer is then the first part)."""
         def resumed() -> None:
@@ -129,7 +139,7 @@ class BlobFlight:
             on_resume()
 
         body = UpstreamBody(open_upstream, end=plan.part_size if plan else None,
-                            on_bytes=on_bytes, on_resume=resumed)
+                            on_bytes=on_bytes, on_resume=resumed, pace=pace)
         try:
             await body.open()
             self.size = body.size
@@ -142,7 +152,7 @@ class BlobFlight:
                             write=_write_and_hash, with_room=self._with_room,
                             progress=self._advanced,
                             orphaned=self._orphaned, on_bytes=on_bytes, on_resume=resumed,
-                            what=f"blob {self.digest}").run(body)
+                            what=f"blob {self.digest}", pace=pace).run(body)
                 return
             if plan is not None:
                 plan.on_mode("single")
@@ -315,7 +325,8 @@ class BlobFlight:
         assert self._open_upstream is not None, "run() first"
         return self._disk.relay_for(self._route, self.digest, self._open_upstream,
                                     size=self.size, prefix_fd=fd,
-                                    prefix_len=self.written if fd >= 0 else 0)
+                                    prefix_len=self.written if fd >= 0 else 0,
+                                    pace=self._pace)
 
     async def stream(self, start: int = 0, end: int | None = None) -> AsyncGenerator[bytes, None]:
         """Yield bytes [start, end) as they arrive, in reads of up to 1 MiB."""

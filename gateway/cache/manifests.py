@@ -179,14 +179,18 @@ class Manifests:
     # ------------------------------------------------------------ the two lookups
 
     async def get(self, upstream: Upstream, route: Route, repository: str,
-                  reference: Reference, accept: str | None) -> ManifestResult:
+                  reference: Reference, accept: str | None, *,
+                  admit: Callable[[], None] | None = None) -> ManifestResult:
+        """`admit()` is called (and may raise) before the answer needs the upstream, unless
+        a call for it is under way already (shared: no extra upstream request)."""
         if reference.digest is not None:
             result = await self._by_digest(upstream, route, repository, reference.digest,
-                                           accept)
+                                           accept, admit)
             kind = "manifest"
         else:
             assert reference.tag is not None
-            result = await self._by_tag(upstream, route, repository, reference.tag, accept)
+            result = await self._by_tag(upstream, route, repository, reference.tag, accept,
+                                        admit)
             kind = "tag"
         self.metrics.cache_outcome(route.name, kind, result.cache.lower())
         # Served: its blobs stay for the lease, and it counts as used now.
@@ -195,14 +199,18 @@ class Manifests:
         return result
 
     async def _shared(self, key: tuple[Any, ...],
-                      compute: Callable[[], Awaitable[ManifestResult]]) -> ManifestResult:
+                      compute: Callable[[], Awaitable[ManifestResult]],
+                      admit: Callable[[], None] | None) -> ManifestResult:
+        if admit is not None and not self.calls.running(key):
+            admit()
         result, started = await self.calls.call(key, compute)
         if not started and result.cache == "MISS":
             return ManifestResult(result.manifest, "COALESCED")
         return result
 
     async def _by_digest(self, upstream: Upstream, route: Route, repository: str,
-                         digest: Digest, accept: str | None) -> ManifestResult:
+                         digest: Digest, accept: str | None,
+                         admit: Callable[[], None] | None) -> ManifestResult:
         cached = await self.local(route, str(digest))
         if cached is not None:
             return ManifestResult(cached, "HIT")
@@ -217,10 +225,11 @@ class Manifests:
             return ManifestResult(manifest, "MISS")
 
         # Existence is per repository upstream, so the repository is part of the key.
-        return await self._shared((route.namespace, "digest", repository, str(digest)), fetch)
+        return await self._shared((route.namespace, "digest", repository, str(digest)), fetch,
+                                  admit)
 
     async def _by_tag(self, upstream: Upstream, route: Route, repository: str, tag: str,
-                      accept: str | None) -> ManifestResult:
+                      accept: str | None, admit: Callable[[], None] | None) -> ManifestResult:
         view = policy.view(accept)
         entry = await self._tag((route.namespace, repository, tag, policy.WIDE))
         if view == policy.NARROW and not policy.usable(entry, accept):
@@ -244,7 +253,7 @@ class Manifests:
             if cached is not None:
                 self._revalidate(route, key, refresh)
                 return ManifestResult(cached, "STALE")
-        return await self._shared(key, refresh)
+        return await self._shared(key, refresh, admit)
 
     def _revalidate(self, route: Route, key: tuple[Any, ...],
                     refresh: Callable[[], Awaitable[ManifestResult]]) -> None:

@@ -20,7 +20,7 @@ import aiohttp
 from yarl import URL
 
 from ..errors import UpstreamError
-from .transfer import CHUNK, Opener, UpstreamBody
+from .transfer import CHUNK, Opener, Pace, UpstreamBody
 
 T = TypeVar("T")
 # A signed CDN URL is asked again after this long even if it still works: its expiry
@@ -98,8 +98,9 @@ class Parts:
     def __init__(self, plan: Plan, *, fd: int, hasher: hashlib._Hash, size: int,
                  write: Write, with_room: WithRoom, progress: Callable[[int], None],
                  orphaned: Callable[[], bool], on_bytes: Callable[[int], None],
-                 on_resume: Callable[[], None], what: str) -> None:
+                 on_resume: Callable[[], None], what: str, pace: Pace | None = None) -> None:
         self._plan = plan
+        self._pace = pace  # the route's upstream bandwidth cap, shared with every part
         self._fd = fd
         self._hasher = hasher
         self._size = size
@@ -149,7 +150,8 @@ class Parts:
         while part is not None:
             if body is None:
                 body = UpstreamBody(self._plan.open_part, part.start, end=part.end,
-                                    on_bytes=self._on_bytes, on_resume=self._resumed)
+                                    on_bytes=self._on_bytes, on_resume=self._resumed,
+                                    pace=self._pace)
                 try:
                     await body.open()
                     await self._fetch(part, body)

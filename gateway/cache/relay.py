@@ -16,7 +16,7 @@ from collections.abc import AsyncGenerator, Callable
 
 from ..errors import RegistryError
 from ..reference import Digest
-from .transfer import FetchAborted, IntegrityError, Opener, UpstreamBody, read_span
+from .transfer import FetchAborted, IntegrityError, Opener, Pace, UpstreamBody, read_span
 
 
 class Relay:
@@ -32,12 +32,12 @@ class Relay:
 
     def __init__(self, digest: Digest, open_upstream: Opener, *, size: int | None = None,
                  prefix_fd: int = -1, prefix_len: int = 0,
-                 on_bytes: Callable[[int], None], on_integrity_failure: Callable[[], None]
-                 ) -> None:
+                 on_bytes: Callable[[int], None], on_integrity_failure: Callable[[], None],
+                 pace: Pace | None = None) -> None:
         self.digest = digest
         self.size = size
         self._prefix = (prefix_fd, prefix_len if prefix_fd >= 0 else 0)
-        self._body = UpstreamBody(open_upstream, self._prefix[1], on_bytes=on_bytes)
+        self._body = UpstreamBody(open_upstream, self._prefix[1], on_bytes=on_bytes, pace=pace)
         self._opened = False
         self._on_integrity_failure = on_integrity_failure
 

@@ -30,6 +30,7 @@ class FetchAborted(Exception):
 
 
 Opener = Callable[[dict[str, str]], Awaitable[aiohttp.ClientResponse]]
+Pace = Callable[[int], Awaitable[None]]  # returns once `count` more bytes may be read
 _BROKEN = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError)
 
 
@@ -43,8 +44,10 @@ class UpstreamBody:
 
     def __init__(self, open_upstream: Opener, start: int = 0, *, end: int | None = None,
                  on_bytes: Callable[[int], None] = _nothing,
-                 on_resume: Callable[[], None] = _nothing) -> None:
+                 on_resume: Callable[[], None] = _nothing,
+                 pace: Pace | None = None) -> None:
         self._open = open_upstream
+        self._pace = pace  # a route's upstream bandwidth cap: reads wait their turn
         self.position = start  # blob offset of the next byte chunks() yields
         # A part [start, end) of the blob (ranged.py), or None: up to the blob's end. An
         # answer that covers the whole blob (200, or a 206 up to its end) clears it.
@@ -134,6 +137,10 @@ class UpstreamBody:
                 data = await gather(content, data, GATHER_SECONDS if self._gather else 0.0)
             self._gather = True
             self._on_bytes(len(data))
+            if self._pace is not None:
+                # Not reading is what slows the upstream down (TCP's window closes);
+                # aiohttp stops the read timeout while the buffer is full.
+                await self._pace(len(data))
             if self._skip:
                 cut = min(self._skip, len(data))
                 data, self._skip = data[cut:], self._skip - cut

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..presets import PRESETS, Preset
 from .access import AccessSettings, RepositoryRules
+from .limits import Exempt, Limits, RouteLimits, ServerLimits
 from .load import (
     SECTIONS,
     Section,
@@ -42,14 +43,18 @@ __all__ = [
     "Config",
     "Credentials",
     "CredentialsRef",
+    "Exempt",
     "FreeSpace",
+    "Limits",
     "Network",
     "Pin",
     "Preset",
     "RepositoryRules",
     "Route",
+    "RouteLimits",
     "SecretRef",
     "Section",
+    "ServerLimits",
     "UpstreamSettings",
     "load_config",
     "load_config_file",

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..presets import PRESETS
 from .access import access_section
 from .document import Document, Place
+from .limits import Limits
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
 from .resilience import layered
@@ -141,6 +142,7 @@ SECTIONS: Mapping[str, Section] = {
     "cache": settings_section(CacheLimits, "cache"),
     "pins": Section(pins, "pins"),
     "access": Section(access_section, "access"),
+    "limits": settings_section(Limits, "limits"),
 }
 
 

@@ -19,6 +19,7 @@ from yarl import URL
 from . import resilience
 from .access import AccessSettings, RepositoryRules, repository_rules, route_anonymous
 from .document import Location, Place
+from .limits import Limits, RouteLimits, route_limits
 from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
 from .values import (
@@ -179,6 +180,7 @@ class Route:
         default=None, metadata=yaml_key(route_anonymous, inherit=True))
     repositories: RepositoryRules = field(
         default_factory=RepositoryRules, metadata=yaml_key(repository_rules, inherit=True))
+    limits: RouteLimits = field(default_factory=RouteLimits, metadata=yaml_key(route_limits))
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,7 @@ class Config:
     cache: CacheLimits = field(default_factory=CacheLimits)
     pins: tuple[Pin, ...] = ()
     access: AccessSettings = field(default_factory=AccessSettings)
+    limits: Limits = field(default_factory=Limits)
 
     def route(self, name: str) -> Route:
         for route in self.routes:

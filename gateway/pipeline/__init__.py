@@ -23,18 +23,22 @@ from ..metrics import Metrics
 from ..routing import Router
 from .access import access_middleware
 from .edge import edge_middleware, forwarded_middleware, redirect_middleware
+from .limits import ClientLimits, limits_middleware
 from .observe import add_common_headers, observe_middleware, render
 from .resolve import resolve_middleware
 from .snapshot import PerConfig, Snapshot
 from .users import Logins
 
-__all__ = ["PerConfig", "Snapshot", "add_common_headers", "build", "forwarded_middleware",
-           "render"]
+__all__ = ["ClientLimits", "PerConfig", "Snapshot", "add_common_headers", "build",
+           "forwarded_middleware", "render"]
 
 
 def build(current: Callable[[], Config], metrics: Metrics, *,
-          https_port: int | None = None, logins: Logins | None = None) -> list[Middleware]:
-    """The stages over `current` (the running config: `Live`, or `lambda: config`)."""
+          https_port: int | None = None, logins: Logins | None = None,
+          limits: ClientLimits | None = None) -> list[Middleware]:
+    """The stages over `current` (the running config: `Live`, or `lambda: config`).
+    `logins` and `limits` (htpasswd tables and bcrypt cache; per-client buckets) are kept
+    by the composition root across reloads."""
     snapshot = Snapshot(current)
     # First, so the log, the routing and the rules see the real client and host.
     stages: list[Middleware] = [edge_middleware(snapshot), observe_middleware(metrics)]
@@ -42,5 +46,5 @@ def build(current: Callable[[], Config], metrics: Metrics, *,
         stages.append(redirect_middleware(https_port))
     stages.append(resolve_middleware(PerConfig(snapshot, Router)))
     stages.append(access_middleware(snapshot, metrics, logins=logins))
-    # limits: (none yet) per-client token buckets
+    stages.append(limits_middleware(snapshot, limits or ClientLimits(), metrics))
     return stages

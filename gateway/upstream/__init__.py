@@ -12,7 +12,7 @@ import asyncio
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +90,9 @@ class Upstream:
         self.users = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Awaited for each batch of blob bytes read: the route's upstream bandwidth cap,
+        # set by the composition root (None: read as fast as the upstream sends).
+        self.pace: Callable[[int], Awaitable[None]] | None = None
 
     def acquire(self) -> None:
         self.users += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import resource
 import subprocess
 import sys
 import urllib.parse
@@ -53,6 +54,7 @@ class Gateway:
     listen_hosts: tuple[str, ...] = ("127.0.0.1",)
     env: dict[str, str] = field(default_factory=dict)
     extra_args: tuple[str, ...] = ()
+    nofile: int | None = None  # the process's descriptor limit (soft and hard)
     port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
@@ -108,10 +110,17 @@ class Gateway:
         command += list(self.extra_args)
         environment = {k: v for k, v in os.environ.items() if k not in _PROXY_VARIABLES}
         environment.update(self.env)
+        nofile = self.nofile
+
+        def limit_descriptors() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with self.stderr_path.open("ab") as stderr:
             self.process = subprocess.Popen(
                 command, cwd=REPOSITORY_ROOT, env=environment, stdin=subprocess.DEVNULL,
                 stdout=stderr, stderr=stderr,
+                preexec_fn=limit_descriptors if nofile is not None else None,
             )
         try:
             for host in self.listen_hosts:
@@ -130,8 +139,9 @@ class Gateway:
 @contextmanager
 def run_gateway(workdir: Path, routes: dict[str, Any], *,
                 listen_hosts: tuple[str, ...] = ("127.0.0.1",), env: dict[str, str] | None = None,
-                extra_args: tuple[str, ...] = ()) -> Iterator[Gateway]:
-    gateway = Gateway(workdir, routes, listen_hosts, dict(env or {}), extra_args)
+                extra_args: tuple[str, ...] = (),
+                nofile: int | None = None) -> Iterator[Gateway]:
+    gateway = Gateway(workdir, routes, listen_hosts, dict(env or {}), extra_args, nofile)
     gateway.start()
     try:
         yield gateway

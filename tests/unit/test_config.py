@@ -629,7 +629,7 @@ def test_route_keys_are_the_fields_of_route_upstream_and_cache_policy() -> None:
         "stale_if_error", "credentials", "ca_file", "proxy", "orphan_fetch_limit", "max_size",
         "fallbacks", "timeouts", "retries", "breaker", "stale_while_revalidate",
         "anonymous", "repositories", "parallel_fetch_threshold",
-        "parallel_fetch_parts"}
+        "parallel_fetch_parts", "limits"}
 
 
 def test_parallel_fetch_keys_are_per_route_and_inherited_from_defaults() -> None:
@@ -664,7 +664,7 @@ def test_top_level_keys_are_the_sections() -> None:
     error = config_error("routes: {ghcr.io: {}}\nbogus: 1")
     assert _listed_keys(error) == set(SECTIONS) == {
         "base_domains", "default_route", "defaults", "routes", "trusted_proxies", "cache",
-        "pins", "access"}
+        "pins", "access", "limits"}
 
 
 def test_a_settings_section_is_parsed_from_its_fields() -> None:

@@ -18,22 +18,24 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 # part -> the parts it may import ("gateway" itself holds only __version__).
 LEAVES = {"gateway", "gateway.errors", "gateway.oci", "gateway.net", "gateway.presets",
           "gateway.wire", "gateway.singleflight", "gateway.tasks", "gateway.logs",
-          "gateway.metrics"}
+          "gateway.metrics", "gateway.buckets"}
 MAP: dict[str, set[str]] = {
     "gateway.__main__": {"gateway.cli"},
     "gateway.cli": {"*"},
     "gateway.server": {"gateway.admin", "gateway.api", "gateway.pipeline", "gateway.cache",
                        "gateway.upstream", "gateway.upstream_pool", "gateway.reload",
                        "gateway.routing", "gateway.config", "gateway.tls",
-                       "gateway.metrics", "gateway.logs", "gateway.looplag", "gateway"},
+                       "gateway.metrics", "gateway.logs", "gateway.looplag", "gateway.listen",
+                       "gateway"},
     # Live config: the running Config, its reload (SIGHUP, file change), `check`.
     "gateway.reload": {"gateway.config", "gateway.errors", "gateway.metrics",
                        "gateway.tasks", "gateway.upstream_pool"},
+    "gateway.listen": {"gateway.config", "gateway.metrics", "gateway.net"},
     "gateway.admin": {"gateway.config", "gateway.metrics", "gateway.errors", "gateway.wire",
                       "gateway"},
     "gateway.pipeline": {"gateway.routing", "gateway.state", "gateway.config",
                          "gateway.errors", "gateway.metrics", "gateway.net",
-                         "gateway.reference", "gateway.singleflight"},
+                         "gateway.reference", "gateway.singleflight", "gateway.buckets"},
     "gateway.api": {"gateway.cache", "gateway.state", "gateway.upstream",
                     "gateway.upstream_pool", "gateway.oci",
                     "gateway.errors", "gateway.reference"},
