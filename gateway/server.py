@@ -68,7 +68,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port,
                                                      logins=logins, limits=limits),
                           client_max_size=1 << 20)
-    app[CURRENT] = live  # admin's view of the running config
+    current: Callable[[], Config] = live  # admin's view of the running config
+    app[CURRENT] = current
     app[LIVE] = live
     app[METRICS] = metrics
     app[api.SERVICES] = api.Services(cache, upstreams)
