@@ -48,11 +48,9 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                config_file: Path | None = None,
                watch_interval: float = WATCH_INTERVAL,
                limits: pipeline.ClientLimits | None = None) -> web.Application:
-    """The gateway as one aiohttp app. `https_port`: plain-HTTP requests are redirected to
-    HTTPS on this port. `clock` (wall seconds) drives every TTL: tests move it.
-    `config_file`: where `config` was read from, reloaded on SIGHUP (`app[RELOADER]`) and
-    when it changes (looked at every `watch_interval` seconds; 0: never). `limits`: the
-    per-client and per-route buckets (tests inject a clock there)."""
+    """The gateway as one aiohttp app. `https_port`: plain HTTP is redirected there.
+    `clock` (wall seconds) drives every TTL. `config_file`: reloaded on SIGHUP and when it
+    changes (looked at every `watch_interval` s; 0: never). `limits`: the buckets."""
     metrics = Metrics()
     live = Live(config)
     data_dir = Path(data_dir)
