@@ -16,12 +16,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import eviction, ranged, report, scenarios, startup, trees
+from . import eviction, policy, ranged, report, scenarios, startup, trees
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
-# 6 eviction, 7 start-up with a big index, 8 parallel ranged fetch
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8")
+# 6 eviction, 7 start-up with a big index, 8 parallel ranged fetch, 9 access rules and limits
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="small image, short windows (~3 minutes), for iteration")
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help="scenarios to run, e.g. 1,3 (default: all; 6 is eviction, "
-                        "7 start-up with a large index, 8 parallel ranged fetch)")
+                        "7 start-up with a large index, 8 parallel ranged fetch, "
+                        "9 access rules and limits)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown report (default: BENCHMARKS.md for a full run of "
                         "everything, bench/results/<profile>.md otherwise)")
@@ -177,4 +178,6 @@ def _measure(world: World, profile: scenarios.Profile, selected: set[str],
             records += startup.run(world, profile)
         if "8" in selected:
             records += ranged.run(world, profile)
+        if "9" in selected:
+            records += policy.run(world, profile)
     return image, records, baselines

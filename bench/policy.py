@@ -32,8 +32,11 @@ def policy_config() -> tuple[dict[str, Any], dict[str, Any]]:
     globs = [f"team{n:02d}/*" for n in range(GLOBS - 1)] + [REPO_NAME.split("/")[0] + "/*"]
     sections = {
         "access": {"allow": [*others, "127.0.0.0/8"], "anonymous": [*others, "127.0.0.0/8"]},
-        "limits": {"requests_per_second": 1_000_000, "burst": 1_000_000,
-                   "bytes_per_second": "1000GiB", "upstream_misses_per_minute": 1_000_000},
+        # Loopback is exempt by default: not here, so every request goes through buckets.
+        "limits": {"requests_per_second": 1_000_000, "requests_burst": 1_000_000,
+                   "bytes_per_second": "100GiB", "bytes_burst": "1GiB",
+                   "misses_per_minute": 1_000_000, "misses_burst": 1_000_000,
+                   "connections_per_ip": 10_000, "exempt": []},
     }
     return sections, {"repositories": {"allow": globs}}
 

@@ -203,13 +203,16 @@ def gateway_version(tree: GatewayTree = CURRENT) -> str:
 def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
             name: str = "gateway", tree: GatewayTree = CURRENT,
             cache: dict[str, Any] | None = None,
-            route: dict[str, Any] | None = None) -> Iterator[Server]:
+            route: dict[str, Any] | None = None, sections: dict[str, Any] | None = None,
+            label: str | None = None) -> Iterator[Server]:
     """`python -m gateway serve` from `tree` (this working tree unless a baseline), one
     route to the far upstream (with the `route` keys if given), `cache` as routes.yaml's
-    `cache:` section if given; its records carry `tree.label` as the target."""
+    `cache:` section and `sections` as more top-level sections if given; its records
+    carry `label` (default `tree.label`) as the target."""
     port = free_port()
     config: dict[str, Any] = {"default_route": ROUTE,
-                              "routes": {ROUTE: {"upstream": far.url, **(route or {})}}}
+                              "routes": {ROUTE: {"upstream": far.url, **(route or {})}},
+                              **(sections or {})}
     if cache is not None:
         config["cache"] = cache
     routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", config)
@@ -229,7 +232,7 @@ def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
     with running(name, argv, world.logs / f"{name}.log", cwd=tree.root,
                  env=tree.env()) as proc:
         wait_http(proc, f"{url}/v2/", context=world.ssl_context() if tls else None)
-        yield Server(tree.label, url, proc, data_dir)
+        yield Server(label or tree.label, url, proc, data_dir)
 
 
 # ---------------------------------------------------------------- distribution
