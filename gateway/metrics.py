@@ -20,8 +20,7 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "gateway_requests", "Client requests by route, kind, method and status",
             ["route", "kind", "method", "status"], registry=r)
@@ -73,6 +72,7 @@ class Metrics:
             "rate, bandwidth, misses, connections, admin_only)", ["route", "reason"],
             registry=r)
         self._add_disk_collectors(r)
+        self._add_quota_collectors(r)
 
         # Labelled children, looked up once: labels() validates and locks on every call,
         # which is a visible share of a warm manifest request.
@@ -103,6 +103,37 @@ class Metrics:
         self.index_rebuilds = Counter(
             "gateway_index_rebuilds", "Cache index rebuilt from the store at start, by reason "
             "(missing, corrupt, schema)", ["reason"], registry=r)
+
+    def _add_quota_collectors(self, r: CollectorRegistry) -> None:
+        """Upstream quotas: rate-limit headers per account, 429s by kind, the pool's state.
+        An account is its username or "anonymous", never a secret."""
+        labels = ["route", "account"]
+        self.ratelimit_limit = Gauge(
+            "gateway_upstream_ratelimit_limit", "Pulls allowed per window, as the upstream's "
+            "ratelimit-limit header last said", labels, registry=r)
+        self.ratelimit_remaining = Gauge(
+            "gateway_upstream_ratelimit_remaining", "Pulls left in the window, as the "
+            "upstream's ratelimit-remaining header last said", labels, registry=r)
+        self.ratelimit_window = Gauge(
+            "gateway_upstream_ratelimit_window_seconds", "The rate-limit window (w=)",
+            labels, registry=r)
+        self.ratelimit_source = Gauge(
+            "gateway_upstream_ratelimit_source_info", "What the upstream counts the pulls "
+            "against (docker-ratelimit-source: an address or an account id)",
+            [*labels, "source"], registry=r)
+        self.rate_limited = Counter(
+            "gateway_upstream_rate_limited", "429 answers by kind: pull_limit (the account's "
+            "quota is spent) or abuse (no rate-limit headers: the whole upstream backs off)",
+            [*labels, "kind"], registry=r)
+        self.account_pulls = Counter(
+            "gateway_upstream_account_pulls", "Manifest GETs (what Docker Hub counts as "
+            "pulls) sent as each account", labels, registry=r)
+        self.account_out_until = Gauge(
+            "gateway_upstream_account_out_until_seconds", "Unix time until which an account "
+            "that ran out of pulls is skipped (0 or past: usable)", labels, registry=r)
+        self.upstream_backoff_until = Gauge(
+            "gateway_upstream_backoff_until_seconds", "Unix time until which no request goes "
+            "to an upstream that answered an abuse 429", ["route"], registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

@@ -2,7 +2,8 @@
 
 One `aiohttp.ClientSession` per upstream. Every failure is translated here, in one
 table, into an `UpstreamError` a client can read; tokens and passwords never leave
-this module (not in errors, logs or metrics).
+this package (not in errors, logs or metrics). Which account a request goes out as is
+accounts.py's choice; how connections leave the machine is connect.py's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from ..config import Route
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..singleflight import SharedCalls
+from .accounts import Account, AccountPool
+from .connect import TIMEOUTS, TRANSPORT_ERRORS, outbound
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
@@ -78,14 +81,17 @@ class Upstream:
         self._tokens: TLRUCache[str, _Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
+        self._pool = AccountPool(route.name, route.upstream.pool, metrics, clock)
+        self._proxy: URL | None = None
+        self._proxy_headers: Mapping[str, str] | None = None
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True
         if self.settings.ca_file:  # reads a file: off the loop
             ssl_context = await asyncio.to_thread(ssl.create_default_context,
                                                   cafile=self.settings.ca_file)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=ssl_context,
-                                         ttl_dns_cache=300)
+        out = outbound(self.settings.proxy, ssl_context)
+        connector, self._proxy, self._proxy_headers = out.connector, out.proxy, out.proxy_headers
         # Per-read timeouts only: a multi-GB layer must not be cut off by a total timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=self._read_timeout)
         self._session = aiohttp.ClientSession(
@@ -107,30 +113,34 @@ class Upstream:
 
     # ------------------------------------------------------------------ auth
 
-    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None) -> str:
+    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None,
+                     account: Account) -> str:
         """A token for `scope`: cached, or fetched once however many requests ask at once.
 
         `rejected` is the Authorization the upstream just refused: a cached token other
         than that one was renewed meanwhile and is used as it is.
         """
-        key = f"{challenge.realm} {challenge.service} {scope}"
+        # Per account: each has its own token (and its own pulls) for the same scope.
+        key = f"{account.index} {challenge.realm} {challenge.service} {scope}"
         cached = self._tokens.get(key)
         if cached is not None and f"Bearer {cached.value}" != rejected:
             return cached.value
         value, _started = await self._token_calls.call(
-            key, lambda: self._fetch_token(challenge, scope, key))
+            key, lambda: self._fetch_token(challenge, scope, key, account))
         return value
 
-    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str) -> str:
+    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str,
+                           account: Account) -> str:
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
         headers = {}
-        credentials = self.settings.credentials
+        credentials = account.credentials
         if credentials is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(credentials.username,
                                                                  credentials.password)
         try:
             async with self.session.get(challenge.realm, params=params, headers=headers,
-                                        proxy=self.settings.proxy) as resp:
+                                        proxy=self._proxy,
+                                        proxy_headers=self._proxy_headers) as resp:
                 if resp.status in (401, 403):
                     raise UpstreamError(
                         "UNAUTHORIZED" if resp.status == 401 else "DENIED",
@@ -140,7 +150,7 @@ class Upstream:
                 if resp.status != 200:
                     raise self._status_error(resp.status, "token", resp.headers)
                 body: Any = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc, "token") from None
         except ValueError:
             raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint "
@@ -157,14 +167,15 @@ class Upstream:
         self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
         return value
 
-    async def _authorization(self, scope: str, rejected: str | None = None) -> str | None:
+    async def _authorization(self, scope: str, account: Account,
+                             rejected: str | None = None) -> str | None:
         challenge = self._challenge
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self.settings.credentials
+            creds = account.credentials
             return aiohttp.encode_basic_auth(creds.username, creds.password) if creds else None
-        return "Bearer " + await self._token(challenge, scope, rejected)
+        return "Bearer " + await self._token(challenge, scope, rejected, account)
 
     # --------------------------------------------------------------- requests
 
@@ -183,8 +194,32 @@ class Upstream:
         The caller owns the returned response and must release it.
         """
         scope = f"repository:{repository}:pull" if repository else ""
+        pull = method == "GET" and kind == "manifest"  # what Docker Hub counts as a pull
         started = time.monotonic()
-        authorization = await self._authorization(scope)
+        for _attempt in range(len(self._pool.accounts) + 1):
+            account = (self._pool.for_pull if pull else self._pool.for_other)(repository)
+            resp = await self._authorized(method, path, kind, headers, params, scope, account)
+            spent = self._pool.observe(account, resp.status, resp.headers) == "pull_limit"
+            if not (pull and spent):
+                break
+            # That account is out until its window resets: the pull goes on as another
+            # (for_pull raises a 429 saying when to retry once none is left).
+            self._metrics.upstream_requests.labels(self.name, kind, "429").inc()
+            resp.release()
+        else:
+            raise self._status_error(429, kind, resp.headers)
+        self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
+        if resp.status >= 300:
+            resp.release()
+            raise self._status_error(resp.status, kind, resp.headers)
+        return resp
+
+    async def _authorized(self, method: str, path: str, kind: str,
+                          headers: Mapping[str, str] | None, params: Mapping[str, str] | None,
+                          scope: str, account: Account) -> aiohttp.ClientResponse:
+        """One request as `account`, answering one 401 challenge; any status returned."""
+        authorization = await self._authorization(scope, account)
         retried_auth = False
         while True:
             resp = await self._send(method, path, kind, headers, params, authorization)
@@ -194,19 +229,14 @@ class Upstream:
             resp.release()
             challenge = _parse_challenge(www)
             if challenge is None or (challenge.scheme == "basic"
-                                     and self.settings.credentials is None):
+                                     and account.credentials is None):
                 raise UpstreamError(
                     "UNAUTHORIZED", f"upstream {self.name} requires credentials the gateway "
                     "does not have for this repository", 401, retryable=False, upstream_status=401)
             self._challenge = challenge
             authorization = await self._authorization(_challenge_scope(www) or scope,
-                                                      rejected=authorization)
+                                                      account, rejected=authorization)
             retried_auth = True
-        self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
-        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
-        if resp.status >= 300:
-            resp.release()
-            raise self._status_error(resp.status, kind, resp.headers)
         return resp
 
     async def _send(
@@ -231,8 +261,9 @@ class Upstream:
                 send_headers.pop("Authorization", None)
             try:
                 resp = await self.session.request(method, url, headers=send_headers,
-                                                  allow_redirects=False, proxy=self.settings.proxy)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                                                  allow_redirects=False, proxy=self._proxy,
+                                                  proxy_headers=self._proxy_headers)
+            except TRANSPORT_ERRORS as exc:
                 raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
@@ -295,7 +326,7 @@ class Upstream:
 
     def transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
         """Translate a connection failure or timeout (also while reading a body)."""
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, TIMEOUTS):
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             return UpstreamError("UNAVAILABLE", f"upstream {self.name} timed out ({kind})", 504,
                                  retryable=True)

@@ -29,6 +29,8 @@ class Seen:
     headers: CIMultiDict[str] = field(default_factory=CIMultiDict, repr=False)
     status: int = 0
     body_bytes: int = 0
+    peer: str | None = None  # the client's address, as the server saw it
+    account: str | None = None  # the fake registry's account the request was made as
 
     @property
     def range(self) -> str | None:
