@@ -26,7 +26,7 @@ from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..singleflight import SharedCalls
 from .accounts import Account, AccountPool
-from .connect import TIMEOUTS, TRANSPORT_ERRORS, outbound
+from .connect import TIMEOUTS, TRANSPORT_ERRORS, Outbound, outbound
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
@@ -82,16 +82,15 @@ class Upstream:
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
         self._pool = AccountPool(route.name, route.upstream.pool, metrics, clock)
-        self._proxy: URL | None = None
-        self._proxy_headers: Mapping[str, str] | None = None
+        self._outbound: Outbound | None = None
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True
         if self.settings.ca_file:  # reads a file: off the loop
             ssl_context = await asyncio.to_thread(ssl.create_default_context,
                                                   cafile=self.settings.ca_file)
-        out = outbound(self.settings.proxy, ssl_context)
-        connector, self._proxy, self._proxy_headers = out.connector, out.proxy, out.proxy_headers
+        self._outbound = outbound(self.settings.proxy, ssl_context)
+        connector = self._outbound.connector
         # Per-read timeouts only: a multi-GB layer must not be cut off by a total timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=self._read_timeout)
         self._session = aiohttp.ClientSession(
@@ -110,6 +109,11 @@ class Upstream:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
+
+    @property
+    def outbound(self) -> Outbound:
+        assert self._outbound is not None, "Upstream.start() was not awaited"
+        return self._outbound
 
     # ------------------------------------------------------------------ auth
 
@@ -132,15 +136,16 @@ class Upstream:
     async def _fetch_token(self, challenge: _Challenge, scope: str, key: str,
                            account: Account) -> str:
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
-        headers = {}
+        headers: CIMultiDict[str] = CIMultiDict()
         credentials = account.credentials
         if credentials is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(credentials.username,
                                                                  credentials.password)
         try:
+            tunnel = self.outbound.login_for(URL(challenge.realm), headers)
             async with self.session.get(challenge.realm, params=params, headers=headers,
-                                        proxy=self._proxy,
-                                        proxy_headers=self._proxy_headers) as resp:
+                                        proxy=self.outbound.proxy,
+                                        proxy_headers=tunnel) as resp:
                 if resp.status in (401, 403):
                     raise UpstreamError(
                         "UNAUTHORIZED" if resp.status == 401 else "DENIED",
@@ -260,9 +265,11 @@ class Upstream:
                 # Docker Hub sends blobs to a CDN: its signed URL must not get our token.
                 send_headers.pop("Authorization", None)
             try:
+                tunnel = self.outbound.login_for(url, send_headers)
                 resp = await self.session.request(method, url, headers=send_headers,
-                                                  allow_redirects=False, proxy=self._proxy,
-                                                  proxy_headers=self._proxy_headers)
+                                                  allow_redirects=False,
+                                                  proxy=self.outbound.proxy,
+                                                  proxy_headers=tunnel)
             except TRANSPORT_ERRORS as exc:
                 raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:

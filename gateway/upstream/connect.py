@@ -10,7 +10,7 @@ a repr, a log line or an error.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -39,11 +39,27 @@ LIMIT, LIMIT_PER_HOST = 0, 64
 
 @dataclass(frozen=True)
 class Outbound:
-    """The session's connector, and what each request passes as `proxy=`/`proxy_headers=`."""
+    """The session's connector, and the `proxy=` each request passes (an HTTP(S) proxy;
+    None when direct or SOCKS, where the connector does it all)."""
 
     connector: aiohttp.BaseConnector
-    proxy: URL | None = None  # an HTTP(S) proxy; None when direct or SOCKS
-    proxy_headers: Mapping[str, str] | None = field(default=None, repr=False)  # its login
+    proxy: URL | None = None
+    proxy_login: str | None = field(default=None, repr=False)  # a Proxy-Authorization value
+
+    def login_for(self, target: URL, headers: MutableMapping[str, str]) -> dict[str, str] | None:
+        """Put the proxy's login where it goes for `target`; returns the `proxy_headers=`.
+
+        A plain-http request is sent to the proxy itself, so its login is a header of the
+        request; an https one tunnels through CONNECT, which carries the login instead,
+        and the request inside the tunnel (seen by the upstream) must not.
+        """
+        headers.pop("Proxy-Authorization", None)
+        if self.proxy_login is None:
+            return None
+        if target.scheme == "http":
+            headers["Proxy-Authorization"] = self.proxy_login
+            return None
+        return {"Proxy-Authorization": self.proxy_login}
 
 
 def outbound(proxy: ProxySettings | None, ssl_context: ssl.SSLContext | bool) -> Outbound:
@@ -63,6 +79,7 @@ def outbound(proxy: ProxySettings | None, ssl_context: ssl.SSLContext | bool) ->
                                   ttl_dns_cache=300)
     if proxy is None:
         return Outbound(direct)
-    login_header = {"Proxy-Authorization": aiohttp.encode_basic_auth(
-        login.username, login.password)} if login else None
-    return Outbound(direct, proxy.url, login_header)
+    # Not aiohttp's proxy_auth (deprecated for 4.0); its replacement, proxy_headers, goes
+    # on CONNECT only, so login_for puts it on plain-http requests itself.
+    return Outbound(direct, proxy.url, aiohttp.encode_basic_auth(login.username, login.password)
+                    if login else None)

@@ -88,7 +88,7 @@ class CountingProxy(RequestLog, Scripted):
         seen = self.record(Seen(request.method, request.path, dict(request.query),
                                 CIMultiDict(request.headers), peer=request.remote))
         if self.proxy_login is not None and request.headers.get("Proxy-Authorization") != \
-                aiohttp.BasicAuth(*self.proxy_login).encode():
+                aiohttp.encode_basic_auth(*self.proxy_login):
             self.update(seen, status=407)
             return web.Response(status=407, headers={"Proxy-Authenticate": 'Basic realm="p"'})
         if self.latency:

@@ -383,13 +383,21 @@ def test_an_account_listed_twice_is_refused() -> None:
 
 async def test_outbound_for_each_proxy_kind() -> None:
     direct = outbound(None, True)
-    assert direct.proxy is None
+    assert direct.proxy is None and direct.proxy_login is None
     login = Credentials("gw", SECRET)
     http = outbound(ProxySettings(URL("https://proxy.test:8443"), None, login), True)
     assert http.proxy == URL("https://proxy.test:8443")
-    assert http.proxy_headers == {"Proxy-Authorization": encode_basic_auth("gw", SECRET)}
+    header = encode_basic_auth("gw", SECRET)
+    # Plain http: the request itself goes to the proxy and carries the login ...
+    sent: dict[str, str] = {}
+    assert http.login_for(URL("http://registry.test/v2/"), sent) is None
+    assert sent == {"Proxy-Authorization": header}
+    # ... https: the CONNECT does, and the request inside the tunnel never.
+    assert http.login_for(URL("https://registry.test/v2/"), sent) == {
+        "Proxy-Authorization": header}
+    assert sent == {}
     socks = outbound(ProxySettings(URL("socks5h://127.0.0.1"), None, login), True)
-    assert socks.proxy is None and socks.proxy_headers is None  # the connector carries it
+    assert socks.proxy is None and socks.proxy_login is None  # the connector carries it
     for made in (direct, http, socks):
-        assert SECRET not in repr(made)
+        assert SECRET not in repr(made) and header not in repr(made)
         await made.connector.close()
