@@ -83,6 +83,7 @@ class Metrics:
         self._add_reload_collectors(r)
         self._add_resilience_collectors(r)
         self._add_ranged_collectors(r)
+        self._add_quota_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -155,6 +156,37 @@ class Metrics:
         self.blob_part_resumes = Counter(
             "gateway_blob_part_resumes", "Range parts resumed (asking for their missing "
             "tail) after their connection broke", ["route"], registry=r)
+
+    def _add_quota_collectors(self, r: CollectorRegistry) -> None:
+        """Upstream quotas: rate-limit headers per account, 429s by kind, the pool's state.
+        An account is its username or "anonymous", never a secret."""
+        labels = ["route", "account"]
+        self.ratelimit_limit = Gauge(
+            "gateway_upstream_ratelimit_limit", "Pulls allowed per window, as the upstream's "
+            "ratelimit-limit header last said", labels, registry=r)
+        self.ratelimit_remaining = Gauge(
+            "gateway_upstream_ratelimit_remaining", "Pulls left in the window, as the "
+            "upstream's ratelimit-remaining header last said", labels, registry=r)
+        self.ratelimit_window = Gauge(
+            "gateway_upstream_ratelimit_window_seconds", "The rate-limit window (w=)",
+            labels, registry=r)
+        self.ratelimit_source = Gauge(
+            "gateway_upstream_ratelimit_source_info", "What the upstream counts the pulls "
+            "against (docker-ratelimit-source: an address or an account id)",
+            [*labels, "source"], registry=r)
+        self.rate_limited = Counter(
+            "gateway_upstream_rate_limited", "429 answers by kind: pull_limit (the account's "
+            "quota is spent) or abuse (no rate-limit headers: the whole upstream backs off)",
+            [*labels, "kind"], registry=r)
+        self.account_pulls = Counter(
+            "gateway_upstream_account_pulls", "Manifest GETs (what Docker Hub counts as "
+            "pulls) sent as each account", labels, registry=r)
+        self.account_out_until = Gauge(
+            "gateway_upstream_account_out_until_seconds", "Unix time until which an account "
+            "that ran out of pulls is skipped (0 or past: usable)", labels, registry=r)
+        self.upstream_backoff_until = Gauge(
+            "gateway_upstream_backoff_until_seconds", "Unix time until which no request goes "
+            "to an upstream that answered an abuse 429", ["route"], registry=r)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

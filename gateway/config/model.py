@@ -34,7 +34,7 @@ from .values import (
     host_names,
     optional_duration,
     optional_size,
-    proxy_url,
+    outbound_proxy_url,
     readable_file,
     registry_url,
     size,
@@ -104,16 +104,64 @@ def credentials_ref(value: Any, at: Place) -> CredentialsRef | None:
     return CredentialsRef(**given)
 
 
+def credentials_pool(value: Any, at: Place) -> CredentialsRef | tuple[CredentialsRef, ...] | None:
+    """`credentials:` one account (a mapping, as before), or a list of them: a pool the
+    upstream client spreads pulls over (upstream/accounts.py)."""
+    if not isinstance(value, list):
+        return credentials_ref(value, at)
+    if not value:
+        raise at.error("want one or more accounts, each {username, password_env|password_file}")
+    refs = []
+    for i, item in enumerate(value):
+        ref = credentials_ref(item, at.child(f"[{i}]"))
+        if ref is None:
+            raise at.child(f"[{i}]").error("want username and password_env or password_file")
+        refs.append(ref)
+    return tuple(refs)
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """An outbound proxy: `http://`, `https://`, `socks5://` or `socks5h://` (the proxy
+    resolves names), with its login from the environment or a file, never inline."""
+
+    url: URL  # no user info: that is `credentials`
+    credentials_ref: CredentialsRef | None = None
+    credentials: Credentials | None = None  # filled by resolve_secrets
+
+    def __repr__(self) -> str:
+        who = f", user={self.credentials.username!r}" if self.credentials else ""
+        return f"ProxySettings({str(self.url)!r}{who})"
+
+
+def proxy_settings(value: Any, at: Place) -> ProxySettings | None:
+    """`proxy: socks5h://host:1080`, or `proxy: {url: ..., username[_env|_file]: ...,
+    password_env|password_file: ...}`; null means none (a route can take back a default's)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return ProxySettings(outbound_proxy_url(value, at))
+    check_keys(at, value, ["url", *(f.name + suffix for f in dataclasses.fields(CredentialsRef)
+                                    for suffix in _SUFFIXES)])
+    if "url" not in value:
+        raise at.error("want url: (http://, https://, socks5:// or socks5h://host:port)")
+    login = {k: v for k, v in value.items() if k != "url"}
+    return ProxySettings(outbound_proxy_url(value["url"], at.child("url")),
+                         credentials_ref(login, at) if login else None)
+
+
 @dataclass(frozen=True)
 class UpstreamSettings:
     """How the gateway talks to one upstream registry."""
 
     url: URL = field(metadata=yaml_key(registry_url, name="upstream"))  # no path
     credentials: Credentials | None = None  # filled by resolve_secrets from credentials_ref
-    credentials_ref: CredentialsRef | None = field(
-        default=None, metadata=yaml_key(credentials_ref, name="credentials"))
+    # One account (a mapping) or a pool of them (a list); `accounts` holds them all, resolved.
+    credentials_ref: CredentialsRef | tuple[CredentialsRef, ...] | None = field(
+        default=None, metadata=yaml_key(credentials_pool, name="credentials"))
     ca_file: str | None = field(default=None, metadata=yaml_key(readable_file))
-    proxy: str | None = field(default=None, metadata=yaml_key(proxy_url, inherit=True))
+    proxy: ProxySettings | None = field(default=None,
+                                        metadata=yaml_key(proxy_settings, inherit=True))
     # Mirrors of the same registry, tried in order after `url` (anonymously: the route's
     # credentials go to `url` only); the cache namespace stays the route's.
     fallbacks: tuple[URL, ...] = field(default=(), metadata=yaml_key(resilience.registry_urls))
@@ -123,6 +171,12 @@ class UpstreamSettings:
                              metadata=yaml_key(resilience.retries, inherit=True))
     breaker: BreakerSettings = field(default_factory=BreakerSettings,
                                      metadata=yaml_key(resilience.breaker, inherit=True))
+    accounts: tuple[Credentials, ...] = ()  # filled by resolve_secrets, in the written order
+
+    @property
+    def pool(self) -> tuple[Credentials, ...]:
+        """Every account to pull with; () for anonymous."""
+        return self.accounts or ((self.credentials,) if self.credentials else ())
 
 
 @dataclass(frozen=True)

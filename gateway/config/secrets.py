@@ -1,4 +1,5 @@
-"""Resolving secrets: each route's `CredentialsRef` into `Credentials`, after parsing.
+"""Resolving secrets: each route's `CredentialsRef`s (its accounts, its proxy's login) into
+`Credentials`, after parsing.
 
 The only place that reads the environment or secret files. A secret's value never
 appears in an error: errors name the variable or the path, with the file, line and key.
@@ -12,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ConfigError
-from .model import Config, Credentials, Route, SecretRef
+from .model import Config, Credentials, CredentialsRef, Route, SecretRef
 
 
 def resolve_secrets(config: Config, env: Mapping[str, str] | None = None) -> Config:
@@ -38,11 +39,32 @@ def resolve_secret(ref: SecretRef, env: Mapping[str, str]) -> str:
 
 
 def _resolve_route(route: Route, env: Mapping[str, str]) -> Route:
-    ref = route.upstream.credentials_ref
-    if ref is None:
-        return route
-    credentials = Credentials(resolve_secret(ref.username, env), resolve_secret(ref.password, env))
-    return replace(route, upstream=replace(route.upstream, credentials=credentials))
+    upstream = route.upstream
+    ref = upstream.credentials_ref
+    if ref is not None:
+        refs = ref if isinstance(ref, tuple) else (ref,)
+        accounts = tuple(_credentials(one, env) for one in refs)
+        _check_distinct(refs, accounts)
+        upstream = replace(upstream, credentials=accounts[0], accounts=accounts)
+    proxy = upstream.proxy
+    if proxy is not None and proxy.credentials_ref is not None:
+        upstream = replace(upstream, proxy=replace(
+            proxy, credentials=_credentials(proxy.credentials_ref, env)))
+    return route if upstream is route.upstream else replace(route, upstream=upstream)
+
+
+def _credentials(ref: CredentialsRef, env: Mapping[str, str]) -> Credentials:
+    return Credentials(resolve_secret(ref.username, env), resolve_secret(ref.password, env))
+
+
+def _check_distinct(refs: tuple[CredentialsRef, ...], accounts: tuple[Credentials, ...]) -> None:
+    """An account is named by its username in metrics and logs: each once per pool."""
+    seen: set[str] = set()
+    for ref, account in zip(refs, accounts, strict=True):
+        if account.username in seen:
+            raise _error(ref.username, f"the account {account.username!r} is listed twice "
+                         "in this route's credentials")
+        seen.add(account.username)
 
 
 def _error(ref: SecretRef, message: str) -> ConfigError:

@@ -20,6 +20,7 @@ from ..net import Network as Network
 from .document import Place
 
 FOREVER = float("inf")
+PROXY_SCHEMES = ("http", "https", "socks5", "socks5h")
 
 
 class Absent(enum.Enum):
@@ -212,14 +213,17 @@ def registry_url(value: Any, at: Place) -> URL:
     return url.with_path("")
 
 
-def proxy_url(value: Any, at: Place) -> str | None:
-    """An outbound http:// proxy; null means none (a route can take back a default proxy)."""
-    if value is None:
-        return None
+def outbound_proxy_url(value: Any, at: Place) -> URL:
+    """An outbound proxy's URL: http://, https://, socks5:// or socks5h:// with a host."""
     url = _url(value, at)
-    if url.scheme not in ("http", "https") or not url.host:
-        raise at.error("the outbound proxy must be an http:// URL")
-    return str(value)
+    if url.user is not None or url.password is not None:
+        # Never echo the URL: it holds a secret.
+        raise at.error("credentials do not go in the proxy URL: write proxy: {url, "
+                       "username, password_env|password_file}")
+    if url.scheme not in PROXY_SCHEMES or not url.host or url.path not in ("", "/"):
+        raise at.error(f"{value!r} is not a proxy URL: want {', '.join(PROXY_SCHEMES)}"
+                       "://host:port")
+    return url.with_path("")
 
 
 def readable_file(value: Any, at: Place) -> str | None:

@@ -19,11 +19,15 @@ __all__ = ["WATCH_INTERVAL", "Callback", "Check", "Live", "Paths", "Reloader", "
 
 
 def secret_files(config: Config) -> Iterable[Path]:
-    """The password files routes read (`password_file:`): a new password is a reload."""
+    """The password files routes read (`password_file:`, of accounts and proxies): a new
+    password is a reload."""
     for route in config.routes:
-        ref = route.upstream.credentials_ref
-        if ref is None:
-            continue
-        for secret in (ref.username, ref.password):
-            if secret.source == "file":
-                yield Path(secret.value).expanduser()
+        written = route.upstream.credentials_ref
+        refs = list(written if isinstance(written, tuple) else (written,) if written else ())
+        proxy = route.upstream.proxy
+        if proxy is not None and proxy.credentials_ref is not None:
+            refs.append(proxy.credentials_ref)
+        for ref in refs:
+            for secret in (ref.username, ref.password):
+                if secret.source == "file":
+                    yield Path(secret.value).expanduser()

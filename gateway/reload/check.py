@@ -27,8 +27,8 @@ def describe_config(config: Config) -> str:
         hosts = list(route.hosts)
         if route.label:
             hosts += [f"{route.label}.{d}" for d in config.base_domains] or [f"{route.label}.*"]
-        credentials = route.upstream.credentials
-        auth = f", credentials for {credentials.username}" if credentials else ""
+        accounts = [account.username for account in route.upstream.pool]
+        auth = f", credentials for {', '.join(accounts)}" if accounts else ""
         lines.append(f"  {route.name:<20} -> {route.upstream.url}  hosts: "
                      f"{', '.join(hosts) or '-'}  tag_ttl: {route.cache.tag_ttl:g}s{auth}")
     return "\n".join(lines)

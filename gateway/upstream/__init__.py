@@ -3,18 +3,16 @@ over the route's upstream URLs (failover.py: fallbacks, breakers, retries, time 
 
 One `aiohttp.ClientSession` per route. Every failure is translated here, in one
 table, into an `UpstreamError` a client can read; tokens and passwords never leave
-this module (not in errors, logs or metrics).
+this package (not in errors, logs or metrics). Which account a request goes out as is
+accounts.py's choice; how connections leave the machine is connect.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -22,51 +20,24 @@ from cachetools import TLRUCache
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..config import Credentials, Route
+from ..config import Route
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..singleflight import SharedCalls
+from .accounts import ANONYMOUS, Account, AccountPool
+from .challenge import Challenge, Token, challenge_scope, parse_challenge
+from .connect import TIMEOUTS, TRANSPORT_ERRORS, Outbound, outbound
 from .failover import Endpoint, Failover
+from .users import Users
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 # 404 means different things per endpoint (spec, "Error Codes").
 _NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "tags": "NAME_UNKNOWN",
               "referrers": "MANIFEST_UNKNOWN", "ping": "NOT_FOUND"}
 
 
-@dataclass(frozen=True, slots=True)
-class _Token:
-    value: str
-    expires_in: float
-
-
-@dataclass(frozen=True, slots=True)
-class _Challenge:
-    scheme: str  # bearer | basic
-    realm: str = ""
-    service: str = ""
-
-
-def _parse_challenge(header: str) -> _Challenge | None:
-    scheme, _, params = header.strip().partition(" ")
-    scheme = scheme.lower()
-    if scheme == "basic":
-        return _Challenge("basic")
-    if scheme != "bearer":
-        return None
-    values = dict(_CHALLENGE_PARAM.findall(params))
-    if "realm" not in values:
-        return None
-    return _Challenge("bearer", values["realm"], values.get("service", ""))
-
-
-def _challenge_scope(header: str) -> str | None:
-    return dict(_CHALLENGE_PARAM.findall(header)).get("scope")
-
-
-class Upstream:
+class Upstream(Users):
     """The client side of one route. `request` returns a 2xx/3xx-free response or raises."""
 
     def __init__(self, route: Route, metrics: Metrics, *, read_timeout: float | None = None,
@@ -81,48 +52,25 @@ class Upstream:
         self._stall_timeout = read_timeout or timeouts.stall
         self._session: aiohttp.ClientSession | None = None
         self.failover = Failover(route.name, route.upstream, metrics, clock)
-        self._challenges: dict[URL, _Challenge] = {}  # per upstream URL: its own realm
-        self._tokens: TLRUCache[str, _Token] = TLRUCache(
+        self._challenges: dict[URL, Challenge] = {}  # per upstream URL: its own realm
+        self._tokens: TLRUCache[str, Token] = TLRUCache(
             maxsize=4096, ttu=lambda _k, tok, now: now + tok.expires_in, timer=clock)
         self._token_calls: SharedCalls[str, str] = SharedCalls("token")
-        # Who is using this client (a request, a blob flight, a manifest fetch): after a
-        # reload replaced its route, it is closed only once they are all done.
-        self.users = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        Users.__init__(self)
         # Awaited for each batch of blob bytes read: the route's upstream bandwidth cap,
         # set by the composition root (None: read as fast as the upstream sends).
         self.pace: Callable[[int], Awaitable[None]] | None = None
-
-    def acquire(self) -> None:
-        self.users += 1
-        self._idle.clear()
-
-    def release(self) -> None:
-        self.users -= 1
-        if not self.users:
-            self._idle.set()
-
-    @contextmanager
-    def in_use(self) -> Iterator[Upstream]:
-        self.acquire()
-        try:
-            yield self
-        finally:
-            self.release()
-
-    async def drained(self) -> None:
-        """Return once nobody uses this upstream (at once if nobody does)."""
-        while self.users:
-            await self._idle.wait()
+        self._pool = AccountPool(route.name, route.upstream.pool, metrics, clock)
+        self._fallback_account = Account(-1, ANONYMOUS, None)  # not one of the pool's
+        self._outbound: Outbound | None = None
 
     async def start(self) -> None:
         ssl_context: ssl.SSLContext | bool = True
         if self.settings.ca_file:  # reads a file: off the loop
             ssl_context = await asyncio.to_thread(ssl.create_default_context,
                                                   cafile=self.settings.ca_file)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=64, ssl=ssl_context,
-                                         ttl_dns_cache=300)
+        self._outbound = outbound(self.settings.proxy, ssl_context)
+        connector = self._outbound.connector
         # Per-read timeouts only: a multi-GB layer must not be cut off by a total timeout.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.timeouts.connect,
                                         sock_read=self._stall_timeout)
@@ -143,39 +91,50 @@ class Upstream:
         assert self._session is not None, "Upstream.start() was not awaited"
         return self._session
 
+    @property
+    def outbound(self) -> Outbound:
+        assert self._outbound is not None, "Upstream.start() was not awaited"
+        return self._outbound
+
     # ------------------------------------------------------------------ auth
 
-    def _credentials(self, endpoint: Endpoint) -> Credentials | None:
-        """The route's credentials are for its `upstream:` only, never for a fallback."""
-        return self.settings.credentials if endpoint.primary else None
+    def _account(self, endpoint: Endpoint, pull: bool, repository: str | None) -> Account:
+        """Who a request goes out as: an account of the route's pool for its `upstream:`,
+        anonymous for a fallback (the route's credentials go to `upstream:` only)."""
+        if not endpoint.primary:
+            return self._fallback_account
+        return (self._pool.for_pull if pull else self._pool.for_other)(repository)
 
-    async def _token(self, challenge: _Challenge, scope: str, rejected: str | None,
-                     endpoint: Endpoint) -> str:
+    async def _token(self, challenge: Challenge, scope: str, rejected: str | None,
+                     endpoint: Endpoint, account: Account) -> str:
         """A token for `scope`: cached, or fetched once however many requests ask at once.
 
         `rejected` is the Authorization the upstream just refused: a cached token other
         than that one was renewed meanwhile and is used as it is.
         """
-        # Per upstream URL: a fallback sharing the realm must not get the primary's token.
-        key = f"{endpoint.url} {challenge.realm} {challenge.service} {scope}"
+        # Per upstream URL (a fallback sharing the realm must not get the primary's token)
+        # and per account (each has its own token, and its own pulls, for the same scope).
+        key = f"{endpoint.url} {account.index} {challenge.realm} {challenge.service} {scope}"
         cached = self._tokens.get(key)
         if cached is not None and f"Bearer {cached.value}" != rejected:
             return cached.value
         value, _started = await self._token_calls.call(
-            key, lambda: self._fetch_token(challenge, scope, key, endpoint))
+            key, lambda: self._fetch_token(challenge, scope, key, account))
         return value
 
-    async def _fetch_token(self, challenge: _Challenge, scope: str, key: str,
-                           endpoint: Endpoint) -> str:
+    async def _fetch_token(self, challenge: Challenge, scope: str, key: str,
+                           account: Account) -> str:
         params = {k: v for k, v in (("service", challenge.service), ("scope", scope)) if v}
-        headers = {}
-        credentials = self._credentials(endpoint)
+        headers: CIMultiDict[str] = CIMultiDict()
+        credentials = account.credentials
         if credentials is not None:
             headers["Authorization"] = aiohttp.encode_basic_auth(credentials.username,
                                                                  credentials.password)
         try:
+            tunnel = self.outbound.login_for(URL(challenge.realm), headers)
             async with self.session.get(challenge.realm, params=params, headers=headers,
-                                        proxy=self.settings.proxy) as resp:
+                                        proxy=self.outbound.proxy,
+                                        proxy_headers=tunnel) as resp:
                 if resp.status in (401, 403):
                     raise UpstreamError(
                         "UNAUTHORIZED" if resp.status == 401 else "DENIED",
@@ -185,7 +144,7 @@ class Upstream:
                 if resp.status != 200:
                     raise self._status_error(resp.status, "token", resp.headers)
                 body: Any = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc, "token") from None
         except ValueError:
             raise UpstreamError("UNAVAILABLE", f"upstream {self.name}: token endpoint "
@@ -199,18 +158,18 @@ class Upstream:
         expires_in = body.get("expires_in", 60)
         lifetime = float(expires_in) if isinstance(expires_in, int | float) else 60.0
         # Refresh a little early so a token never expires between check and use.
-        self._tokens[key] = _Token(value, max(lifetime * 0.9 - 5, 1.0))
+        self._tokens[key] = Token(value, max(lifetime * 0.9 - 5, 1.0))
         return value
 
-    async def _authorization(self, scope: str, endpoint: Endpoint,
+    async def _authorization(self, scope: str, endpoint: Endpoint, account: Account,
                              rejected: str | None = None) -> str | None:
         challenge = self._challenges.get(endpoint.url)
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            creds = self._credentials(endpoint)
+            creds = account.credentials
             return aiohttp.encode_basic_auth(creds.username, creds.password) if creds else None
-        return "Bearer " + await self._token(challenge, scope, rejected, endpoint)
+        return "Bearer " + await self._token(challenge, scope, rejected, endpoint, account)
 
     # --------------------------------------------------------------- requests
 
@@ -234,19 +193,45 @@ class Upstream:
         budget = self._stall_timeout if kind == "blob" else self._headers_timeout
 
         async def attempt(endpoint: Endpoint) -> aiohttp.ClientResponse:
-            return await self._attempt(endpoint, method, path, kind, scope, headers, params)
+            return await self._attempt(endpoint, method, path, kind, repository, scope,
+                                       headers, params)
 
         return await self.failover.call(
             method, budget, attempt,
             lambda status, answer: self._status_error(status, kind, answer),
             lambda: self.transport_error(TimeoutError(), kind))
 
-    async def _attempt(self, endpoint: Endpoint, method: str, path: str, kind: str, scope: str,
-                       headers: Mapping[str, str] | None,
+    async def _attempt(self, endpoint: Endpoint, method: str, path: str, kind: str,
+                       repository: str | None, scope: str, headers: Mapping[str, str] | None,
                        params: Mapping[str, str] | None) -> aiohttp.ClientResponse:
-        """One request to one upstream URL, through its auth dance: any status."""
+        """One request to one upstream URL, as one account (the next one when that
+        account's pulls are spent), through its auth dance: any status."""
+        pull = method == "GET" and kind == "manifest"  # what Docker Hub counts as a pull
         started = time.monotonic()
-        authorization = await self._authorization(scope, endpoint)
+        for _turn in range(len(self._pool.accounts) + 1):
+            account = self._account(endpoint, pull, repository)
+            resp = await self._authorized(endpoint, method, path, kind, headers, params,
+                                          scope, account)
+            if not endpoint.primary:
+                break
+            spent = self._pool.observe(account, resp.status, resp.headers) == "pull_limit"
+            if not (pull and spent):
+                break
+            # That account is out until its window resets: the pull goes on as another
+            # (for_pull raises a 429 saying when to retry once none is left).
+            self._metrics.upstream_requests.labels(self.name, kind, "429").inc()
+            resp.release()
+        else:
+            raise self._status_error(429, kind, resp.headers)
+        self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
+        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
+        return resp
+
+    async def _authorized(self, endpoint: Endpoint, method: str, path: str, kind: str,
+                          headers: Mapping[str, str] | None, params: Mapping[str, str] | None,
+                          scope: str, account: Account) -> aiohttp.ClientResponse:
+        """One request as `account`, answering one 401 challenge; any status returned."""
+        authorization = await self._authorization(scope, endpoint, account)
         retried_auth = False
         while True:
             resp = await self._send(endpoint.url, method, path, kind, headers, params,
@@ -255,18 +240,16 @@ class Upstream:
                 break
             www = resp.headers.get("WWW-Authenticate", "")
             resp.release()
-            challenge = _parse_challenge(www)
+            challenge = parse_challenge(www)
             if challenge is None or (challenge.scheme == "basic"
-                                     and self._credentials(endpoint) is None):
+                                     and account.credentials is None):
                 raise UpstreamError(
                     "UNAUTHORIZED", f"upstream {self.name} requires credentials the gateway "
                     "does not have for this repository", 401, retryable=False, upstream_status=401)
             self._challenges[endpoint.url] = challenge
-            authorization = await self._authorization(_challenge_scope(www) or scope, endpoint,
-                                                      rejected=authorization)
+            authorization = await self._authorization(challenge_scope(www) or scope, endpoint,
+                                                      account, rejected=authorization)
             retried_auth = True
-        self._metrics.upstream_seconds.labels(self.name, kind).observe(time.monotonic() - started)
-        self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
         return resp
 
     async def _send(
@@ -295,10 +278,12 @@ class Upstream:
                 # Docker Hub sends blobs to a CDN: its signed URL must not get our token.
                 send_headers.pop("Authorization", None)
             try:
+                tunnel = self.outbound.login_for(url, send_headers)
                 resp = await self.session.request(method, url, headers=send_headers,
                                                   allow_redirects=False, timeout=timeout,
-                                                  proxy=self.settings.proxy)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                                                  proxy=self.outbound.proxy,
+                                                  proxy_headers=tunnel)
+            except TRANSPORT_ERRORS as exc:
                 raise self.transport_error(exc, kind) from None
             if resp.status not in _REDIRECTS or "Location" not in resp.headers:
                 return resp
@@ -317,10 +302,12 @@ class Upstream:
         it is: no Authorization (it never goes to another host), no redirect followed.
         None if the URL no longer works (expired: 401, 403, 404, 410, or a redirect): ask
         the registry again. The caller owns the response."""
+        send_headers = dict(headers)
         try:
-            resp = await self.session.get(url, headers=headers, allow_redirects=False,
-                                          proxy=self.settings.proxy)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            tunnel = self.outbound.login_for(url, send_headers)
+            resp = await self.session.get(url, headers=send_headers, allow_redirects=False,
+                                          proxy=self.outbound.proxy, proxy_headers=tunnel)
+        except TRANSPORT_ERRORS as exc:
             raise self.transport_error(exc, kind) from None
         self._metrics.upstream_requests.labels(self.name, kind, str(resp.status)).inc()
         if resp.status in (*_REDIRECTS, 401, 403, 404, 410):
@@ -382,7 +369,7 @@ class Upstream:
 
     def transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
         """Translate a connection failure or timeout (also while reading a body)."""
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, TIMEOUTS):
             self._metrics.upstream_errors.labels(self.name, "timeout").inc()
             return UpstreamError("UNAVAILABLE", f"upstream {self.name} timed out ({kind})", 504,
                                  retryable=True)

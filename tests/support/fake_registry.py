@@ -3,6 +3,11 @@ in dicts, with token or Basic auth, blob redirects to a CDN path, and scripted
 per-request faults (see faults.py: `queue`, `always`, `release`). It records every
 request (request_log.py), so tests count what reached upstream.
 
+Accounts: `accounts={user: password}` are each let in (Basic, or Basic at /token for a
+bearer token that remembers its account); `pull_limits={user: n}` makes manifest GETs
+count against each account as Docker Hub does (rate-limit headers, a 429 at 0, HEADs
+free); `queue_for`/`always_for` script the answers one account gets.
+
 It is served in process by aiohttp's test server (`fake.app`) or from a thread of its own
 (`run_fake_registry`), on loopback only. It never judges what the gateway does.
 """
@@ -13,6 +18,7 @@ import asyncio
 import itertools
 import json
 import re
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,10 +33,12 @@ from .faults import (
     Fault,
     Handler,
     PathSpec,
+    Script,
     Scripted,
     Step,
     fault_answer,
     hang_up,
+    oci_error,
     pieces,
     rate_limited,
     send_body,
@@ -96,7 +104,9 @@ class FakeRegistry(RequestLog, Scripted):
                  password: str | None = None, token_expires_in: float = 300,
                  honour_range: bool = True, redirect_blobs_to: str | None = None,
                  omit_head_digest: bool = False, concurrency_cap: int | None = None,
-                 over_cap: Fault | None = None) -> None:
+                 over_cap: Fault | None = None, accounts: dict[str, str] | None = None,
+                 pull_limits: dict[str, int] | None = None,
+                 ratelimit_window: int = 21600) -> None:
         RequestLog.__init__(self)
         Scripted.__init__(self)
         self.auth = auth
@@ -108,6 +118,14 @@ class FakeRegistry(RequestLog, Scripted):
         self.omit_head_digest = omit_head_digest
         self.concurrency_cap = concurrency_cap
         self.over_cap = over_cap or rate_limited()
+        self.accounts = dict(accounts or {})
+        if username is not None and password is not None:
+            self.accounts.setdefault(username, password)
+        self.pull_limits = pull_limits  # account ("anonymous" too) -> pulls per window
+        self.pulls: Counter[str] = Counter()  # manifest GETs counted, by account
+        self.ratelimit_window = ratelimit_window
+        self.token_accounts: dict[str, str] = {}  # token -> the account it was issued to
+        self.account_scripts: dict[str, Script] = {}
         self.blobs: dict[str, bytes] = {}
         self.manifests: dict[tuple[str, str], tuple[str, bytes]] = {}
         self.tags: dict[tuple[str, str], str] = {}
@@ -145,6 +163,20 @@ class FakeRegistry(RequestLog, Scripted):
 
     def revoke_tokens(self) -> None:
         self.valid_tokens.clear()
+
+    def queue_for(self, account: str, method: str, path: PathSpec, *steps: Step) -> None:
+        """Like `queue`, for requests made as `account` only (before the shared script)."""
+        self.account_scripts.setdefault(account, Script()).queue(method, path, *steps)
+
+    def always_for(self, account: str, method: str, path: PathSpec, step: Step) -> None:
+        self.account_scripts.setdefault(account, Script()).always(method, path, step)
+
+    def reset_pulls(self, account: str | None = None) -> None:
+        """A new window: the account's (or every account's) pulls start again."""
+        if account is None:
+            self.pulls.clear()
+        else:
+            self.pulls.pop(account, None)
 
     # ----------------------------------------------------------- scripting
 
@@ -200,7 +232,8 @@ class FakeRegistry(RequestLog, Scripted):
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.path
-        seen = Seen(request.method, path, dict(request.query), CIMultiDict(request.headers))
+        seen = Seen(request.method, path, dict(request.query), CIMultiDict(request.headers),
+                    peer=request.remote, account=self._account_of(request))
         log = self.token_log if path == "/token" else self
         log.record(seen)
         if self.concurrency_cap is not None and self.active >= self.concurrency_cap:
@@ -231,7 +264,10 @@ class FakeRegistry(RequestLog, Scripted):
             denied = self._check_auth(request, match.group("name") if match else None)
             if denied is not None:
                 return denied
-        step = self.script.take(request.method, path)
+        own = self.account_scripts.get(seen.account or "anonymous")
+        step = own.take(request.method, path) if own is not None else None
+        if step is None:
+            step = self.script.take(request.method, path)
         if step is not None and not isinstance(step, Fault):
             return await step(request)
         fault = step or NO_FAULT
@@ -271,8 +307,8 @@ class FakeRegistry(RequestLog, Scripted):
     def _check_auth(self, request: web.Request, repository: str | None) -> web.Response | None:
         header = request.headers.get("Authorization", "")
         if self.auth == "basic":
-            assert self.username is not None and self.password is not None
-            if header == basic_header(self.username, self.password):
+            assert self.accounts, "a basic-auth fake needs an account"
+            if any(header == basic_header(u, p) for u, p in self.accounts.items()):
                 return None
             return web.Response(status=401, headers={
                 "WWW-Authenticate": 'Basic realm="fake"'})
@@ -291,13 +327,16 @@ class FakeRegistry(RequestLog, Scripted):
         return None
 
     def _token(self, request: web.Request) -> web.Response:
-        if self.username is not None:
-            assert self.password is not None
-            if request.headers.get("Authorization") != basic_header(self.username,
-                                                                     self.password):
-                return web.Response(status=401)
+        given = request.headers.get("Authorization")
+        account = next((u for u, p in self.accounts.items() if given == basic_header(u, p)),
+                       None)
+        if self.accounts and account is None and (given is not None
+                                                  or self.username is not None):
+            return web.Response(status=401)
         token = f"token-{next(self._issued)}"
         self.valid_tokens[token] = request.query.get("scope", "")
+        if account is not None:
+            self.token_accounts[token] = account
         return web.json_response({"token": token, "expires_in": self.token_expires_in})
 
     def _find_manifest(self, repository: str,
@@ -322,7 +361,31 @@ class FakeRegistry(RequestLog, Scripted):
             return _error(404, "MANIFEST_UNKNOWN")
         digest, media_type, body = found
         headers = self._manifest_headers(request, digest, media_type)
+        if self.pull_limits is not None:
+            account = seen.account or "anonymous"
+            limit = self.pull_limits.get(account, 0)
+            if request.method == "GET" and self.pulls[account] >= limit:
+                return fault_answer(oci_error(429, "TOOMANYREQUESTS", "pull rate limit",
+                                              **self._quota_headers(account)))
+            if request.method == "GET":
+                self.pulls[account] += 1
+            headers.update(self._quota_headers(account))
         return await self._stream(request, seen, body, headers, fault, ranged=False)
+
+    def _quota_headers(self, account: str) -> dict[str, str]:
+        assert self.pull_limits is not None
+        limit = self.pull_limits.get(account, 0)
+        window = self.ratelimit_window
+        return {"RateLimit-Limit": f"{limit};w={window}",
+                "RateLimit-Remaining": f"{max(limit - self.pulls[account], 0)};w={window}",
+                "Docker-RateLimit-Source": f"source-of-{account}"}
+
+    def _account_of(self, request: web.Request) -> str | None:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            return self.token_accounts.get(header[len("Bearer "):])
+        return next((u for u, p in self.accounts.items() if header == basic_header(u, p)),
+                    None)
 
     async def _blob(self, request: web.Request, seen: Seen, digest: str,
                     fault: Fault) -> web.StreamResponse:

@@ -3,8 +3,9 @@
 bytes it sent, and applies the same scripted faults as the fake registry (faults.py).
 
 Absolute `Location` headers that point at the upstream are rewritten to point at the
-proxy, so uploads and redirects keep working through it. It never alters bytes unless a
-fault says so.
+proxy, so uploads and redirects keep working through it. A client may also use it as its
+HTTP forward proxy (absolute-form request targets): whatever host the target names, the
+request goes to the one upstream. It never alters bytes unless a fault says so.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class CountingProxy(RequestLog, Scripted):
         self._shared_next = 0.0  # when the shared cap lets the next byte go (server loop time)
         self.latency = latency
         self.fail_status: int | None = None
+        # As a forward proxy: (user, password) it wants in Proxy-Authorization, else 407.
+        self.proxy_login: tuple[str, str] | None = None
         self._session: aiohttp.ClientSession | None = None
         self.server = ThreadedServer(self._build_app)
 
@@ -87,7 +90,11 @@ class CountingProxy(RequestLog, Scripted):
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         seen = self.record(Seen(request.method, request.path, dict(request.query),
-                                CIMultiDict(request.headers)))
+                                CIMultiDict(request.headers), peer=request.remote))
+        if self.proxy_login is not None and request.headers.get("Proxy-Authorization") != \
+                aiohttp.encode_basic_auth(*self.proxy_login):
+            self.update(seen, status=407)
+            return web.Response(status=407, headers={"Proxy-Authenticate": 'Basic realm="p"'})
         if self.latency:
             await asyncio.sleep(self.latency)
         step = self.script.take(request.method, request.path)
@@ -118,7 +125,8 @@ class CountingProxy(RequestLog, Scripted):
         body = await request.read() if request.can_read_body else None
         try:
             upstream = await self._session.request(
-                request.method, self.upstream + request.raw_path, headers=headers, data=body,
+                request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers,
+                data=body,
                 allow_redirects=False,
             )
         except aiohttp.ClientError:

@@ -35,6 +35,8 @@ class Seen:
     # requests apart, never to judge speed.
     started: float = field(default_factory=time.monotonic)
     ended: float | None = None
+    peer: str | None = None  # the client's address, as the server saw it
+    account: str | None = None  # the fake registry's account the request was made as
 
     @property
     def range(self) -> str | None:

@@ -23,6 +23,7 @@ from gateway.config import (
     Config,
     Credentials,
     CredentialsRef,
+    ProxySettings,
     Route,
     SecretRef,
     UpstreamSettings,
@@ -456,6 +457,7 @@ def test_parsing_reads_no_secret() -> None:
     assert hub.credentials is None and ghcr.credentials is None
     assert hub.credentials_ref == CredentialsRef(SecretRef("inline", "me"),
                                                  SecretRef("env", "HUB_TOKEN"))
+    assert hub.pool == ()  # nothing resolved yet
     assert ghcr.credentials_ref == CredentialsRef(SecretRef("env", "GHCR_USER"),
                                                   SecretRef("file", "/run/secrets/ghcr-token"))
     assert config.route("quay.io").upstream.credentials_ref is None
@@ -707,7 +709,7 @@ def test_null_aliases_and_hosts_keep_their_defaults() -> None:
 def test_a_route_can_take_back_the_default_proxy() -> None:
     config = load("defaults: {proxy: 'http://10.0.0.1:3128', tag_ttl: 1m}\n"
                   "routes: {ghcr.io: {}, quay.io: {proxy: null}}")
-    assert config.route("ghcr.io").upstream.proxy == "http://10.0.0.1:3128"
+    assert config.route("ghcr.io").upstream.proxy == ProxySettings(URL("http://10.0.0.1:3128"))
     assert config.route("quay.io").upstream.proxy is None
     assert config.route("quay.io").cache.tag_ttl == 60.0
 
@@ -850,21 +852,30 @@ def test_missing_ca_file(tmp_path: Path) -> None:
     assert load(text).route("ghcr.io").upstream.ca_file == str(tmp_path / "ca.pem")
 
 
-def test_proxy_must_be_http() -> None:
-    text = """
+@pytest.mark.parametrize("url", ["ftp://10.0.0.1:21", "socks4://10.0.0.1:1080",
+                                 "http://10.0.0.1:3128/path", "socks5://"])
+def test_proxy_must_be_http_https_or_socks5(url: str) -> None:
+    text = f"""
         routes:
           ghcr.io:
-            proxy: socks5://10.0.0.1:1080
+            proxy: {url}
     """
-    assert_located(config_error(text), text, "proxy", "routes.ghcr.io.proxy")
-    good = load("routes: {ghcr.io: {proxy: 'http://10.0.0.1:3128'}}")
-    assert good.route("ghcr.io").upstream.proxy == "http://10.0.0.1:3128"
+    error = config_error(text)
+    assert_located(error, text, "proxy", "routes.ghcr.io.proxy")
+    assert "socks5h" in str(error)
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1:3128", "https://proxy.example:8443",
+                                 "socks5://10.0.0.1:1080", "socks5h://10.0.0.1"])
+def test_proxy_schemes(url: str) -> None:
+    good = load(f"routes: {{ghcr.io: {{proxy: '{url}'}}}}")
+    assert good.route("ghcr.io").upstream.proxy == ProxySettings(URL(url))
 
 
 def test_bad_proxy_in_defaults_names_the_defaults_line() -> None:
     text = """
         defaults:
-          proxy: socks5://10.0.0.1:1080
+          proxy: socks4://10.0.0.1:1080
         routes:
           ghcr.io: {}
     """

@@ -97,8 +97,14 @@ async def test_429_with_rate_limit_headers_is_handed_on_and_without_them_retried
     upstream = await upstream_for(make_route(served.url, retries=FAST), metrics=metrics)
     assert (await failure(upstream)).status == 429
     assert served.fake.count("GET", PATH) == 1
-    served.fake.queue("GET", PATH, rate_limited())  # an abuse limit: one more careful try
-    assert await get(upstream) == (200, body)
+    # That account is now out until its window resets (accounts.py): no more tries at all.
+    assert (await failure(upstream)).status == 429
+    assert served.fake.count("GET", PATH) == 1
+    fresh = await upstream_for(make_route(served.url, retries=FAST), metrics=metrics)
+    # An abuse limit backs the whole upstream off for its Retry-After (accounts.py); the
+    # retry waits that long (failover.py) and then goes through.
+    served.fake.queue("GET", PATH, rate_limited("1"))
+    assert await get(fresh) == (200, body)
     assert served.fake.count("GET", PATH) == 3
     assert sample(metrics, "gateway_upstream_retries_total", reason="busy") == 1
 

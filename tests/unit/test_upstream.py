@@ -16,7 +16,7 @@ import trustme
 from aiohttp import web
 from yarl import URL
 
-from gateway.config import Credentials
+from gateway.config import Credentials, ProxySettings
 from gateway.errors import UpstreamError
 from gateway.metrics import Metrics
 from gateway.oci import MANIFEST_TYPES, manifest_accept
@@ -372,7 +372,7 @@ async def test_everything_goes_through_the_outbound_proxy(
     # Nothing listens at the upstream's own address: only the proxy can reach it.
     unreachable = f"127.0.0.1:{free_port()}"
     route = make_route(f"http://{unreachable}",
-                       proxy=str(proxy_server.make_url("")).rstrip("/"))
+                       proxy=ProxySettings(URL(str(proxy_server.make_url("")).rstrip("/"))))
     upstream = await upstream_for(route)
     assert await fetch(upstream, f"/v2/{REPO}/manifests/v1") == (200, body)
     # The 401, the token request (realm on the upstream's host) and the retry.
