@@ -21,6 +21,7 @@ from tests.support.images import sha256_digest
 from tests.support.request_log import Seen
 from tests.support.transfers import stream_get
 from tests.support.upstreams import Upstream, unique_repository
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -84,6 +85,11 @@ async def test_cold_big_blob_comes_in_concurrent_parts_each_byte_once(
         assert got.received == SIZE and got.digest == digest
         assert got.cache == "MISS"
 
+        # The proxy marks a part ended after its write_eof returns, which may be a moment
+        # after the gateway has the bytes.
+        await wait_until(lambda: all(g.ended is not None for g in upstream.proxy.blob_requests(
+            repository, digest=digest)), what="every part's answer ended at the proxy",
+            timeout=10)
         gets = upstream.proxy.blob_requests(repository, digest=digest)
         # Each byte came once: the parts tile the blob, no gap, no overlap, nothing more.
         assert sum(g.body_bytes for g in gets) == SIZE
