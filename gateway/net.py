@@ -82,6 +82,8 @@ class NetworkSet:
         self._v6 = _ranges(n for n in networks if isinstance(n, ipaddress.IPv6Network))
 
     def __contains__(self, address: object) -> bool:
+        if not self.networks:  # the common empty deny list: nothing to look up
+            return False
         if isinstance(address, str):
             parsed = parse_address(address)
         elif isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:

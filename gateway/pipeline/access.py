@@ -15,10 +15,12 @@ from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from cachetools import LRUCache
 
 from ..config import Config
 from ..errors import RegistryError
 from ..metrics import Metrics
+from ..net import Address, parse_address
 from ..state import STATE
 from .rules import Policy, Verdict
 from .users import Logins
@@ -73,6 +75,9 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
     table and the bcrypt cache across Config swaps."""
     logins = logins if logins is not None else Logins()
     compiled = _Compiled()
+    # Client addresses parsed once, not by every rule of every request (ipaddress's
+    # parser was a tenth of a warm manifest request); bounded, so strangers cannot grow it.
+    addresses: LRUCache[str, Address | None] = LRUCache(maxsize=4096)
 
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -81,7 +86,10 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
         state = request[STATE]
         reg = state.registry
         route = reg.route.name if reg is not None else "-"
-        address = request.remote
+        remote = request.remote or ""
+        address = addresses.get(remote)
+        if address is None and remote not in addresses:  # not seen (or not an address)
+            address = addresses[remote] = parse_address(remote)
         verdict = policy.screen(address, request.path)
         if verdict is None:
             user = await _login(request, config, logins, metrics, route)

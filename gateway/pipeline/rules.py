@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..config import Config, Route
 from ..config.access import EVERYONE
-from ..net import Network, NetworkSet
+from ..net import Address, Network, NetworkSet
 from ..routing import Router
 
 OPEN_PATHS = frozenset({"/healthz"})  # load balancers' health checks: open to everyone
@@ -103,7 +103,7 @@ class Policy:
         self._base_anonymous = everyone
         self._router = Router(config)  # which route a Host picks, for /v2/
 
-    def screen(self, address: str | None, path: str) -> Verdict | None:
+    def screen(self, address: Address | str | None, path: str) -> Verdict | None:
         """The rules on the address alone, before any login is checked (so a refused
         address costs no bcrypt): a refusal, the verdict on an operator endpoint, or
         None when the request goes on to `pull` or `base`."""
@@ -123,7 +123,7 @@ class Policy:
                            f"{address} may not use this registry gateway")
         return None
 
-    def pull(self, address: str | None, route: Route, repository: str,
+    def pull(self, address: Address | str | None, route: Route, repository: str,
              user: str | None) -> Verdict:
         """A registry call on `route` for `repository` by `user` (None: anonymous), from
         an address `screen` let through."""
@@ -144,7 +144,7 @@ class Policy:
                            f"{repository} is not served by this gateway")
         return verdict
 
-    def base(self, address: str | None, host: str | None, user: str | None) -> Verdict:
+    def base(self, address: Address | str | None, host: str | None, user: str | None) -> Verdict:
         """`/v2/`, the version check clients start with. Docker and containers/image
         send credentials only after /v2/ asked for them, and docker fails a pull when
         asked but it has none (moby: "no basic auth credentials"). So /v2/ challenges
@@ -162,7 +162,7 @@ class Policy:
         return Verdict(rule, 401, "", "log in to this registry gateway")
 
 
-def _first_match(networks: Iterable[Network], address: str | None) -> str:
+def _first_match(networks: Iterable[Network], address: Address | str | None) -> str:
     """The network of a set that holds `address`, for the log (refusals only: linear)."""
     for network in networks:
         if address in NetworkSet((network,)):
