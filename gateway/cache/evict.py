@@ -99,6 +99,12 @@ class Evictor:
     # ------------------------------------------------------------ the loop
 
     async def _run(self) -> None:
+        # The first pass waits for a rebuild or reconciliation `open` started: before it
+        # ends the catalogue may not know what the store holds, and evicts too little.
+        settled = getattr(self._contents, "settled", None)
+        if settled is not None:
+            with contextlib.suppress(Exception):  # a failed scan is logged where it ran
+                await settled()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
