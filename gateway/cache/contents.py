@@ -105,6 +105,9 @@ class Contents(Protocol):
         """Ready to use: created, migrated, or rebuilt from the store if missing or corrupt;
         after an unclean stop, reconciled with the store (may finish in the background)."""
 
+    async def settled(self) -> Reconciled:
+        """Wait for a rebuild or reconciliation started by `open` to finish; what it did."""
+
     async def close(self) -> None:
         """Flush batched access times and mark a clean stop."""
 
@@ -145,9 +148,6 @@ class Browsable(Contents, Protocol):
 
     async def flush(self) -> None:
         """Write the batched access times now."""
-
-    async def settled(self) -> Reconciled:
-        """Wait for a rebuild or reconciliation started by `open` to finish; what it did."""
 
     async def reconcile(self) -> Reconciled:
         """Compare the catalogue with the store now and correct it."""

@@ -101,10 +101,8 @@ class Evictor:
     async def _run(self) -> None:
         # The first pass waits for a rebuild or reconciliation `open` started: before it
         # ends the catalogue may not know what the store holds, and evicts too little.
-        settled = getattr(self._contents, "settled", None)
-        if settled is not None:
-            with contextlib.suppress(Exception):  # a failed scan is logged where it ran
-                await settled()
+        with contextlib.suppress(Exception):  # a failed scan is logged where it ran
+            await self._contents.settled()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
