@@ -1,0 +1,197 @@
+"""The container image and the compose file, as an operator uses them.
+
+The image is built by a real dockerd (the machine's, or a private one when none runs)
+from the repository's Dockerfile, on a Debian bookworm base this test makes with
+debootstrap (no container registry is reachable here), with pip pointed at a wheelhouse
+in the build context and no network at all during the build. The container then serves
+on the host's loopback: its HEALTHCHECK turns healthy, it runs as a non-root user, and
+skopeo pulls an image through it from a loopback docker-registry, digests verified.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import yaml
+
+from tests.support.base_image import base_tarball
+from tests.support.dockerd import docker_client, run_dockerd
+from tests.support.images import make_image
+from tests.support.net import free_port
+from tests.support.skopeo import DirLayout, Skopeo
+from tests.support.tools import require_tool
+from tests.support.upstreams import Upstream, unique_repository
+from tests.support.wait import wait_for
+from tests.support.wheels import REPOSITORY_ROOT, wheelhouse
+
+pytestmark = pytest.mark.e2e
+
+UID = 10001  # the Dockerfile's user
+
+
+class Docker(Protocol):
+    def docker(self, *args: str, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]: ...
+
+
+class MachineDocker:
+    """The machine's own dockerd, through its default socket."""
+
+    def __init__(self, client: str) -> None:
+        self.client = client
+
+    def docker(self, *args: str, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([self.client, *args], capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} exited {done.returncode}\n"
+                                 f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return done
+
+
+@pytest.fixture(scope="module")
+def docker() -> Iterator[Docker]:
+    client = docker_client()
+    machine = subprocess.run([client, "info"], capture_output=True, timeout=30)
+    if machine.returncode == 0:
+        yield MachineDocker(client)
+        return
+    with run_dockerd() as daemon:
+        yield daemon
+
+
+def build_context(destination: Path) -> Path:
+    """What an operator's checkout holds (tracked and new files, as git sees them), plus a
+    wheelhouse: the Dockerfile's documented offline build."""
+    listed = subprocess.run(
+        ["git", "-C", str(REPOSITORY_ROOT), "ls-files", "-z", "--cached", "--others",
+         "--exclude-standard"], capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPOSITORY_ROOT / name
+        if source.is_file():
+            (destination / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, destination / name)
+    shutil.copytree(wheelhouse(), destination / "wheels")
+    return destination
+
+
+@pytest.fixture(scope="module")
+def image(docker: Docker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The gateway's image, built from the Dockerfile on the self-made base."""
+    require_tool("debootstrap")
+    tarball, made_in = base_tarball()
+    tag = secrets.token_hex(4)
+    base, built = f"rgw-test-base:{tag}", f"registry-gateway-test:{tag}"
+    context = build_context(tmp_path_factory.mktemp("context"))
+    started = time.monotonic()
+    docker.docker("import", str(tarball), base, timeout=600)
+    docker.docker("build", "--network", "none", "--build-arg", f"BASE={base}",
+                  "--build-arg", "PIP_FIND_LINKS=/src/wheels", "--build-arg", "PIP_NO_INDEX=1",
+                  "--tag", built, str(context), timeout=900)
+    print(f"base made in {made_in:.0f}s (0: cached); import and build took "
+          f"{time.monotonic() - started:.0f}s")
+    try:
+        yield built
+    finally:
+        docker.docker("image", "rm", "--force", built, base, check=False)
+
+
+def inspect(docker: Docker, what: str) -> dict[str, Any]:
+    found: list[dict[str, Any]] = json.loads(docker.docker("inspect", what).stdout)
+    return found[0]
+
+
+@pytest.fixture
+def run_container(docker: Docker) -> Iterator[Callable[..., str]]:
+    names: list[str] = []
+
+    def run(*args: str) -> str:
+        name = f"rgw-test-{secrets.token_hex(4)}"
+        names.append(name)
+        docker.docker("run", "--detach", "--name", name, *args)
+        return name
+
+    yield run
+    for name in names:
+        docker.docker("rm", "--force", "--volumes", name, check=False)
+
+
+def test_image_is_small_non_root_and_has_a_health_check(docker: Docker, image: str) -> None:
+    config = inspect(docker, image)["Config"]
+    assert config["User"] == f"{UID}:{UID}"
+    assert "/var/lib/registry-gateway" in config["Volumes"]
+    assert config["Healthcheck"]["Test"][0] in ("CMD", "CMD-SHELL")
+    assert config["Entrypoint"] == ["registry-gateway"]
+    version = docker.docker("run", "--rm", "--network", "none", image, "--version").stdout
+    assert version.startswith("registry-gateway ")
+
+
+def test_container_turns_healthy_and_serves_a_pull(
+        docker: Docker, image: str, run_container: Callable[..., str],
+        start_upstream: Callable[..., Upstream], tmp_path: Path) -> None:
+    upstream = start_upstream("docker.io")
+    repository = unique_repository("team")
+    pushed = upstream.push(repository, make_image(layer_sizes=(300 * 1024, 40 * 1024)),
+                           tags=("1.0",))
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"default_route": "docker.io",
+                                      "routes": {"docker.io": {"upstream": upstream.url}}}))
+    routes.chmod(0o644)  # read by the container's own user
+    port = free_port()
+    name = run_container(
+        "--network", "host", "--health-interval", "1s", "--health-start-period", "60s",
+        "--env", f"HEALTHCHECK_URL=http://127.0.0.1:{port}/healthz",
+        "--volume", f"{routes}:/etc/registry-gateway/routes.yaml:ro",
+        image, "serve", "--routes", "/etc/registry-gateway/routes.yaml",
+        "--data-dir", "/var/lib/registry-gateway", "--listen", f"127.0.0.1:{port}")
+
+    def healthy() -> bool:
+        state = inspect(docker, name)["State"]
+        assert state["Running"], docker.docker("logs", name, check=False).stderr
+        return bool(state.get("Health", {}).get("Status") == "healthy")
+
+    wait_for(healthy, what="the container's health check", timeout=90, interval=0.5,
+             diagnostics=lambda: docker.docker("logs", name, check=False).stderr[-3000:])
+    assert docker.docker("exec", name, "id", "-u").stdout.strip() == str(UID)
+    owner = docker.docker("exec", name, "stat", "-c", "%u", "/var/lib/registry-gateway").stdout
+    assert owner.strip() == str(UID)
+
+    skopeo = Skopeo(tmp_path / "skopeo")
+    out = tmp_path / "pulled"
+    skopeo.copy(f"127.0.0.1:{port}/{repository}:1.0", f"dir:{out}", "--preserve-digests")
+    layout = DirLayout(out)
+    assert layout.manifest() == pushed.manifest.data
+    blobs = layout.blob_digests()
+    assert set(blobs) == {blob.digest for blob in pushed.blobs}
+    assert all(name_ == content for name_, content in blobs.items()), blobs
+    assert upstream.proxy.blob_requests(repository), "the container never asked the upstream"
+    # Cached under the volume by the unprivileged user.
+    stored = docker.docker("exec", name, "find", "/var/lib/registry-gateway", "-type", "f",
+                           "-user", str(UID)).stdout
+    assert stored.strip(), "nothing cached in the data volume"
+
+
+def test_compose_file_is_accepted(tmp_path: Path) -> None:
+    compose = require_tool("docker-compose")
+    for profile in ((), ("--profile", "monitoring")):
+        done = subprocess.run([compose, "--project-directory", str(REPOSITORY_ROOT),
+                               "--file", str(REPOSITORY_ROOT / "docker-compose.yml"),
+                               *profile, "config"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        document = yaml.safe_load(done.stdout)
+        gateway = document["services"]["gateway"]
+        targets = [v if isinstance(v, str) else v.get("target") for v in gateway["volumes"]]
+        assert any("/var/lib/registry-gateway" in str(v) for v in targets), targets
+        assert "443:443" in str(gateway["ports"]), gateway["ports"]
+    services = document["services"]
+    assert {"gateway", "prometheus", "grafana"} <= set(services)
