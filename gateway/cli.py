@@ -1,4 +1,4 @@
-"""The command line: `serve` and `check`; `client`, `doctor` and `warm` (gateway/client/).
+"""The command line: `serve`, `check` and `init`; `client`, `doctor` and `warm` (gateway/client/).
 
 Parses arguments and hands them over: the server side is built and run by
 server.py, the client-machine tools by gateway/client/.
@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__, server
+from . import init as init_command
 from .client import commands as client_commands
 from .config import load_config_file
 from .errors import ConfigError
@@ -69,12 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     client_commands.add_doctor(sub)
     client_commands.add_warm(sub)
     add_cache_commands(sub)
+    init_command.add_command(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("client", "doctor", "warm", "cache"):  # they read their own inputs
+    if args.command in ("client", "doctor", "warm", "cache", "init"):  # they read their own inputs
         return int(args.run(args, os.environ))
     if args.command == "check":
         ok, text = check_file(Path(args.file or args.routes))

@@ -56,6 +56,8 @@ MAP: dict[str, set[str]] = {
     "gateway.looplag": {"gateway.metrics", "gateway.tasks"},
     "gateway.maintenance": {"gateway.cache", "gateway.config", "gateway.reference",
                             "gateway.errors"},
+    # `init --domain`: a commented routes.yaml and the next steps, from the presets.
+    "gateway.init": {"gateway.presets"},
     "gateway.client": {"gateway.wire", "gateway.presets", "gateway.reference",
                        "gateway.errors", "gateway.oci", "gateway"},
     **{leaf: set() for leaf in LEAVES},
