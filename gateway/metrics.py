@@ -7,6 +7,8 @@ process (tests) never share counters. Labels never carry secrets or repository n
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -84,6 +86,7 @@ class Metrics:
         self._add_resilience_collectors(r)
         self._add_ranged_collectors(r)
         self._add_quota_collectors(r)
+        self._add_tls_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -187,6 +190,19 @@ class Metrics:
         self.upstream_backoff_until = Gauge(
             "gateway_upstream_backoff_until_seconds", "Unix time until which no request goes "
             "to an upstream that answered an abuse 429", ["route"], registry=r)
+
+    def _add_tls_collectors(self, r: CollectorRegistry) -> None:
+        """The certificates of the TLS listeners (certs/), for an alert before one expires."""
+        self.tls_not_after = Gauge(
+            "gateway_tls_certificate_expiry_timestamp_seconds", "Unix time when each loaded "
+            "certificate expires (notAfter), by its file under the certificate directory and "
+            "its first name", ["certificate", "name"], registry=r)
+
+    def certificates_loaded(self, certificates: Iterable[tuple[str, str, float]]) -> None:
+        """The TLS table now in use: (file, first name, notAfter) each; replaces the last."""
+        self.tls_not_after.clear()
+        for path, name, not_after in certificates:
+            self.tls_not_after.labels(path, name).set(not_after)
 
     def cache_outcome(self, route: str, kind: str, result: str) -> None:
         """Count one cache outcome (hit, miss, stale, coalesced); the child is looked up once."""

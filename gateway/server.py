@@ -27,7 +27,7 @@ from .looplag import LoopLag
 from .metrics import Metrics
 from .pipeline.users import Logins
 from .reload import WATCH_INTERVAL, Live, Reloader, secret_files
-from .tls import RELOAD_INTERVAL, TlsCertificates
+from .tls import RELOAD_INTERVAL, CertTable, TlsCertificates
 from .upstream import Upstream
 from .upstream_pool import UpstreamPool
 
@@ -149,10 +149,24 @@ class ServeOptions:
     config_poll: float = WATCH_INTERVAL  # seconds between looks at it (0: SIGHUP only)
 
 
+def _relative(path: Path, directory: Path) -> str:
+    try:
+        return str(path.relative_to(directory))
+    except ValueError:  # a symlink's target outside certs/ (certbot's live/ -> archive/)
+        return str(path)
+
+
 def _with_certificates(app: web.Application, certificates: TlsCertificates) -> None:
     """Load the certificates (TlsError if there are none) and watch them for the app's life."""
 
+    def expiry(table: CertTable) -> None:
+        app[METRICS].certificates_loaded(
+            (_relative(c.chain_path, certificates.directory),
+             (c.names or c.addresses or ("-",))[0], c.not_after.timestamp())
+            for c in table.certificates)
+
     async def watch(app: web.Application) -> AsyncIterator[None]:
+        certificates.on_change(expiry)
         await certificates.start()
         yield
         await certificates.close()

@@ -11,6 +11,7 @@ import asyncio
 import datetime
 import logging
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from ..tasks import Background
@@ -41,6 +42,7 @@ class TlsCertificates:
         self._task = Background("tls-reload")
         self._problems: list[str] = []
         self._context: ssl.SSLContext | None = None
+        self._listeners: list[Callable[[CertTable], None]] = []
 
     @property
     def table(self) -> CertTable:
@@ -74,6 +76,13 @@ class TlsCertificates:
                                                 self.table.default_certificate)
         self._task.start(self._watch())
 
+    def on_change(self, listener: Callable[[CertTable], None]) -> None:
+        """Call `listener` with each new table (on the loop; it must not block), and at once
+        with the current one if loaded: e.g. the expiry metric."""
+        self._listeners.append(listener)
+        if self._table is not None:
+            listener(self._table)
+
     def reload_soon(self) -> None:
         """Check the directory now (SIGHUP) instead of at the next interval."""
         self._wake.set()
@@ -100,6 +109,8 @@ class TlsCertificates:
         self._table = table
         if changed:
             self._log_table(table)
+            for listener in self._listeners:
+                listener(table)
         return changed
 
     def _log_table(self, table: CertTable) -> None:
