@@ -5,7 +5,8 @@
 # pip reads the usual PIP_* settings, passed as build arguments when PyPI is not the index
 # to use, e.g. a mirror closer to you:
 #   docker build --build-arg PIP_INDEX_URL=https://mirror.example.com/pypi/simple .
-# or, offline, wheels put into ./wheels/ beforehand (`pip download -d wheels .` elsewhere):
+# or, offline, wheels put into ./wheels/ beforehand (`pip wheel -w wheels . setuptools wheel`
+# elsewhere, with the image's Python version):
 #   docker build --build-arg PIP_FIND_LINKS=/src/wheels --build-arg PIP_NO_INDEX=1 .
 ARG BASE=python:3.12-slim-bookworm
 
