@@ -49,6 +49,9 @@ def _pid_alive(pid: int) -> bool:
 class Dockerd:
     registry_mirrors: tuple[str, ...] = ()
     insecure_registries: tuple[str, ...] = ()
+    # vfs works wherever dockerd does; overlay2 (cheaper for image builds) needs a data
+    # root that is not itself on overlayfs.
+    storage_driver: str = "vfs"
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rgw-dk-", dir="/tmp")))
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _refusing: socket.socket | None = field(default=None, repr=False)
@@ -82,7 +85,7 @@ class Dockerd:
         config = {
             "registry-mirrors": list(self.registry_mirrors),
             "insecure-registries": list(self.insecure_registries),
-            "storage-driver": "vfs",
+            "storage-driver": self.storage_driver,
             "iptables": False,
             "ip6tables": False,
             "bridge": "none",
@@ -204,8 +207,9 @@ class Dockerd:
 
 @contextmanager
 def run_dockerd(*, registry_mirrors: tuple[str, ...] = (),
-                insecure_registries: tuple[str, ...] = ()) -> Iterator[Dockerd]:
-    daemon = Dockerd(registry_mirrors, insecure_registries)
+                insecure_registries: tuple[str, ...] = (),
+                storage_driver: str = "vfs") -> Iterator[Dockerd]:
+    daemon = Dockerd(registry_mirrors, insecure_registries, storage_driver)
     try:
         daemon.start()
         yield daemon
