@@ -5,15 +5,19 @@ from the repository's Dockerfile, on a Debian bookworm base this test makes with
 debootstrap (no container registry is reachable here), with pip pointed at a wheelhouse
 in the build context and no network at all during the build. The container then serves
 on the host's loopback: its HEALTHCHECK turns healthy, it runs as a non-root user, and
-skopeo pulls an image through it from a loopback docker-registry, digests verified.
+skopeo pulls an image through it from a loopback docker-registry, digests verified. The
+compose file is accepted by docker-compose, and its gateway service's settings (command,
+read-only root, no capabilities, ports 80/443 as a non-root user) serve TLS as they say.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -28,6 +32,7 @@ from tests.support.dockerd import docker_client, run_dockerd
 from tests.support.images import make_image
 from tests.support.net import free_port
 from tests.support.skopeo import DirLayout, Skopeo
+from tests.support.tls_gateway import make_pki
 from tests.support.tools import require_tool
 from tests.support.upstreams import Upstream, unique_repository
 from tests.support.wait import wait_for
@@ -214,3 +219,87 @@ def test_compose_file_is_accepted(tmp_path: Path) -> None:
         assert {"published": 443, "target": 443} in gateway["ports"], gateway["ports"]
     services = document["services"]
     assert {"gateway", "prometheus", "grafana"} <= set(services)
+
+
+_PROBE = """
+import http.client, ssl, sys
+context = ssl.create_default_context(cafile="/etc/registry-gateway/ca.pem")
+https = http.client.HTTPSConnection("127.0.0.1", 443, context=context, timeout=10)
+https.sock = context.wrap_socket(__import__("socket").create_connection(("127.0.0.1", 443)),
+                                 server_hostname="hub.gw.test")
+https.request("GET", "/v2/", headers={"Host": "hub.gw.test"})
+secure = https.getresponse().status
+plain = http.client.HTTPConnection("127.0.0.1", 80, timeout=10)
+plain.request("GET", "/v2/", headers={"Host": "hub.gw.test"})
+answer = plain.getresponse()
+print(secure, answer.status, answer.getheader("Location"))
+"""
+
+
+def compose_service(project: Path) -> dict[str, Any]:
+    done = subprocess.run([require_tool("docker-compose"), "--project-directory", str(project),
+                           "--file", str(project / "docker-compose.yml"), "config"],
+                          capture_output=True, text=True, timeout=60, cwd=project)
+    assert done.returncode == 0, done.stderr
+    service: dict[str, Any] = yaml.safe_load(done.stdout)["services"]["gateway"]
+    return service
+
+
+def run_arguments(service: dict[str, Any]) -> list[str]:
+    """`docker run` options for what the compose file asks of the gateway's container,
+    except its published ports: the test's dockerd has no bridge, so --network none."""
+    args = ["--network", "none", *(["--init"] if service.get("init") else []),
+            *(["--read-only"] if service.get("read_only") else [])]
+    for mount in service.get("tmpfs", []):
+        args += ["--tmpfs", mount]
+    for capability in service.get("cap_drop", []):
+        args += ["--cap-drop", capability]
+    for option in service.get("security_opt", []):
+        args += ["--security-opt", option]
+    for key, value in service.get("sysctls", {}).items():
+        args += ["--sysctl", f"{key}={value}"]
+    for key, value in service.get("environment", {}).items():
+        args += ["--env", f"{key}={value}"]
+    for name, limit in service.get("ulimits", {}).items():
+        args += ["--ulimit", f"{name}={limit['soft']}:{limit['hard']}"]
+    for volume in service["volumes"]:
+        source, target, *_mode = volume.split(":")
+        # A named volume becomes an anonymous one (removed with the container).
+        args += ["--volume", target if not source.startswith("/") else volume]
+    return args
+
+
+def test_the_compose_settings_serve_tls_on_443_as_non_root(
+        docker: Docker, image: str, run_container: Callable[..., str], tmp_path: Path) -> None:
+    """The gateway service exactly as docker-compose.yml runs it (command, read-only root,
+    no capabilities, the sysctl for ports below 1024, the directory mounted as
+    /etc/registry-gateway, the health-check URL), with an acme.sh wildcard in certs/."""
+    project = tmp_path / "srv"
+    project.mkdir()
+    shutil.copy(REPOSITORY_ROOT / "docker-compose.yml", project)
+    done = subprocess.run([sys.executable, "-m", "gateway", "init", "--domain", "gw.test",
+                           "--output", str(project / "routes.yaml")], cwd=REPOSITORY_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pki = make_pki(project, "gw.test")  # certs/gw.test_ecc/, and ca.pem beside
+    for path in [project, *project.rglob("*")]:
+        os.chown(path, UID, UID)  # what the printed --reloadcmd "chown 10001 ..." does
+    service = compose_service(project)
+    assert pki.certs == project / "certs"
+    name = run_container(*run_arguments(service), "--health-interval", "1s", image,
+                         *service["command"])
+
+    def healthy() -> bool:
+        state = inspect(docker, name)["State"]
+        assert state["Running"], docker.docker("logs", name, check=False).stderr
+        return bool(state.get("Health", {}).get("Status") == "healthy")
+
+    wait_for(healthy, what="the compose-configured container's health check", timeout=90,
+             interval=0.5, diagnostics=lambda: docker.docker("logs", name, check=False).stderr)
+    secure, plain, location = docker.docker("exec", name, "python3", "-c",
+                                            _PROBE).stdout.split()
+    assert (secure, plain) == ("200", "308")
+    assert location == "https://hub.gw.test/v2/", location
+    assert docker.docker("exec", name, "id", "-u").stdout.strip() == str(UID)
+    status = docker.docker("exec", name, "sh", "-c", "grep ^Cap /proc/1/status").stdout
+    assert "CapEff:\t0000000000000000" in status, status
