@@ -122,7 +122,9 @@ def transfers(found: Iterable[tuple[tuple[str, str], BlobFlight]],
               config: Config) -> list[dict[str, Any]]:
     names = {route.namespace: route.name for route in config.routes}
     listed = [{"route": names.get(namespace, namespace), "digest": digest,
-               "bytes": flight.written, "size": flight.size, "readers": flight.readers,
+               "bytes": flight.written, "size": flight.size,
+               # A client reading it (its holds are internal: one client may hold twice).
+               "followed": flight.readers > 0,
                "resumes": flight.resumes, "verified": flight.done}
               for (namespace, digest), flight in found]
     return sorted(listed, key=lambda t: (t["route"], t["digest"]))

@@ -312,7 +312,7 @@ async def test_status_json_says_what_metrics_says_and_shows_a_transfer_in_flight
         (transfer,) = await listed()
         assert transfer["route"] == "ghcr.io" and transfer["digest"] == big_digest
         assert transfer["size"] == len(big) and 0 < transfer["bytes"] < len(big)
-        assert transfer["readers"] >= 1 and transfer["verified"] is False
+        assert transfer["followed"] is True and transfer["verified"] is False
     finally:
         gate.open()
     assert await started.read() == big

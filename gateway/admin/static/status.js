@@ -15,12 +15,12 @@ const TEXT = {
     cached: "Cached", upstreams: "Upstream health", health: "Health", lastError: "Last error",
     latency: "Latency (mean / p95)", rateLimit: "Rate limit remaining", endpoints: "Upstream URLs",
     transfers: "Transfers in flight", blob: "Blob", progress: "Progress", speed: "Speed",
-    readers: "Readers", noTransfers: "No blob is being fetched right now.",
+    followed: "Client waiting", yes: "yes", no: "no (finishing for the cache)", noTransfers: "No blob is being fetched right now.",
     top: "Top repositories", repository: "Repository", pulls: "Pulls",
     topNote: "Manifest GETs answered since this process started.", readiness: "Readiness",
     footer: "Refreshes by itself every 3 seconds. The numbers are those of /metrics.",
-    ok: "ok", degraded: "degraded", down: "down", closed: "closed", open: "open",
-    half_open: "half-open", none: "none", ago: "{d} ago", of: "{a} of {b}",
+    ok: "ok", degraded: "degraded", down: "down", closed: "in use", open: "skipped (breaker open)",
+    half_open: "probing", none: "none", ago: "{d} ago", of: "{a} of {b}",
     lookupsDetail: "{n} cache lookups", savedDetail: "served {s}, fetched {f}",
     cacheDetail: "limit {l}", noLimit: "no limit known yet", unknownSize: "size unknown",
     readyChecks: "{n} of {m} checks pass", passed: "passed", quota: "quota {q}",
@@ -30,17 +30,17 @@ const TEXT = {
     title: "镜像网关", loading: "加载中…", ready: "就绪", unready: "未就绪",
     offline: "无响应", updated: "更新于 {t}", hitRatio: "命中率", saved: "节省流量",
     cacheUsage: "缓存用量", inFlight: "进行中的传输", routes: "路由", route: "路由",
-    lookups: "命中 / 未命中 / 过期 / 合并", served: "已发送", fetched: "上游下载",
+    lookups: "命中 / 未命中 / 过期 / 合并请求", served: "发给客户端", fetched: "上游下载",
     cached: "已缓存", upstreams: "上游状态", health: "状态", lastError: "最近错误",
     latency: "延迟（平均 / p95）", rateLimit: "剩余配额", endpoints: "上游地址",
     transfers: "进行中的传输", blob: "数据块", progress: "进度", speed: "速度",
-    readers: "读取者", noTransfers: "当前没有正在下载的数据块。",
+    followed: "客户端等待", yes: "是", no: "否（为缓存继续下载）", noTransfers: "当前没有正在下载的数据块。",
     top: "热门仓库", repository: "仓库", pulls: "拉取次数",
     topNote: "自本进程启动以来应答的清单 GET 请求。", readiness: "就绪检查",
     footer: "每 3 秒自动刷新。数字与 /metrics 一致。",
-    ok: "正常", degraded: "降级", down: "不可用", closed: "闭合", open: "断开",
-    half_open: "半开", none: "无", ago: "{d}前", of: "{a} / {b}",
-    lookupsDetail: "共 {n} 次缓存查询", savedDetail: "已发送 {s}，上游下载 {f}",
+    ok: "正常", degraded: "降级", down: "不可用", closed: "使用中", open: "已熔断（跳过）",
+    half_open: "试探中", none: "无", ago: "{d}前", of: "{a} / {b}",
+    lookupsDetail: "共 {n} 次缓存查询", savedDetail: "发给客户端 {s}，上游下载 {f}",
     cacheDetail: "上限 {l}", noLimit: "上限尚未知", unknownSize: "大小未知",
     readyChecks: "{m} 项检查中 {n} 项通过", passed: "通过", quota: "配额 {q}",
     backoff: "退避至 {t}", waiting: "等待中",
@@ -150,14 +150,14 @@ function renderSummary(doc) {
   document.getElementById("sum-saved-detail").textContent =
     t("savedDetail", { s: bytes(totals.served), f: bytes(totals.fetched) });
   const cache = doc.cache;
-  document.getElementById("sum-cache").textContent = cache.limit_bytes
-    ? t("of", { a: bytes(cache.used_bytes), b: bytes(cache.limit_bytes) }) : bytes(cache.used_bytes);
+  document.getElementById("sum-cache").textContent = bytes(cache.used_bytes);
   const ratio = cache.limit_bytes ? Math.min(cache.used_bytes / cache.limit_bytes, 1) : 0;
   const fill = document.getElementById("sum-cache-bar");
   fill.style.width = `${(ratio * 100).toFixed(1)}%`;  // CSSOM: allowed by the page's CSP
   fill.parentElement.classList.toggle("full", ratio >= 0.95);
   document.getElementById("sum-cache-detail").textContent =
-    cache.limit_bytes ? t("cacheDetail", { l: bytes(cache.limit_bytes) }) : t("noLimit");
+    cache.limit_bytes ? `${t("cacheDetail", { l: bytes(cache.limit_bytes) })} · ${percent(ratio)}`
+      : t("noLimit");
   document.getElementById("sum-flight").textContent = String(doc.transfers.length);
   const passing = doc.ready.checks.filter((c) => c.ok).length;
   document.getElementById("sum-ready").textContent =
@@ -222,7 +222,7 @@ function renderTransfers(doc) {
       el("td", { class: "progress", "data-field": "progress", "data-value": x.bytes,
         "data-size": x.size }, progress, el("div", {}, text)),
       cell("speed", speed, speed === null ? t("waiting") : `${bytes(Math.round(speed))}/s`, "num"),
-      cell("readers", x.readers, x.readers, "num"));
+      cell("followed", x.followed, x.followed ? t("yes") : t("no")));
   }));
   lastSeen.clear();
   for (const [k, v] of seen) lastSeen.set(k, v);
