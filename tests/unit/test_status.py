@@ -316,3 +316,16 @@ async def test_status_json_says_what_metrics_says_and_shows_a_transfer_in_flight
     finally:
         gate.open()
     assert await started.read() == big
+
+
+def test_the_assets_ship_as_package_data() -> None:
+    """A wheel without them would serve a page whose script 404s (pip install, the image)."""
+    import tomllib
+
+    from gateway.admin.page import ASSETS
+
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    assert "static/*" in project["tool"]["setuptools"]["package-data"]["gateway.admin"]
+    static = root / "gateway" / "admin" / "static"
+    assert {p.name for p in static.iterdir()} == {"index.html", *ASSETS}
