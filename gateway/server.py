@@ -120,10 +120,14 @@ def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) 
     async def serving(app: web.Application) -> AsyncIterator[None]:
         readiness.serving = True
         yield
-        readiness.serving = False  # shutting down: load balancers stop sending requests
         await readiness.close()
 
+    async def stopping(app: web.Application) -> None:
+        # Listeners are closed; connections still open while transfers finish hear 503.
+        readiness.serving = False
+
     app.cleanup_ctx.append(serving)
+    app.on_shutdown.append(stopping)
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],

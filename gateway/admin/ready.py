@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from aiohttp import web
 
+from ..cache import LocalFiles
 from ..singleflight import SharedCalls
 
 log = logging.getLogger("gateway.ready")
@@ -141,12 +142,14 @@ def writable(data_dir: Path) -> Check:
 
 def store_reachable(store: object, root: Path | None) -> Check:
     """The store answers: its own `ready()` if it has one (ReadyStore), else for a store
-    of local files that its directory is there."""
+    of local files (LocalFiles) that its directory `root` is there. A store with neither
+    is taken as reachable."""
 
     async def check() -> str | None:
         if isinstance(store, ReadyStore):
             return await store.ready()
-        if root is not None and not await asyncio.to_thread(os.path.isdir, root):
+        if isinstance(store, LocalFiles) and root is not None and \
+                not await asyncio.to_thread(os.path.isdir, root):
             return "store directory missing"
         return None
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from gateway.admin import Readiness, TopK, store_reachable, writable
 from gateway.admin.page import CSP, language
 from gateway.admin.ready import Outcome, public_body
+from gateway.cache import FsStore
 from tests.support.clock import Clock
 from tests.support.fake_registry import image_manifest
 from tests.support.faults import Fault, Gate
@@ -156,8 +157,10 @@ async def test_a_store_with_a_ready_hook_is_asked(tmp_path: Path) -> None:
     assert await check() == "bucket unreachable (ConnectTimeout)"
     store.answer = None
     assert await check() is None
-    assert await store_reachable(object(), tmp_path / "gone")() == "store directory missing"
-    assert await store_reachable(object(), tmp_path)() is None
+    local = FsStore(tmp_path, tmp_path / ".spool")
+    assert await store_reachable(local, tmp_path / "gone")() == "store directory missing"
+    assert await store_reachable(local, tmp_path)() is None
+    assert await store_reachable(object(), tmp_path / "gone")() is None  # nothing to ask
 
 
 def test_the_public_answer_names_checks_only() -> None:
