@@ -1,11 +1,6 @@
-"""Operator endpoints: /healthz and /readyz (for load balancers: open to every address,
-revealing nothing), /metrics, /_gateway/routes (what client machines read) and the
-status page at /_gateway/ with its JSON.
-
-Serving /metrics and /_gateway/* to admin addresses only is the access stage's job; here
-they are plain handlers over what the composition root hands in (config, metrics,
-transfers, readiness). /_gateway/routes never shows upstream URLs or credentials; the
-status page shows what /metrics shows, to the same operators.
+"""Operator endpoints: /healthz and /readyz (open to every address, revealing nothing),
+and for admin addresses (the access stage guards them) /metrics, /_gateway/routes (no
+upstream URLs, no credentials) and the status page at /_gateway/ with its JSON.
 """
 
 from __future__ import annotations

@@ -61,22 +61,22 @@ class Readiness:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.serving = False
         self._timeout = timeout
-        self._checks = [("started", self._started), *checks]
+        self._checks = list(checks)
         self._ttl = ttl
         self._clock = clock
         self._last: tuple[float, list[Outcome]] | None = None
         self._calls: SharedCalls[str, list[Outcome]] = SharedCalls("readiness")
         self._failing: tuple[str, ...] = ()
 
-    async def _started(self) -> str | None:
-        return None if self.serving else "not serving (starting or stopping)"
-
     async def outcomes(self) -> list[Outcome]:
+        """`started` as it is now (a stop shows at once), then the cached checks."""
+        started = Outcome("started", None if self.serving else
+                          "not serving (starting or stopping)")
         last = self._last
         if last is not None and self._clock() - last[0] < self._ttl:
-            return last[1]
+            return [started, *last[1]]
         found, _ = await self._calls.call("all", self._run)
-        return found
+        return [started, *found]
 
     async def _run(self) -> list[Outcome]:
         found = list(await asyncio.gather(*(_bounded(name, check, self._timeout)

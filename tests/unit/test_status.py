@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,18 @@ from hypothesis import strategies as st
 from gateway.admin import Readiness, TopK, store_reachable, writable
 from gateway.admin.page import CSP, language
 from gateway.admin.ready import Outcome, public_body
+from gateway.admin.samples import Samples
+from gateway.admin.status import route_status
 from gateway.cache import FsStore
+from gateway.config import Route
+from gateway.metrics import Metrics
 from tests.support.clock import Clock
 from tests.support.fake_registry import image_manifest
 from tests.support.faults import Fault, Gate
 from tests.support.unwritable import unwritable
 from tests.support.wait import wait_until
+
+from .conftest import make_route
 
 FORWARDED = "X-Forwarded-For"
 STRANGER = "192.0.2.7"
@@ -140,6 +148,29 @@ async def test_the_write_probe_fails_when_the_data_directory_refuses_files(
     assert await check() is None
 
 
+async def test_a_write_probe_stuck_in_the_kernel_is_not_started_again(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    release = threading.Event()
+    started = []
+
+    def stuck(path: Path) -> None:
+        started.append(path)
+        release.wait(10)
+
+    monkeypatch.setattr("gateway.admin.ready._probe", stuck)
+    readiness = Readiness([("data_dir", writable(tmp_path))], ttl=0, timeout=0.05)
+    try:
+        reasons = [{o.name: o.reason for o in await readiness.outcomes()}["data_dir"]
+                   for _ in range(3)]
+    finally:
+        release.set()
+    assert reasons == ["timed out after 0.05 s"] + [
+        "the last write probe has not returned (hung disk?)"] * 2
+    assert len(started) == 1
+    await asyncio.sleep(0.05)
+    await readiness.close()
+
+
 async def test_the_write_probe_fails_when_its_path_cannot_be_a_file(tmp_path: Path) -> None:
     (tmp_path / f".readyz-{os.getpid()}").mkdir()  # EISDIR, for root too
     assert await writable(tmp_path)() == "data directory not writable (EISDIR)"
@@ -180,7 +211,7 @@ async def _admin_gateway(registry: Any, gateway: Any, **route: Any) -> tuple[Any
     return gw, fake
 
 
-async def test_readyz_turns_unready_when_the_data_directory_is_not_writable(
+async def test_readyz_turns_unready_when_the_data_directory_is_not_writable_or_it_stops(
         registry: Any, gateway: Any) -> None:
     gw, _ = await _admin_gateway(registry, gateway)
     ok = await gw.client.get("/readyz")
@@ -204,6 +235,10 @@ async def test_readyz_turns_unready_when_the_data_directory_is_not_writable(
         assert data_dir["reason"].startswith("data directory not writable")
     await asyncio.sleep(1.6)
     assert (await gw.client.get("/readyz")).status == 200
+    await gw.app.shutdown()  # what the runner does once the listeners are closed
+    stopping = await gw.client.get("/readyz")
+    assert stopping.status == 503 and await stopping.json() == {"ready": False,
+                                                               "failing": ["started"]}
 
 
 async def test_health_checks_are_open_and_the_status_page_is_for_admins(
@@ -332,3 +367,41 @@ def test_the_assets_ship_as_package_data() -> None:
     assert "static/*" in project["tool"]["setuptools"]["package-data"]["gateway.admin"]
     static = root / "gateway" / "admin" / "static"
     assert {p.name for p in static.iterdir()} == {"index.html", *ASSETS}
+
+
+def _health(metrics: Metrics, route: Route, now: float) -> dict[str, Any]:
+    return route_status(Samples(metrics.render().decode()), route, now)["upstream"]
+
+
+def test_upstream_health_reads_breakers_backoff_and_recent_failures() -> None:
+    metrics = Metrics()
+    route = make_route("http://127.0.0.1:1", name="r")
+    primary = metrics.breaker_state.labels("r", "http://127.0.0.1:1")
+    fallback = metrics.breaker_state.labels("r", "http://127.0.0.1:2")
+    primary.set(0)
+    fallback.set(0)
+    now = time.time()
+    assert _health(metrics, route, now)["health"] == "ok"
+    metrics.upstream_error("r", "http_404")  # a missing image: no trouble upstream
+    found = _health(metrics, route, now)
+    assert found["health"] == "ok" and found["last_error"]["reason"] == "http_404"
+    metrics.upstream_error("r", "timeout")
+    found = _health(metrics, route, time.time())
+    assert found["health"] == "degraded" and found["last_error"]["reason"] == "timeout"
+    assert found["errors"] == {"http_404": 1, "timeout": 1}
+    assert _health(metrics, route, time.time() + 301)["health"] == "ok"  # long ago
+    primary.set(1)
+    assert _health(metrics, route, time.time() + 301)["health"] == "degraded"
+    fallback.set(1)
+    found = _health(metrics, route, time.time() + 301)
+    assert found["health"] == "down"
+    assert found["endpoints"] == [{"url": "http://127.0.0.1:1", "breaker": "open"},
+                                  {"url": "http://127.0.0.1:2", "breaker": "open"}]
+    primary.set(0)
+    fallback.set(0)
+    metrics.upstream_backoff_until.labels("r").set(time.time() + 60)
+    metrics.ratelimit_remaining.labels("r", "ci").set(7)
+    metrics.ratelimit_limit.labels("r", "ci").set(100)
+    found = _health(metrics, route, time.time() + 30)
+    assert found["health"] == "down"
+    assert found["ratelimit"] == [{"account": "ci", "limit": 100, "remaining": 7}]
