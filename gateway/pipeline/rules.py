@@ -18,7 +18,7 @@ from ..config.access import EVERYONE
 from ..net import Address, Network, NetworkSet
 from ..routing import Router
 
-OPEN_PATHS = frozenset({"/healthz"})  # load balancers' health checks: open to everyone
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # load balancers' checks: open to all
 
 
 def is_admin_path(path: str) -> bool:
