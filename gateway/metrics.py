@@ -7,6 +7,7 @@ process (tests) never share counters. Labels never carry secrets or repository n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -87,6 +88,7 @@ class Metrics:
         self._add_ranged_collectors(r)
         self._add_quota_collectors(r)
         self._add_tls_collectors(r)
+        self._add_status_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -190,6 +192,19 @@ class Metrics:
         self.upstream_backoff_until = Gauge(
             "gateway_upstream_backoff_until_seconds", "Unix time until which no request goes "
             "to an upstream that answered an abuse 429", ["route"], registry=r)
+
+    def _add_status_collectors(self, r: CollectorRegistry) -> None:
+        """What the status page shows besides the counters above: when each kind of
+        upstream failure last happened (the counter says how many, not when)."""
+        self.upstream_last_error = Gauge(
+            "gateway_upstream_last_error_timestamp_seconds", "Unix time of the last upstream "
+            "failure of each route, by reason (as gateway_upstream_errors_total)",
+            ["route", "reason"], registry=r)
+
+    def upstream_error(self, route: str, reason: str) -> None:
+        """One upstream failure: counted, and stamped with the time it happened."""
+        self.upstream_errors.labels(route, reason).inc()
+        self.upstream_last_error.labels(route, reason).set(time.time())
 
     def _add_tls_collectors(self, r: CollectorRegistry) -> None:
         """The certificates of the TLS listeners (certs/), for an alert before one expires."""

@@ -99,9 +99,35 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await upstreams.close()
 
     app.cleanup_ctx.extend((watch_loop, lifecycle))
-    app.on_response_prepare.append(pipeline.add_common_headers)
+    _add_status(app, live, cache, data_dir)  # after lifecycle: ready once it has started
     _add_handlers(app, serve_metrics)
     return app
+
+
+def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) -> None:
+    """/readyz (data directory, store; ready from the end of start-up to the beginning of
+    shutdown) and the status page's sources; the pull counter sees every answer."""
+    readiness = admin.Readiness([
+        ("data_dir", admin.writable(data_dir)),
+        ("storage", admin.store_reachable(cache.store, data_dir)),
+    ])
+    pulls = admin.Pulls()
+    app.on_response_prepare.append(pulls.on_response_prepare)
+    app[admin.READINESS] = readiness
+    app[admin.STATUS] = admin.Sources(app[METRICS], live, cache.blobs.flights.items, pulls,
+                                      readiness)
+
+    async def serving(app: web.Application) -> AsyncIterator[None]:
+        readiness.serving = True
+        yield
+        await readiness.close()
+
+    async def stopping(app: web.Application) -> None:
+        # Listeners are closed; connections still open while transfers finish hear 503.
+        readiness.serving = False
+
+    app.cleanup_ctx.append(serving)
+    app.on_shutdown.append(stopping)
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
@@ -121,6 +147,7 @@ def _htpasswd_file(config: Config) -> list[Path]:
 
 
 def _add_handlers(app: web.Application, serve_metrics: bool) -> None:
+    app.on_response_prepare.append(pipeline.add_common_headers)
     router = app.router
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)

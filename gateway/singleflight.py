@@ -30,6 +30,10 @@ class SingleFlight(Generic[K, V]):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def items(self) -> list[tuple[K, V]]:
+        """The entries under way now (a snapshot: for the status page)."""
+        return [(key, entry[0]) for key, entry in self._entries.items()]
+
     def join(self, key: K, start: Callable[[], tuple[V, Coroutine[Any, Any, Any]]]
              ) -> tuple[V, bool]:
         """The entry for `key`, begun with `start()` if there is none; True if begun here."""

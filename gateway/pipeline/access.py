@@ -85,6 +85,11 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
         policy = compiled.policy(config)
         state = request[STATE]
         reg = state.registry
+        if reg is not None and policy.free is not None:
+            free = policy.free.get(reg.route.name)
+            if free is not None:  # no rule could refuse it: address and login unread
+                state.rule = free.rule
+                return await handler(request)
         route = reg.route.name if reg is not None else "-"
         remote = request.remote or ""
         address = addresses.get(remote)

@@ -17,7 +17,8 @@ from ..errors import RegistryError
 from ..net import Network, NetworkSet, client_address, split_hostport, valid_host
 from .snapshot import PerConfig, Snapshot
 
-_UNCHECKED_PATHS = ("/healthz", "/metrics")  # health checks and scrapes stay on plain HTTP
+# Health checks and scrapes stay on plain HTTP.
+_UNCHECKED_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
 def _last_value(values: list[str]) -> str | None:

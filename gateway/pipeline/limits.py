@@ -77,6 +77,7 @@ class _Rules:
 
     limits: Limits
     networks: NetworkSet
+    idle: bool  # no per-client limit is set: the stage only refuses bodies
     memo: dict[str, str | None] = field(default_factory=dict)
 
     def client(self, address: str, user: str | None) -> str | None:
@@ -139,12 +140,17 @@ def _miss_gate(limits: ClientLimits, metrics: Metrics, state: RequestState, addr
 
 def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
                       metrics: Metrics) -> Middleware:
-    compiled: list[_Rules] = []
+    compiled: list[tuple[Config, _Rules]] = []
 
     def rules(config: Config) -> _Rules:
-        if not compiled or compiled[0].limits is not config.limits:
-            compiled[:] = [_Rules(config.limits, NetworkSet(config.limits.exempt.networks))]
-        return compiled[0]
+        if not compiled or compiled[0][0] is not config:
+            settings = config.limits
+            idle = settings.requests_per_second is None and \
+                settings.bytes_per_second is None and settings.misses_per_minute is None \
+                and not any(r.limits.misses_per_minute for r in config.routes)
+            compiled[:] = [(config, _Rules(settings, NetworkSet(settings.exempt.networks),
+                                           idle))]
+        return compiled[0][1]
 
     @web.middleware
     async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -155,8 +161,9 @@ def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
             state.rule = "limits.body"
             raise RegistryError("UNSUPPORTED", "this registry mirror is read-only and "
                                 "takes no request bodies", 413)
-        config = current()
-        found = rules(config)
+        found = rules(current())
+        if found.idle:
+            return await handler(request)
         address = found.client(request.remote or "-", state.user)
         if address is None:  # exempt
             return await handler(request)

@@ -18,7 +18,7 @@ from ..config.access import EVERYONE
 from ..net import Address, Network, NetworkSet
 from ..routing import Router
 
-OPEN_PATHS = frozenset({"/healthz"})  # load balancers' health checks: open to everyone
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # load balancers' checks: open to all
 
 
 def is_admin_path(path: str) -> bool:
@@ -102,6 +102,23 @@ class Policy:
             for route in config.routes}
         self._base_anonymous = everyone
         self._router = Router(config)  # which route a Host picks, for /v2/
+        self.free = self._free(config)
+
+    def _free(self, config: Config) -> dict[str, Verdict] | None:
+        """Per route, the verdict on every registry call when no rule can refuse one (no
+        deny, allow or users; anonymous from everywhere; no repository rules): the
+        common open mirror, answered without looking at the address. None when some
+        rule of the config needs the address or a login."""
+        access = config.access
+        if access.deny or access.allow != EVERYONE or self.logins:
+            return None
+        free: dict[str, Verdict] = {}
+        for route in config.routes:
+            anonymous = access.anonymous if route.anonymous is None else route.anonymous
+            if set(EVERYONE) <= set(anonymous) and not route.repositories.allow and \
+                    not route.repositories.deny:
+                free[route.name] = Verdict(self._routes[route.name].anonymous_rule)
+        return free
 
     def screen(self, address: Address | str | None, path: str) -> Verdict | None:
         """The rules on the address alone, before any login is checked (so a refused

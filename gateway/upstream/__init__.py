@@ -321,7 +321,7 @@ class Upstream(Users):
     # ---------------------------------------------------------- error table
 
     def _status_error(self, status: int, kind: str, headers: Mapping[str, str]) -> UpstreamError:
-        self._metrics.upstream_errors.labels(self.name, f"http_{status}").inc()
+        self._metrics.upstream_error(self.name, f"http_{status}")
         name = self.name
         if status == 404:
             return UpstreamError(_NOT_FOUND.get(kind, "NOT_FOUND"),
@@ -370,10 +370,10 @@ class Upstream(Users):
     def transport_error(self, exc: BaseException, kind: str) -> UpstreamError:
         """Translate a connection failure or timeout (also while reading a body)."""
         if isinstance(exc, TIMEOUTS):
-            self._metrics.upstream_errors.labels(self.name, "timeout").inc()
+            self._metrics.upstream_error(self.name, "timeout")
             return UpstreamError("UNAVAILABLE", f"upstream {self.name} timed out ({kind})", 504,
                                  retryable=True)
-        self._metrics.upstream_errors.labels(self.name, "connect").inc()
+        self._metrics.upstream_error(self.name, "connect")
         reason = type(exc).__name__
         return UpstreamError("UNAVAILABLE", f"upstream {self.name} is unreachable ({reason})",
                              502, retryable=True)

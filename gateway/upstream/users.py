@@ -13,16 +13,16 @@ from typing import Self
 class Users:
     def __init__(self) -> None:
         self.users = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        # Made by the first `drained()` that has to wait: every request acquires and
+        # releases, and setting an Event nobody waits on twice a request is a cost.
+        self._idle: asyncio.Event | None = None
 
     def acquire(self) -> None:
         self.users += 1
-        self._idle.clear()
 
     def release(self) -> None:
         self.users -= 1
-        if not self.users:
+        if not self.users and self._idle is not None:
             self._idle.set()
 
     @contextmanager
@@ -36,4 +36,6 @@ class Users:
     async def drained(self) -> None:
         """Return once nobody uses this upstream (at once if nobody does)."""
         while self.users:
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
             await self._idle.wait()

@@ -31,8 +31,9 @@ MAP: dict[str, set[str]] = {
     "gateway.reload": {"gateway.config", "gateway.errors", "gateway.metrics",
                        "gateway.tasks", "gateway.upstream_pool"},
     "gateway.listen": {"gateway.config", "gateway.metrics", "gateway.net"},
-    "gateway.admin": {"gateway.config", "gateway.metrics", "gateway.errors", "gateway.wire",
-                      "gateway"},
+    # The status page reads the cache's flights; upstream health comes through metrics.
+    "gateway.admin": {"gateway.cache", "gateway.config", "gateway.metrics", "gateway.errors",
+                      "gateway.wire", "gateway.state", "gateway.singleflight", "gateway"},
     "gateway.pipeline": {"gateway.routing", "gateway.state", "gateway.config",
                          "gateway.errors", "gateway.metrics", "gateway.net",
                          "gateway.reference", "gateway.singleflight", "gateway.buckets"},

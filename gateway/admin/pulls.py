@@ -1,0 +1,97 @@
+"""The most pulled repositories, in bounded memory: a Space-Saving top-k counter (Metwally
+et al., 2005) fed by the manifest GETs the gateway answered, for the status page.
+
+At most `capacity` names are ever held, whatever clients ask for; below that the counts
+are exact. Per process (each worker counts its own); never in /metrics (unbounded names).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from ..state import STATE
+
+K = TypeVar("K", bound=Hashable)
+CAPACITY = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Counted(Generic[K]):
+    key: K
+    count: int
+    error: int  # the count may be over by at most this much (0: exact)
+
+
+class TopK(Generic[K]):
+    """Space-Saving with counts bucketed by value, so every `add` is O(1): when full, a
+    new key takes the place of one with the smallest count and inherits that count + 1
+    (its `error`), which keeps every key that is really frequent in the table."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._counts: dict[K, tuple[int, int]] = {}  # key -> (count, error)
+        self._by_count: dict[int, dict[K, None]] = {}  # count -> keys (insertion ordered)
+        self._min = 0
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def _place(self, key: K, count: int, error: int) -> None:
+        self._counts[key] = (count, error)
+        self._by_count.setdefault(count, {})[key] = None
+
+    def _unplace(self, key: K, count: int) -> None:
+        keys = self._by_count[count]
+        del keys[key]
+        if not keys:
+            del self._by_count[count]
+            if count == self._min:
+                self._min = count + 1  # the key moves to count + 1 (or leaves for a new one)
+
+    def add(self, key: K) -> None:
+        found = self._counts.get(key)
+        if found is not None:
+            count, error = found
+            self._unplace(key, count)
+            self._place(key, count + 1, error)
+            return
+        if len(self._counts) < self.capacity:
+            self._place(key, 1, 0)
+            self._min = 1
+            return
+        floor = self._min
+        victim = next(iter(self._by_count[floor]))  # the oldest of the least counted
+        self._unplace(victim, floor)
+        del self._counts[victim]
+        self._place(key, floor + 1, floor)  # _unplace moved _min if floor's bucket emptied
+
+    def top(self, n: int) -> list[Counted[K]]:
+        ranked = heapq.nlargest(n, self._counts.items(), key=lambda item: item[1][0])
+        return [Counted(key, count, error) for key, (count, error) in ranked]
+
+
+class Pulls:
+    """Counts pulls per (route, repository): manifest GETs (by tag or digest) answered
+    200, the requests Docker Hub counts as pulls. Hook it as `on_response_prepare`."""
+
+    def __init__(self, capacity: int = CAPACITY) -> None:
+        self.counter: TopK[tuple[str, str]] = TopK(capacity)
+
+    async def on_response_prepare(self, request: web.Request,
+                                  response: web.StreamResponse) -> None:
+        state = request.get(STATE)
+        reg = state.registry if state is not None else None
+        if reg is not None and reg.kind == "manifest" and request.method == "GET" and \
+                response.status == 200:
+            self.counter.add((reg.route.name, reg.repository))
+
+    def top(self, n: int) -> list[dict[str, object]]:
+        return [{"route": c.key[0], "repository": c.key[1], "pulls": c.count,
+                 "error": c.error} for c in self.counter.top(n)]
