@@ -122,6 +122,18 @@ def inspect(docker: Docker, what: str) -> dict[str, Any]:
     return found[0]
 
 
+def wait_healthy(docker: Docker, name: str) -> None:
+    """Until the image's HEALTHCHECK reports healthy; fails at once if the container exits."""
+
+    def healthy() -> bool:
+        state = inspect(docker, name)["State"]
+        assert state["Running"], docker.docker("logs", name, check=False).stderr
+        return bool(state.get("Health", {}).get("Status") == "healthy")
+
+    wait_for(healthy, what=f"the health check of {name}", timeout=90, interval=0.5,
+             diagnostics=lambda: docker.docker("logs", name, check=False).stderr[-3000:])
+
+
 @pytest.fixture
 def run_container(docker: Docker) -> Iterator[Callable[..., str]]:
     names: list[str] = []
@@ -178,13 +190,7 @@ def test_container_turns_healthy_and_serves_a_pull(
         image, "serve", "--routes", "/etc/registry-gateway/routes.yaml",
         "--data-dir", "/var/lib/registry-gateway", "--listen", f"127.0.0.1:{port}")
 
-    def healthy() -> bool:
-        state = inspect(docker, name)["State"]
-        assert state["Running"], docker.docker("logs", name, check=False).stderr
-        return bool(state.get("Health", {}).get("Status") == "healthy")
-
-    wait_for(healthy, what="the container's health check", timeout=90, interval=0.5,
-             diagnostics=lambda: docker.docker("logs", name, check=False).stderr[-3000:])
+    wait_healthy(docker, name)
     assert docker.docker("exec", name, "id", "-u").stdout.strip() == str(UID)
     owner = docker.docker("exec", name, "stat", "-c", "%u", "/var/lib/registry-gateway").stdout
     assert owner.strip() == str(UID)
@@ -294,13 +300,7 @@ def test_the_compose_settings_serve_tls_on_443_as_non_root(
     name = run_container(*run_arguments(service), "--health-interval", "1s", image,
                          *service["command"])
 
-    def healthy() -> bool:
-        state = inspect(docker, name)["State"]
-        assert state["Running"], docker.docker("logs", name, check=False).stderr
-        return bool(state.get("Health", {}).get("Status") == "healthy")
-
-    wait_for(healthy, what="the compose-configured container's health check", timeout=90,
-             interval=0.5, diagnostics=lambda: docker.docker("logs", name, check=False).stderr)
+    wait_healthy(docker, name)
     secure, plain, location = docker.docker("exec", name, "python3", "-c",
                                             _PROBE).stdout.split()
     # /v2/, /readyz and the status page (its files ship in the wheel) over TLS.
