@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import pytest
 import yaml
 
-from tests.support.base_image import base_tarball
+from tests.support.base_image import PYTHON_VERSION, base_tarball
 from tests.support.dockerd import docker_client, run_dockerd
 from tests.support.images import make_image
 from tests.support.net import free_port
@@ -92,7 +92,7 @@ def build_context(destination: Path) -> Path:
         if source.is_file():
             (destination / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, destination / name)
-    shutil.copytree(wheelhouse(), destination / "wheels")
+    shutil.copytree(wheelhouse(PYTHON_VERSION), destination / "wheels")
     return destination
 
 

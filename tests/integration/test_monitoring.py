@@ -36,7 +36,6 @@ DASHBOARD = DEPLOY / "grafana" / "registry-gateway.json"
 PROMETHEUS_OWN = {"up"}
 _METRIC = re.compile(r"\bgateway_[a-z0-9_]+")
 _SELECTED = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{")
-_LABEL_MATCHER_KEYS = {"job", "route", "result", "status", "reason", "account", "kind"}
 
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

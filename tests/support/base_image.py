@@ -23,6 +23,7 @@ SUITE = "bookworm"
 # What the image needs beyond minbase: the interpreter and ensurepip's bundled wheels.
 PACKAGES = ("python3", "python3-venv")
 TARBALL = IMAGES / f"{SUITE}-python3.tar"
+PYTHON_VERSION = "3.11"  # bookworm's python3: what wheels for the image must fit
 # Debian's archive as this machine's apt reaches it; DEBOOTSTRAP_MIRROR overrides.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Trimmed after debootstrap: nothing the gateway runs reads these.

@@ -17,6 +17,8 @@ import tempfile
 import tomllib
 from pathlib import Path
 
+from packaging.tags import sys_tags
+
 from .base_image import IMAGES
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -29,10 +31,18 @@ def requirements() -> list[str]:
             *project["project"]["dependencies"]]
 
 
-def wheelhouse(*, timeout: float = 600) -> Path:
+def wheelhouse(python_version: str | None = None, *, timeout: float = 600) -> Path:
+    """Wheels for this machine's Python, or for `python_version` ("3.11": the container
+    base's) on this machine's platforms."""
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = python_version or here
     wanted = requirements()
     key = hashlib.sha256("\n".join(sorted(wanted)).encode()).hexdigest()[:12]
-    house = IMAGES / f"wheels-py{sys.version_info.major}{sys.version_info.minor}-{key}"
+    house = IMAGES / f"wheels-py{version.replace('.', '')}-{key}"
+    target: list[str] = []
+    if version != here:
+        platforms = sorted({tag.platform for tag in sys_tags()})
+        target = ["--python-version", version, *(f"--platform={p}" for p in platforms)]
     IMAGES.mkdir(parents=True, exist_ok=True)
     with (IMAGES / ".lock-wheels").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -42,7 +52,7 @@ def wheelhouse(*, timeout: float = 600) -> Path:
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-                 "--dest", str(partial), *wanted],
+                 *target, "--dest", str(partial), *wanted],
                 capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
             if done.returncode != 0:
                 raise AssertionError(f"pip download exited {done.returncode}\n"
