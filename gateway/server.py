@@ -99,12 +99,13 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await upstreams.close()
 
     app.cleanup_ctx.extend((watch_loop, lifecycle))
-    _add_status(app, live, cache, data_dir)  # after lifecycle: ready once it has started
-    _add_handlers(app, serve_metrics)
+    pulls = _add_status(app, live, cache, data_dir)  # after lifecycle: ready once started
+    _add_handlers(app, serve_metrics, pulls)
     return app
 
 
-def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) -> None:
+def _add_status(app: web.Application, live: Live, cache: Cache,
+                data_dir: Path) -> admin.Pulls:
     """/readyz (data directory, store; ready from the end of start-up to the beginning of
     shutdown) and the status page's sources; the pull counter sees every answer."""
     readiness = admin.Readiness([
@@ -112,7 +113,6 @@ def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) 
         ("storage", admin.store_reachable(cache.store, data_dir)),
     ])
     pulls = admin.Pulls()
-    app.on_response_prepare.append(pulls.on_response_prepare)
     app[admin.READINESS] = readiness
     app[admin.STATUS] = admin.Sources(app[METRICS], live, cache.blobs.flights.items, pulls,
                                       readiness)
@@ -128,6 +128,7 @@ def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) 
 
     app.cleanup_ctx.append(serving)
     app.on_shutdown.append(stopping)
+    return pulls
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
@@ -146,8 +147,9 @@ def _htpasswd_file(config: Config) -> list[Path]:
     return [Path(config.access.users)] if config.access.users else []
 
 
-def _add_handlers(app: web.Application, serve_metrics: bool) -> None:
-    app.on_response_prepare.append(pipeline.add_common_headers)
+def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls) -> None:
+    # One hook for every answer: each signal receiver is a coroutine per response.
+    app.on_response_prepare.append(pipeline.on_prepare(pulls.count))
     router = app.router
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
