@@ -14,14 +14,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import admin, api, listen, pipeline
-from .cache import Cache, FsStore, MemoryIndex, ProcessDir
+from .cache import BlobStore, Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
 from .config import Config, Route
+from .errors import ConfigError
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -30,6 +32,9 @@ from .reload import WATCH_INTERVAL, Live, Reloader, secret_files
 from .tls import RELOAD_INTERVAL, TlsCertificates
 from .upstream import Upstream
 from .upstream_pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from .cache.s3 import S3Store
 
 log = logging.getLogger("gateway")
 
@@ -55,7 +60,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     live = Live(config)
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
-    store = FsStore(data_dir, spool.path)
+    store, remote = _store(config, data_dir, spool, live)
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     limits = limits or pipeline.ClientLimits()
@@ -88,6 +93,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await lag.close()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if remote is not None:
+            await remote.open()
         await cache.open()
         await upstreams.start(config.routes)
         pins.start()
@@ -97,11 +104,35 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await pins.close()
         await cache.close()
         await upstreams.close()
+        if remote is not None:
+            await remote.close()
 
     app.cleanup_ctx.extend((watch_loop, lifecycle))
     app.on_response_prepare.append(pipeline.add_common_headers)
     _add_handlers(app, serve_metrics)
     return app
+
+
+def _store(config: Config, data_dir: Path, spool: ProcessDir,
+           live: Live) -> tuple[BlobStore, S3Store | None]:
+    """`storage:`: the data directory (default), or an S3 bucket (opened and closed with
+    the app; a reload may change its keys, not where it is)."""
+    if config.storage.type != "s3":
+        return FsStore(data_dir, spool.path), None
+    from .cache.s3 import S3Store, same_place  # botocore loads only for S3
+
+    store = S3Store(config.storage)
+
+    async def check(new: Config) -> None:
+        if not same_place(store.settings, new.storage):
+            raise ConfigError("storage: a new endpoint, bucket, prefix or type takes a "
+                              "restart (only the keys and redirect: change live)",
+                              file=new.source)
+        await store.use_keys(new.storage)
+
+    live.check_before_swap(check)
+    live.subscribe(lambda _old, new: store.reconfigure(new.storage))
+    return store, store
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
