@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.support.dockerd import run_dockerd
 from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image, sha256_digest
@@ -76,6 +77,16 @@ def assert_oci_layout_holds(layout: Path, image: Image) -> None:
     assert {b.digest for b in image.blobs} | {image.digest} <= set(blobs)
     index = json.loads((layout / "index.json").read_text())
     assert [m["digest"] for m in index["manifests"]] == [image.digest]
+
+
+def redirects(gateway: Gateway, digest: str) -> int:
+    """307s the gateway answered to GETs of blob `digest` (its access log)."""
+    count = 0
+    for line in gateway.log().splitlines():
+        if line.startswith("{") and f"/blobs/{digest}" in line:
+            entry = json.loads(line)
+            count += entry.get("status") == 307 and entry.get("method") == "GET"
+    return count
 
 
 def upstream_blob_gets(upstream: Upstream, repository: str) -> dict[str, int]:
@@ -149,7 +160,8 @@ def test_clients_pull_through_redirects_to_presigned_urls(
 
     skopeo.copy(reference, f"dir:{tmp_path / 'cold'}", "--preserve-digests")  # from the flight
     big, small = image.layers[1], image.layers[0]
-    wait_for(lambda: blob_object(routes, big.digest) in stored(seaweed, routes), what="big committed")
+    wait_for(lambda: blob_object(routes, big.digest) in stored(seaweed, routes),
+             what="the big layer committed")
 
     client = gateway.client()
     redirected = client.get(f"/v2/ghcr.io/{repository}/blobs/{big.digest}")
@@ -162,6 +174,7 @@ def test_clients_pull_through_redirects_to_presigned_urls(
     assert below.status == 200 and below.body == small.data  # under min_size: served here
 
     before = seaweed.requests().get(("GET", "200"), 0)
+    assert redirects(gateway, big.digest) == 1
     skopeo.copy(reference, f"dir:{tmp_path / 'warm'}", "--preserve-digests")
     warm = DirLayout(tmp_path / "warm")
     assert warm.manifest() == image.manifest.data
@@ -169,7 +182,9 @@ def test_clients_pull_through_redirects_to_presigned_urls(
     assert all(name == content for name, content in warm.blob_digests().items())
     crane(tmp_path, "pull", "--insecure", "--format=oci", reference, str(tmp_path / "crane"))
     assert_oci_layout_holds(tmp_path / "crane", image)
-    # skopeo and crane each fetched the big layer from SeaweedFS themselves.
+    # skopeo and crane were each sent to SeaweedFS for the big layer, and went.
+    assert redirects(gateway, big.digest) == 3
+    assert redirects(gateway, small.digest) == 0
     assert seaweed.requests().get(("GET", "200"), 0) - before >= 2
     assert upstream_blob_gets(upstream, repository) == {b.digest: 1 for b in image.blobs}
 
@@ -180,6 +195,32 @@ async def no_fetch_in_flight(session: aiohttp.ClientSession, gateway: Gateway) -
         text = await answer.text()
     return not any(line.startswith("gateway_inflight_fetches{") and
                    float(line.rsplit(" ", 1)[1]) > 0 for line in text.splitlines())
+
+
+@pytest.mark.e2e
+def test_docker_pulls_through_redirects_to_presigned_urls(
+        seaweed: SeaweedFS, start_upstream: Callable[..., Upstream],
+        start_gateway: Callable[..., Gateway]) -> None:
+    upstream = start_upstream("ghcr.io")
+    repository = unique_repository()
+    image = upstream.push(repository, make_image(layer_sizes=LAYERS), tags=("v1",))
+    routes = s3_routes(upstream, seaweed, redirect={"min_size": "1MiB"})
+    gateway = start_gateway(routes)
+    client = gateway.client()
+    for blob in image.blobs:  # warm: committed to the bucket
+        assert client.get(f"/v2/ghcr.io/{repository}/blobs/{blob.digest}").status == 200
+    wait_for(lambda: all(blob_object(routes, b.digest) in stored(seaweed, routes)
+                         for b in image.blobs), what="every blob committed")
+    before = seaweed.requests().get(("GET", "200"), 0)
+    reference = f"{gateway.address()}/ghcr.io/{repository}:v1"
+    with run_dockerd(insecure_registries=(gateway.address(),)) as daemon:
+        daemon.pull(reference)
+        found = daemon.inspect_image(reference)
+    assert found["Id"] == image.config.digest
+    assert found["RootFS"]["Layers"] == list(image.diff_ids)
+    assert redirects(gateway, image.layers[1].digest) == 1
+    assert seaweed.requests().get(("GET", "200"), 0) > before, "dockerd never reached S3"
+    assert upstream_blob_gets(upstream, repository) == {b.digest: 1 for b in image.blobs}
 
 
 def _nothing_under(seaweed: SeaweedFS, routes: dict[str, Any], digest: str) -> None:
