@@ -23,6 +23,7 @@ from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ..config.storage import S3Keys, StorageSettings
+from ..errors import RegistryError
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -34,8 +35,12 @@ _MISSING = frozenset(("404", "NoSuchKey", "NotFound"))
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
-class StoreUnavailable(OSError):
-    """The object store failed a request (after botocore's retries)."""
+class StoreUnavailable(RegistryError):
+    """The object store failed a request (after botocore's retries): the client gets a
+    503, never a partial body as a whole one."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("UNAVAILABLE", message, 503)
 
 
 def _code(exc: ClientError) -> str:

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 
 from .flight import BlobFlight
 from .store import Upload
 from .transfer import CHUNK, FetchAborted
+
+log = logging.getLogger("gateway.cache.s3")
 
 
 class StreamedUpload:
@@ -55,10 +58,16 @@ class StreamedUpload:
         """The flight verified `size` bytes: send what is left, then make the object
         visible under its key."""
         assert self._task is not None, "start() first"
-        await self._task
-        if self._sent != size:
-            raise FetchAborted(f"uploaded {self._sent} of {size} bytes")
-        await self._upload.commit()
+        try:
+            await self._task
+            if self._sent != size:
+                raise FetchAborted(f"uploaded {self._sent} of {size} bytes")
+            await self._upload.commit()
+        except Exception as exc:
+            # The clients had every verified byte; only the store's copy is lost.
+            log.warning("storage: blob %s was served but not kept: %s", self._flight.digest,
+                        exc)
+            raise
         self._committed = True
 
     async def abort(self) -> None:

@@ -17,7 +17,7 @@ import pytest
 from yarl import URL
 
 from gateway.cache import BlobStore, FsStore, LocalFiles, Redirecting, SizedReads
-from gateway.cache.s3 import S3Store
+from gateway.cache.s3 import S3Store, StoreUnavailable
 from gateway.config.storage import Redirect, S3Keys, StorageSettings
 from tests.support.seaweed import SeaweedFS, run_seaweed
 
@@ -280,8 +280,9 @@ async def test_s3_wrong_keys_fail_without_showing_the_secret(seaweed: SeaweedFS)
         keys=S3Keys(seaweed.access_key, "not-the-secret-" + secrets.token_hex(8))))
     await wrong.open()
     try:
-        with pytest.raises(OSError) as failed:
+        with pytest.raises(StoreUnavailable) as failed:
             await wrong.put("ns/x", b"x")
+        assert failed.value.status == 503
         assert "not-the-secret" not in str(failed.value)
     finally:
         await wrong.close()
