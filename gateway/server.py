@@ -23,7 +23,7 @@ from .cache import BlobStore, Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
 from .config import Config, Route
-from .errors import ConfigError
+from .config.storage import check_reload
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -93,8 +93,6 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await lag.close()
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        if remote is not None:
-            await remote.open()
         await cache.open()
         await upstreams.start(config.routes)
         pins.start()
@@ -104,10 +102,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await pins.close()
         await cache.close()
         await upstreams.close()
-        if remote is not None:
-            await remote.close()
 
-    app.cleanup_ctx.extend((watch_loop, lifecycle))
+    app.cleanup_ctx.extend((watch_loop, *_opened(remote), lifecycle))
     app.on_response_prepare.append(pipeline.add_common_headers)
     _add_handlers(app, serve_metrics)
     return app
@@ -116,23 +112,38 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 def _store(config: Config, data_dir: Path, spool: ProcessDir,
            live: Live) -> tuple[BlobStore, S3Store | None]:
     """`storage:`: the data directory (default), or an S3 bucket (opened and closed with
-    the app; a reload may change its keys, not where it is)."""
+    the app). A reload may change its keys and redirects, never where it is."""
     if config.storage.type != "s3":
+        async def keep_place(new: Config) -> None:
+            check_reload(config.storage, new.storage, new.source)
+
+        live.check_before_swap(keep_place)
         return FsStore(data_dir, spool.path), None
-    from .cache.s3 import S3Store, same_place  # botocore loads only for S3
+    from .cache.s3 import S3Store  # botocore loads only for S3
 
     store = S3Store(config.storage)
 
     async def check(new: Config) -> None:
-        if not same_place(store.settings, new.storage):
-            raise ConfigError("storage: a new endpoint, bucket, prefix or type takes a "
-                              "restart (only the keys and redirect: change live)",
-                              file=new.source)
+        check_reload(store.settings, new.storage, new.source)
         await store.use_keys(new.storage)
 
     live.check_before_swap(check)
     live.subscribe(lambda _old, new: store.reconfigure(new.storage))
     return store, store
+
+
+def _opened(remote: S3Store | None) -> tuple[Callable[[web.Application],
+                                                      AsyncIterator[None]], ...]:
+    """The remote store's client, open before the cache opens and after it closes."""
+    if remote is None:
+        return ()
+
+    async def open_store(app: web.Application) -> AsyncIterator[None]:
+        await remote.open()
+        yield
+        await remote.close()
+
+    return (open_store,)
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],

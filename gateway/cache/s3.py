@@ -342,9 +342,3 @@ class S3Upload:
             log.warning("storage: aborting the upload of %s failed (%s)", self._key,
                         _code(exc) if isinstance(exc, ClientError) else type(exc).__name__)
 
-
-def same_place(old: StorageSettings, new: StorageSettings) -> bool:
-    """Whether `new` names the objects `old` does (only the keys may change live)."""
-    return replace(old, keys=None, access_key_ref=None, secret_key_ref=None,
-                   redirect=None) == replace(new, keys=None, access_key_ref=None,
-                                             secret_key_ref=None, redirect=None)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from yarl import URL
 
+from ..errors import ConfigError
 from .document import Place
 from .schema import build, check_keys, keys_of, parse_keys, yaml_key
 from .values import ABSENT, boolean, duration, size
@@ -171,3 +172,16 @@ def storage_files(settings: StorageSettings) -> list[str]:
     """The key files `storage:` reads (`*_file:`): a changed key is a reload."""
     return [ref.value for ref in (settings.access_key_ref, settings.secret_key_ref)
             if ref is not None and ref.source == "file"]
+
+
+def check_reload(old: StorageSettings, new: StorageSettings, source: str) -> None:
+    """Refuse a reload that moves the store: the objects would stay behind. Only the keys
+    and `redirect:` change live."""
+    def place(settings: StorageSettings) -> StorageSettings:
+        return replace(settings, keys=None, access_key_ref=None, secret_key_ref=None,
+                       redirect=None)
+
+    if place(old) != place(new):
+        raise ConfigError("storage: a new type, endpoint, bucket, region, prefix, path_style "
+                          "or part_size takes a restart (keys and redirect: apply live)",
+                          file=source)

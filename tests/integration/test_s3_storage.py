@@ -23,6 +23,7 @@ from tests.support.dockerd import run_dockerd
 from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image, sha256_digest
+from tests.support.net import free_port
 from tests.support.seaweed import SeaweedFS, run_seaweed
 from tests.support.skopeo import DirLayout, Skopeo
 from tests.support.tools import local_tool
@@ -290,3 +291,58 @@ async def test_an_abandoned_fetch_leaves_no_object(
                          what="the abandoned fetch to end (its upload aborted)")
     _nothing_under(seaweed, routes, digest)
     assert upstream.proxy.blob_bytes(repository, digest=digest) < size
+
+
+def test_a_rotated_key_file_applies_live_and_a_new_bucket_is_refused(
+        seaweed: SeaweedFS, start_upstream: Callable[..., Upstream],
+        start_gateway: Callable[..., Gateway]) -> None:
+    """The secret file is watched like any secret: the wrong key gives 503s (never the
+    secret in the answer or the log), the right one written to the file is used at once;
+    a reload that names another bucket is refused and the running config stays."""
+    upstream = start_upstream("ghcr.io")
+    repository = unique_repository()
+    image = upstream.push(repository, make_image(layer_sizes=(4096,)), tags=("v1",))
+    routes = s3_routes(upstream, seaweed)
+    secret_file = Path(routes["storage"]["secret_key_file"])
+    wrong = "wrong-" + secrets.token_hex(8)
+    secret_file.write_text(wrong + "\n")
+    gateway = start_gateway(routes, extra_args=("--config-poll", "0.2"))
+    client = gateway.client()
+    target = f"/v2/ghcr.io/{repository}/manifests/v1"
+
+    refused = client.get(target, accept=image.manifest.media_type)
+    assert refused.status == 503, refused.status
+    assert refused.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert wrong not in refused.body.decode()
+
+    secret_file.write_text(seaweed.secret_key + "\n")
+    wait_for(lambda: client.get(target, accept=image.manifest.media_type).status == 200,
+             what="the new key in use", timeout=30, interval=0.2)
+    for blob in image.blobs:
+        got = client.get(f"/v2/ghcr.io/{repository}/blobs/{blob.digest}")
+        assert got.status == 200 and got.body == blob.data
+
+    moved = dict(routes, storage=dict(routes["storage"], bucket="another-bucket"))
+    gateway.routes = moved
+    gateway.write_routes()
+    wait_for(lambda: "takes a restart" in gateway.log(), what="the reload refused",
+             timeout=30, interval=0.2)
+    assert client.get(f"/v2/ghcr.io/{repository}/blobs/{image.layers[0].digest}").status == 200
+    assert wrong not in gateway.log() and seaweed.secret_key not in gateway.log()
+
+
+def test_an_unreachable_store_answers_503_never_a_wrong_body(
+        seaweed: SeaweedFS, start_upstream: Callable[..., Upstream],
+        start_gateway: Callable[..., Gateway]) -> None:
+    upstream = start_upstream("ghcr.io")
+    repository = unique_repository()
+    image = upstream.push(repository, make_image(layer_sizes=(4096,)), tags=("v1",))
+    routes = s3_routes(upstream, seaweed)
+    routes["storage"]["endpoint"] = f"http://127.0.0.1:{free_port()}"  # nothing listens
+    gateway = start_gateway(routes)
+    client = gateway.client()
+    for target in (f"/v2/ghcr.io/{repository}/manifests/v1",
+                   f"/v2/ghcr.io/{repository}/blobs/{image.layers[0].digest}"):
+        got = client.get(target, accept=image.manifest.media_type)
+        assert got.status == 503, (target, got.status)
+        assert got.json()["errors"][0]["code"] == "UNAVAILABLE"

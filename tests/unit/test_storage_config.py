@@ -10,7 +10,7 @@ import pytest
 from yarl import URL
 
 from gateway.config import load_config, parse_config
-from gateway.config.storage import Redirect, S3Keys
+from gateway.config.storage import Redirect, S3Keys, check_reload
 from gateway.errors import ConfigError
 from gateway.reload import secret_files
 
@@ -100,3 +100,17 @@ def test_mistakes_are_refused_with_the_key(storage: str, says: str) -> None:
 def test_an_inline_secret_key_is_never_accepted_and_never_echoed() -> None:
     error = refused("storage: {type: s3, bucket: b, access_key: AK, secret_key: hunter2}")
     assert "hunter2" not in str(error)
+
+
+def test_a_reload_may_change_keys_and_redirects_but_not_the_place() -> None:
+    env = {"AWS_ACCESS_KEY_ID": "AK", "AWS_SECRET_ACCESS_KEY": "SK", "K2": "SK2"}
+    old = load("storage: {type: s3, bucket: b}", env).storage
+    rotated = load("storage: {type: s3, bucket: b, access_key: AK, secret_key_env: K2,"
+                   " redirect: {min_size: 1MiB}}", env).storage
+    check_reload(old, rotated, "routes.yaml")  # fine
+    for moved in ("storage: {type: s3, bucket: other}", "storage: {type: s3, bucket: b, "
+                  "prefix: p}", "storage: {type: filesystem}"):
+        with pytest.raises(ConfigError, match="takes a restart"):
+            check_reload(old, load(moved, env).storage, "routes.yaml")
+    with pytest.raises(ConfigError, match="takes a restart"):
+        check_reload(load("", env).storage, old, "routes.yaml")
