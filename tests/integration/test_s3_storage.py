@@ -24,6 +24,7 @@ from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image, sha256_digest
 from tests.support.net import free_port
+from tests.support.sandbox import run_containerd, run_sandbox
 from tests.support.seaweed import SeaweedFS, run_seaweed
 from tests.support.skopeo import DirLayout, Skopeo
 from tests.support.tools import local_tool
@@ -221,6 +222,36 @@ def test_docker_pulls_through_redirects_to_presigned_urls(
     assert found["RootFS"]["Layers"] == list(image.diff_ids)
     assert redirects(gateway, image.layers[1].digest) == 1
     assert seaweed.requests().get(("GET", "200"), 0) > before, "dockerd never reached S3"
+    assert upstream_blob_gets(upstream, repository) == {b.digest: 1 for b in image.blobs}
+
+
+@pytest.mark.e2e
+def test_containerd_pulls_through_redirects_to_presigned_urls(
+        seaweed: SeaweedFS, start_upstream: Callable[..., Upstream],
+        start_gateway: Callable[..., Gateway]) -> None:
+    """ctr in a network namespace of its own, where the gateway's and SeaweedFS's loopback
+    ports are relayed to ours: the 307's URL names 127.0.0.1 and the S3 port."""
+    upstream = start_upstream("ghcr.io")
+    repository = unique_repository()
+    image = upstream.push(repository, make_image(layer_sizes=LAYERS), tags=("v1",))
+    routes = s3_routes(upstream, seaweed, redirect={"min_size": "1MiB"})
+    gateway = start_gateway(routes)
+    client = gateway.client()
+    for blob in image.blobs:
+        assert client.get(f"/v2/ghcr.io/{repository}/blobs/{blob.digest}").status == 200
+    wait_for(lambda: all(blob_object(routes, b.digest) in stored(seaweed, routes)
+                         for b in image.blobs), what="every blob committed")
+    with run_sandbox(()) as sandbox, run_containerd(sandbox) as containerd:
+        for port in (gateway.port, seaweed.s3_port):
+            sandbox.forward(("127.0.0.1", port), ("127.0.0.1", port))
+        reference = f"{gateway.address()}/ghcr.io/{repository}:v1"
+        containerd.ctr("images", "pull", "--plain-http", "--snapshotter", "native", reference)
+        listed = containerd.ctr("images", "ls").stdout
+        line = next(line for line in listed.splitlines() if line.startswith(reference))
+        assert image.digest in line, listed
+        content = containerd.ctr("content", "ls").stdout  # verified by containerd
+        assert all(blob.digest in content for blob in image.blobs), content
+    assert redirects(gateway, image.layers[1].digest) == 1
     assert upstream_blob_gets(upstream, repository) == {b.digest: 1 for b in image.blobs}
 
 
