@@ -100,6 +100,11 @@ class S3Store:
     async def open(self) -> None:
         """Make the client; say once at start-up (not per request) if the bucket is not
         reachable. Serving goes on either way: each request reports its own failure."""
+        # botocore's debug log prints request headers and URLs (signatures, presigned
+        # URLs: secrets for a while): never below INFO, whatever --log-level says.
+        for name in ("botocore", "aiobotocore"):
+            if logging.getLogger(name).getEffectiveLevel() < logging.INFO:
+                logging.getLogger(name).setLevel(logging.INFO)
         self._client = await self._make_client(self._stack, self.settings.keys)
         try:
             await self._client.head_bucket(Bucket=self.bucket)
