@@ -166,8 +166,10 @@ def test_clients_pull_through_redirects_to_presigned_urls(
              what="the big layer committed")
 
     client = gateway.client()
+    asked = seaweed.request_count()
     redirected = client.get(f"/v2/ghcr.io/{repository}/blobs/{big.digest}")
     assert redirected.status == 307, redirected.status
+    assert seaweed.request_count() == asked, "the index knew the size: no S3 request"
     location = redirected.header("Location") or ""
     assert location.startswith(seaweed.endpoint + "/") and "X-Amz-Signature=" in location
     assert redirected.header("Docker-Content-Digest") == big.digest
