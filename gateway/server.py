@@ -61,7 +61,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
     store, remote = _store(config, data_dir, spool, live)
-    contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
+    contents = SqliteContents(data_dir, clock=clock, metrics=metrics, store_files=not remote)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))

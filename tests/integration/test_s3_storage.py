@@ -24,6 +24,7 @@ from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image, sha256_digest
 from tests.support.net import free_port
+from tests.support.pulls import pull_image
 from tests.support.sandbox import run_containerd, run_sandbox
 from tests.support.seaweed import SeaweedFS, run_seaweed
 from tests.support.skopeo import DirLayout, Skopeo
@@ -379,3 +380,46 @@ def test_an_unreachable_store_answers_503_never_a_wrong_body(
         got = client.get(target, accept=image.manifest.media_type)
         assert got.status == 503, (target, got.status)
         assert got.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+async def test_the_size_cap_holds_on_the_bucket_after_a_crash(
+        seaweed: SeaweedFS, start_upstream: Callable[..., Upstream],
+        start_gateway: Callable[..., Gateway]) -> None:
+    """kill -9, then a restart with a lower cap: the catalogue still knows what the bucket
+    holds (the data directory has none of it, so a scan of it must not forget it), and
+    the evictor deletes from the bucket down to the cap, the last image pulled kept."""
+    upstream = start_upstream("ghcr.io")
+    images = [make_image(layer_sizes=(1 << 20,), seed=70 + i) for i in range(4)]
+    repositories = [unique_repository() for _ in images]
+    for repository, image in zip(repositories, images, strict=True):
+        upstream.push(repository, image, tags=("v1",))
+    routes = s3_routes(upstream, seaweed)
+    routes["cache"] = {"lease": "0s"}
+    gateway = start_gateway(routes)
+    async with aiohttp.ClientSession() as session:
+        for repository, image in zip(repositories, images, strict=True):
+            await pull_image(session, gateway.url(), f"ghcr.io/{repository}", "v1", image)
+    every = [b for image in images for b in image.blobs]
+    wait_for(lambda: all(blob_object(routes, b.digest) in stored(seaweed, routes)
+                         for b in every), what="every blob committed")
+    assert gateway.process is not None
+    gateway.process.kill()  # kill -9: no clean close of the index
+    gateway.process.wait()
+    gateway.process = None
+
+    cap = 2 << 20
+    routes["cache"]["max_size"] = cap
+    gateway.routes = routes
+    gateway.start()
+
+    def blob_bytes() -> int:
+        return sum(size for key, size in stored(seaweed, routes).items() if "/blobs/" in key)
+
+    wait_for(lambda: blob_bytes() <= cap, what="the bucket evicted down to the cap",
+             timeout=30, interval=0.2)
+    last = images[-1]
+    assert all(blob_object(routes, b.digest) in stored(seaweed, routes) for b in last.blobs)
+    async with aiohttp.ClientSession() as session:
+        again = await pull_image(session, gateway.url(), f"ghcr.io/{repositories[-1]}", "v1",
+                                 last)
+    assert set(again.cache.values()) == {"HIT"}, again.cache
