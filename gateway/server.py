@@ -14,14 +14,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from . import admin, api, listen, pipeline
-from .cache import Cache, FsStore, MemoryIndex, ProcessDir
+from .cache import BlobStore, Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
 from .config import Config, Route
+from .config.storage import check_reload
 from .logs import start_logging
 from .looplag import LoopLag
 from .metrics import Metrics
@@ -30,6 +32,9 @@ from .reload import WATCH_INTERVAL, Live, Reloader, secret_files
 from .tls import RELOAD_INTERVAL, CertTable, TlsCertificates
 from .upstream import Upstream
 from .upstream_pool import UpstreamPool
+
+if TYPE_CHECKING:
+    from .cache.s3 import S3Store
 
 log = logging.getLogger("gateway")
 
@@ -55,8 +60,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     live = Live(config)
     data_dir = Path(data_dir)
     spool = ProcessDir(data_dir / ".spool")
-    store = FsStore(data_dir, spool.path)
-    contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
+    store, remote = _store(config, data_dir, spool, live)
+    contents = SqliteContents(data_dir, clock=clock, metrics=metrics, store_files=not remote)
     cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
@@ -98,13 +103,14 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
         await cache.close()
         await upstreams.close()
 
-    app.cleanup_ctx.extend((watch_loop, lifecycle))
-    _add_status(app, live, cache, data_dir)  # after lifecycle: ready once it has started
-    _add_handlers(app, serve_metrics)
+    app.cleanup_ctx.extend((watch_loop, *_opened(remote), lifecycle))
+    pulls = _add_status(app, live, cache, data_dir)  # after lifecycle: ready once started
+    _add_handlers(app, serve_metrics, pulls)
     return app
 
 
-def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) -> None:
+def _add_status(app: web.Application, live: Live, cache: Cache,
+                data_dir: Path) -> admin.Pulls:
     """/readyz (data directory, store; ready from the end of start-up to the beginning of
     shutdown) and the status page's sources; the pull counter sees every answer."""
     readiness = admin.Readiness([
@@ -112,7 +118,6 @@ def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) 
         ("storage", admin.store_reachable(cache.store, data_dir)),
     ])
     pulls = admin.Pulls()
-    app.on_response_prepare.append(pulls.on_response_prepare)
     app[admin.READINESS] = readiness
     app[admin.STATUS] = admin.Sources(app[METRICS], live, cache.blobs.flights.items, pulls,
                                       readiness)
@@ -128,6 +133,44 @@ def _add_status(app: web.Application, live: Live, cache: Cache, data_dir: Path) 
 
     app.cleanup_ctx.append(serving)
     app.on_shutdown.append(stopping)
+    return pulls
+
+
+def _store(config: Config, data_dir: Path, spool: ProcessDir,
+           live: Live) -> tuple[BlobStore, S3Store | None]:
+    """`storage:`: the data directory (default), or an S3 bucket (opened and closed with
+    the app). A reload may change its keys and redirects, never where it is."""
+    if config.storage.type != "s3":
+        async def keep_place(new: Config) -> None:
+            check_reload(config.storage, new.storage, new.source)
+
+        live.check_before_swap(keep_place)
+        return FsStore(data_dir, spool.path), None
+    from .cache.s3 import S3Store  # botocore loads only for S3
+
+    store = S3Store(config.storage)
+
+    async def check(new: Config) -> None:
+        check_reload(store.settings, new.storage, new.source)
+        await store.use_keys(new.storage)
+
+    live.check_before_swap(check)
+    live.subscribe(lambda _old, new: store.reconfigure(new.storage))
+    return store, store
+
+
+def _opened(remote: S3Store | None) -> tuple[Callable[[web.Application],
+                                                      AsyncIterator[None]], ...]:
+    """The remote store's client, open before the cache opens and after it closes."""
+    if remote is None:
+        return ()
+
+    async def open_store(app: web.Application) -> AsyncIterator[None]:
+        await remote.open()
+        yield
+        await remote.close()
+
+    return (open_store,)
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
@@ -146,8 +189,9 @@ def _htpasswd_file(config: Config) -> list[Path]:
     return [Path(config.access.users)] if config.access.users else []
 
 
-def _add_handlers(app: web.Application, serve_metrics: bool) -> None:
-    app.on_response_prepare.append(pipeline.add_common_headers)
+def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls) -> None:
+    # One hook for every answer: each signal receiver is a coroutine per response.
+    app.on_response_prepare.append(pipeline.on_prepare(pulls.count))
     router = app.router
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)

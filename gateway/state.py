@@ -10,7 +10,7 @@ from typing import Literal
 
 from aiohttp import web
 
-from .config import Route
+from .config import Config, Route
 from .reference import Digest, Reference
 from .routing import Via
 
@@ -52,6 +52,7 @@ class RegistryRequest:
 @dataclass(slots=True)
 class RequestState:
     id: str
+    config: Config  # the config the request runs with, whatever reloads happen meanwhile
     registry: RegistryRequest | None = None
     error: str | None = None
     body_bytes: int | None = None  # counted by streaming handlers as they write

@@ -86,6 +86,20 @@ class UpstreamPool:
         held (not closed) until the block ends."""
         return Use(self, route)
 
+    async def hold(self, route: Route) -> Upstream:
+        """What `use` does on entry, for a caller that releases with `let_go` (a request
+        handler: no context-manager object per request)."""
+        upstream = self._running(route)
+        if upstream is None:
+            upstream = await self._get(route)
+        upstream.acquire()
+        return upstream
+
+    def let_go(self, upstream: Upstream) -> None:
+        upstream.release()
+        if not upstream.users:
+            self._released(upstream)
+
     def _running(self, route: Route) -> Upstream | None:
         entry = self._current.get(route.name)
         if entry is not None and (entry[0] is route or entry[0] == route):
@@ -161,17 +175,10 @@ class Use:
         self._upstream: Upstream | None = None
 
     async def __aenter__(self) -> Upstream:
-        upstream = self._pool._running(self._route)
-        if upstream is None:
-            upstream = await self._pool._get(self._route)
-        upstream.acquire()
-        self._upstream = upstream
-        return upstream
+        self._upstream = await self._pool.hold(self._route)
+        return self._upstream
 
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        upstream = self._upstream
-        assert upstream is not None
-        upstream.release()
-        if not upstream.users:
-            self._pool._released(upstream)
+        assert self._upstream is not None
+        self._pool.let_go(self._upstream)

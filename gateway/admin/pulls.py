@@ -18,6 +18,7 @@ from ..state import STATE
 
 K = TypeVar("K", bound=Hashable)
 CAPACITY = 1000
+PENDING = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,22 +56,24 @@ class TopK(Generic[K]):
             if count == self._min:
                 self._min = count + 1  # the key moves to count + 1 (or leaves for a new one)
 
-    def add(self, key: K) -> None:
+    def add(self, key: K, by: int = 1) -> None:
+        """Count `key` `by` times (as `by` adds of one would, in one step)."""
         found = self._counts.get(key)
         if found is not None:
             count, error = found
             self._unplace(key, count)
-            self._place(key, count + 1, error)
-            return
-        if len(self._counts) < self.capacity:
-            self._place(key, 1, 0)
-            self._min = 1
-            return
-        floor = self._min
-        victim = next(iter(self._by_count[floor]))  # the oldest of the least counted
-        self._unplace(victim, floor)
-        del self._counts[victim]
-        self._place(key, floor + 1, floor)  # _unplace moved _min if floor's bucket emptied
+            self._place(key, count + by, error)
+        elif len(self._counts) < self.capacity:
+            self._place(key, by, 0)
+            self._min = min(self._min, by) if len(self._counts) > 1 else by
+        else:
+            floor = self._min
+            victim = next(iter(self._by_count[floor]))  # the oldest of the least counted
+            self._unplace(victim, floor)
+            del self._counts[victim]
+            self._place(key, floor + by, floor)
+        if by != 1:  # _unplace assumed a step of one when it moved _min
+            self._min = min(self._by_count)
 
     def top(self, n: int) -> list[Counted[K]]:
         ranked = heapq.nlargest(n, self._counts.items(), key=lambda item: item[1][0])
@@ -79,19 +82,32 @@ class TopK(Generic[K]):
 
 class Pulls:
     """Counts pulls per (route, repository): manifest GETs (by tag or digest) answered
-    200, the requests Docker Hub counts as pulls. Hook it as `on_response_prepare`."""
+    200, the requests Docker Hub counts as pulls. `count` sees every answer."""
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.counter: TopK[tuple[str, str]] = TopK(capacity)
+        # Pulls not yet in the counter: a dict increment per answer, folded in as one
+        # weighted add per repository when asked or when it holds PENDING names.
+        self._pending: dict[tuple[str, str], int] = {}
 
-    async def on_response_prepare(self, request: web.Request,
-                                  response: web.StreamResponse) -> None:
+    def count(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Called as each answer's headers go out (with the common headers)."""
         state = request.get(STATE)
         reg = state.registry if state is not None else None
         if reg is not None and reg.kind == "manifest" and request.method == "GET" and \
                 response.status == 200:
-            self.counter.add((reg.route.name, reg.repository))
+            key = (reg.route.name, reg.repository)
+            pending = self._pending
+            pending[key] = pending.get(key, 0) + 1
+            if len(pending) >= PENDING:
+                self._fold()
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, {}
+        for key, count in pending.items():
+            self.counter.add(key, count)
 
     def top(self, n: int) -> list[dict[str, object]]:
+        self._fold()
         return [{"route": c.key[0], "repository": c.key[1], "pulls": c.count,
                  "error": c.error} for c in self.counter.top(n)]

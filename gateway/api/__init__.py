@@ -47,8 +47,12 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     handler = _HANDLERS[(reg.kind, request.method)]
     # The client of the route as the request's config has it, held until the answer is
     # sent: a reload that replaced the route closes the old client only after that.
-    async with services.upstreams.use(reg.route) as upstream:
+    pool = services.upstreams
+    upstream = await pool.hold(reg.route)
+    try:
         return await handler(request, reg, services.cache, upstream)
+    finally:
+        pool.let_go(upstream)
 
 
 async def manifest(request: web.Request, reg: RegistryRequest, cache: Cache,

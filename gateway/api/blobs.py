@@ -23,9 +23,12 @@ from ..cache import (
     FetchAborted,
     NoSpace,
     OpenBlob,
+    Redirecting,
     Relay,
+    SizedReads,
     read_span,
 )
+from ..cache.store import blob_key
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, Pace, RegistryRequest
@@ -145,13 +148,41 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
         return resp
 
 
+def store_range(request: web.Request) -> str | None:
+    """The client's one byte range as a store's GET asks for it, before the size is known
+    (the answer tells it); None for the whole blob. `byte_range` judges it once the size
+    is known, so what is passed on here needs only to be what aiohttp understood."""
+    if "Range" not in request.headers or "If-Range" in request.headers:
+        return None
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None
+    start, stop = wanted.start, wanted.stop
+    if start is None or (start == 0 and stop is None):
+        return None
+    if start < 0:  # a suffix: the last N bytes
+        return f"bytes={start}"
+    return f"bytes={start}-{'' if stop is None else stop - 1}"
+
+
 async def _send_stored(request: web.Request, reg: RegistryRequest, cache: Cache,
                        found: CachedBlob) -> web.StreamResponse:
-    """A committed blob in a store without local files: its byte range, streamed."""
-    span = byte_range(request, found.size)
+    """A committed blob in a store without local files: its byte range, streamed (by the
+    read begun for it, if the store began one: a warm GET is then one store request)."""
+    try:
+        span = byte_range(request, found.size)
+    except RegistryError:
+        found.close()
+        raise
     start, end = span if span is not None else (0, found.size)
     resp = await _start(request, reg, "HIT", found.size, span)
-    chunks: AsyncIterator[bytes] = cache.store.read(found.key, start, end)
+    body = found.body
+    if body is not None and (body.start, body.end) == (start, end):
+        chunks: AsyncIterator[bytes] = body.chunks()
+    else:  # nothing begun, or not the bytes to send: read them now
+        found.close()
+        chunks = cache.store.read(found.key, start, end)
     async with contextlib.aclosing(chunks):  # type: ignore[type-var]
         async for chunk in chunks:
             await _write(resp, chunk, request[STATE].pace)
@@ -227,12 +258,44 @@ async def _relay(request: web.Request, reg: RegistryRequest, relay: Relay,
         relay.close()
 
 
+async def _redirect(request: web.Request, reg: RegistryRequest, cache: Cache,
+                    size: int | None) -> web.Response | None:
+    """A 307 to the store's presigned URL for a committed blob of `size` bytes, if the
+    store redirects blobs that large; None: serve it here."""
+    store = cache.store
+    if size is None or not isinstance(store, Redirecting):
+        return None
+    url = await store.redirect_url(blob_key(reg.route.namespace, reg.digest), size)
+    if url is None:
+        return None
+    request[STATE].cache = "HIT"
+    # Clients follow a 307 on a blob GET (the distribution spec allows redirects there;
+    # Docker Hub's own blobs are redirects to its CDN).
+    out = headers(reg, "HIT", **{"Docker-Content-Digest": str(reg.digest)})
+    out["Location"] = url
+    return web.Response(status=307, headers=out)
+
+
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    found = await cache.blobs.get(upstream, reg.route, reg.repository, reg.digest,
-                                  admit=request[STATE].admit_miss)
+    redirecting = isinstance(cache.store, Redirecting)
+    if redirecting:  # if the index knows the size, no store request at all
+        size = await cache.blobs.known_size(reg.route, reg.digest)
+        resp = await _redirect(request, reg, cache, size)
+        if resp is not None:
+            assert size is not None
+            await cache.blobs.served(reg.route, reg.digest, size)
+            return resp
+    found = await cache.blobs.get(
+        upstream, reg.route, reg.repository, reg.digest, admit=request[STATE].admit_miss,
+        byte_range=store_range(request) if isinstance(cache.store, SizedReads) else None)
     if isinstance(found, Relay):
         return await _relay(request, reg, found, "MISS")
+    if redirecting and isinstance(found, CachedBlob):  # counted as a hit by get()
+        resp = await _redirect(request, reg, cache, found.size)
+        if resp is not None:
+            found.close()  # the GET's body, unread
+            return resp
     if not isinstance(found, tuple):
         # Being read: eviction leaves it alone until the client has it.
         with cache.readers.reading(reg.route.namespace, str(reg.digest)):

@@ -14,7 +14,7 @@ from .index import Index, MemoryIndex
 from .manifests import Manifest, ManifestResult, Manifests
 from .relay import Relay
 from .spool import ProcessDir
-from .store import BlobStore, LocalFiles, Redirecting, Upload
+from .store import BlobStore, LocalFiles, Redirecting, SizedReads, StoredBody, Upload
 
 __all__ = [
     "BlobFlight",
@@ -41,7 +41,9 @@ __all__ = [
     "Redirecting",
     "Relay",
     "Root",
+    "SizedReads",
     "SqliteContents",
+    "StoredBody",
     "Upload",
     "Usage",
     "read_span",

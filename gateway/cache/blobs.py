@@ -11,7 +11,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -25,21 +25,28 @@ from ..singleflight import SingleFlight
 from ..upstream import Upstream
 from .contents import Contents
 from .diskfull import DiskFull
-from .flight import BlobFlight, IntegrityError, read_span
+from .flight import BlobFlight, IntegrityError
 from .index import BlobKey, Index
 from .leases import Readers
 from .ranged import Plan, reuse_redirect
 from .relay import Relay
-from .store import BlobStore, LocalFiles, blob_key
+from .s3_stream import StreamedUpload
+from .store import BlobStore, LocalFiles, SizedReads, StoredBody, blob_key
 from .transfer import Opener, blob_length
 
 
 @dataclass(frozen=True, slots=True)
 class CachedBlob:
-    """A committed blob in a store without local files: read it through the store."""
+    """A committed blob in a store without local files: read it through the store. With
+    a `body`, its read is under way already (a store with SizedReads: one request)."""
 
     key: str
     size: int
+    body: StoredBody | None = field(default=None, compare=False)
+
+    def close(self) -> None:
+        if self.body is not None:
+            self.body.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +90,15 @@ class Blobs:
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
 
-    async def _open(self, route: Route, digest: Digest) -> OpenBlob | CachedBlob | None:
+    async def _open(self, route: Route, digest: Digest,
+                    byte_range: str | None = None) -> OpenBlob | CachedBlob | None:
         """The committed blob: opened, if the store has local files (one thread hop, which
-        also proves the file is there), else as the store's key and size."""
+        also proves the file is there), or its read begun (one GET that also tells the
+        size: `byte_range`, the client's Range, is asked for), else as key and size."""
         store_key = blob_key(route.namespace, digest)
+        if isinstance(self.store, SizedReads):
+            body = await self.store.open_read(store_key, byte_range)
+            return CachedBlob(store_key, body.size, body) if body is not None else None
         if self._local is None:
             stored = await self.store.stat(store_key)
             return CachedBlob(store_key, stored) if stored is not None else None
@@ -108,28 +120,24 @@ class Blobs:
         return size
 
     async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest,
-                  *, admit: Callable[[], None] | None = None
+                  *, admit: Callable[[], None] | None = None, byte_range: str | None = None
                   ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
         """For a GET: the committed blob, or its in-flight fetch (True: started here), or
         while the disk is full a relay from the upstream. Counts the outcome once.
         `admit()` is called (and may raise) before this GET would start an upstream fetch;
-        joining a fetch under way costs the upstream nothing and is not a miss."""
+        joining a fetch under way costs the upstream nothing and is not a miss.
+        `byte_range`: the client's Range, for a store whose read is begun here."""
         key = (route.namespace, str(digest))
-        found = await self._open(route, digest)
+        found = await self._open(route, digest, byte_range)
         if found is None and await self.index.blob_size(key) is not None:
             # Committed while we looked (the index learns of a commit before its flight
             # ends), or deleted behind our back: a second look tells which.
-            found = await self._open(route, digest)
+            found = await self._open(route, digest, byte_range)
             if found is None:
                 await self.index.forget_blob(key)
                 await self.contents.forget(route.namespace, "blob", str(digest))
         if found is not None:
-            self._count(route, "hit")
-            if found.size != await self.index.blob_size(key):
-                await self.index.set_blob(key, found.size)
-            else:
-                await self.index.touch(key)
-            self.contents.touch(route.namespace, "blob", str(digest))
+            await self.served(route, digest, found.size)
             return found
         if admit is not None and self.inflight(route, digest) is None:
             admit()
@@ -139,6 +147,20 @@ class Blobs:
         flight, started = self.fetch(upstream, route, repository, digest)
         self._count(route, "miss" if started else "coalesced")
         return flight, started
+
+    async def served(self, route: Route, digest: Digest, size: int) -> None:
+        """A committed blob is being served (or redirected to): a hit, an access."""
+        key = (route.namespace, str(digest))
+        self._count(route, "hit")
+        if size != await self.index.blob_size(key):
+            await self.index.set_blob(key, size)
+        else:
+            await self.index.touch(key)
+        self.contents.touch(route.namespace, "blob", str(digest))
+
+    async def known_size(self, route: Route, digest: Digest) -> int | None:
+        """The committed blob's size if the index knows it (asks the store nothing)."""
+        return await self.index.blob_size((route.namespace, str(digest)))
 
     def inflight(self, route: Route, digest: Digest) -> BlobFlight | None:
         return self.flights.get((route.namespace, str(digest)))
@@ -158,26 +180,17 @@ class Blobs:
 
         return self.flights.join(key, start)
 
-    async def _commit(self, store_key: str, spool: Path, size: int) -> None:
-        if self._local is not None:
-            try:
-                await self._local.adopt(store_key, spool)
-            except FileNotFoundError:  # called again after a full disk: moved in already?
-                if await self.store.stat(store_key) != size:
-                    raise
+    async def _commit(self, store_key: str, spool: Path, size: int,
+                      streamed: StreamedUpload | None) -> None:
+        if streamed is not None:  # a remote store: uploaded while it streamed in
+            await streamed.commit(size)
             return
-        upload = self.store.upload(store_key)
-        fd = await asyncio.to_thread(os.open, spool, os.O_RDONLY)
+        assert self._local is not None
         try:
-            async for data in read_span(fd, 0, size):
-                await upload.write(data)
-            await upload.commit()
-        except BaseException:
-            await upload.abort()
-            raise
-        finally:
-            os.close(fd)
-            await asyncio.to_thread(spool.unlink, True)
+            await self._local.adopt(store_key, spool)
+        except FileNotFoundError:  # called again after a full disk: moved in already?
+            if await self.store.stat(store_key) != size:
+                raise
 
     def _plan(self, upstream: Upstream, route: Route, path: str,
               open_upstream: Opener) -> Plan | None:
@@ -212,13 +225,19 @@ class Blobs:
                 self.space.reserve(reserved)
             return resp
 
+        # A store without local files gets the blob while it streams in (s3_stream.py).
+        streamed = None if self._local is not None else \
+            StreamedUpload(flight, self.store.upload(store_key))
+
         async def commit(spool: Path) -> None:
-            await self._commit(store_key, spool, flight.written)
+            await self._commit(store_key, spool, flight.written, streamed)
             await self.index.set_blob((route.namespace, str(flight.digest)), flight.written)
             await self.contents.add_blob(route.namespace, str(flight.digest), flight.written)
 
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
+        if streamed is not None:
+            streamed.start()
         try:
             plan = self._plan(upstream, route, path, open_upstream)
             # Held: a reload that replaced this route closes its client only after us (the
@@ -232,6 +251,9 @@ class Blobs:
             if isinstance(flight.error, IntegrityError):
                 self.metrics.integrity_failures.labels(route.name, "blob").inc()
         finally:
+            if streamed is not None:  # not committed (failed, abandoned): drop the parts
+                await streamed.abort()
+                await asyncio.to_thread(flight.spool.unlink, True)
             gauge.dec()
             self.space.release(reserved)
             self.space.wake()

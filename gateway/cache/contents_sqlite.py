@@ -74,8 +74,12 @@ class SqliteContents:
     (reconcile with the store at the next open) and `corrupt` (make the file anew)."""
 
     def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None, flush_interval: float = 2.0) -> None:
+                 metrics: Metrics | None = None, flush_interval: float = 2.0,
+                 store_files: bool = True) -> None:
         self.data_dir = Path(data_dir)
+        # False: the store is remote (S3), the data directory holds none of its objects;
+        # a scan of it would drop every entry, so the catalogue is trusted as it is.
+        self._store_files = store_files
         self.path = self.data_dir / FILE
         self.rebuilt: str | None = None  # why open() made the file anew, if it did
         self.rebuilds = 0
@@ -180,7 +184,7 @@ class SqliteContents:
             log.warning("index: %s was %s; rebuilding it from the store in the background",
                         self.path, {"missing": "missing", "schema": "of another version"}.get(
                             reason, "corrupt"))
-        if scan_needed:
+        if scan_needed and self._store_files:
             self._scan = self._spawn(self._background_scan(reason is None))
         else:
             self._refs_known.set()

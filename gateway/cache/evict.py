@@ -23,7 +23,7 @@ from ..metrics import Metrics
 from ..reference import parse_digest
 from ..tasks import Background
 from .contents import Contents, Entry, Root, Usage
-from .store import BlobStore, blob_key, manifest_key
+from .store import BlobStore, LocalFiles, blob_key, manifest_key
 
 log = logging.getLogger("gateway.evict")
 
@@ -92,6 +92,8 @@ class Evictor:
 
     async def make_room(self, needed: int) -> bool:
         """The disk is full: evict at least `needed` bytes now, if anything may go."""
+        if not isinstance(self._store, LocalFiles):  # a remote store frees no local disk
+            return False
         usage = await self._contents.usage()
         target = Target(None, "free_space", max(usage.total - needed, 0))
         return await self._evict(target) >= needed
@@ -144,6 +146,11 @@ class Evictor:
     async def limit(self, used: int) -> tuple[int, str]:
         """The most the cache may hold: max_size, or what keeps min_free free."""
         limits = self._config.cache
+        if not isinstance(self._store, LocalFiles):
+            # The objects are not on this disk (S3): only max_size bounds them; min_free
+            # of the local disk (the spool) is no reason to delete from the bucket.
+            return (limits.max_size, "size") if limits.max_size is not None else \
+                (1 << 62, "size")
         disk = await asyncio.to_thread(os.statvfs, self._data_dir)
         total, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
         by_free = used + free - limits.min_free.of(total)

@@ -255,6 +255,13 @@ class BlobFlight:
                 return self.done
             await progress.wait()
 
+    async def progressed(self) -> None:
+        """Wait for the next change of `written`, `done` or `error` (for a follower that
+        is not a client, e.g. a remote store's upload: it does not count as a reader)."""
+        progress = self._progress
+        if not self.done and self.error is None:
+            await progress.wait()
+
     async def wait_headers(self) -> None:
         """Wait until the upstream answered (size known) or raise its error."""
         await asyncio.shield(self._headers)

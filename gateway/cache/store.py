@@ -60,7 +60,30 @@ class LocalFiles(Protocol):
 class Redirecting(Protocol):
     """A store that can send clients to fetch an object themselves (a presigned URL)."""
 
-    async def redirect_url(self, key: str) -> str | None: ...
+    async def redirect_url(self, key: str, size: int) -> str | None:
+        """Where the client may fetch the object of `size` bytes; None: serve it here."""
+
+
+class StoredBody(Protocol):
+    """One answered read of a committed object: bytes [start, end) of its `size`."""
+
+    size: int
+    start: int
+    end: int
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SizedReads(Protocol):
+    """A remote store whose read also tells the object's size: a blob GET costs it one
+    request (no stat first). `byte_range` is an HTTP Range value (`bytes=0-99`,
+    `bytes=100-`, `bytes=-50`) or None for the whole object."""
+
+    async def open_read(self, key: str, byte_range: str | None) -> StoredBody | None:
+        """The read under way, or None if there is no such object."""
 
 
 def blob_key(namespace: str, digest: Digest) -> str:

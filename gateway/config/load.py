@@ -33,6 +33,7 @@ from .pins import pins
 from .resilience import layered
 from .schema import Key, build, check_keys, keys_of, parse_keys
 from .secrets import resolve_secrets
+from .storage import storage_section
 from .values import ABSENT, domains, networks
 
 # (raw value or ABSENT, its place, the sections parsed before it) -> the section's value
@@ -143,6 +144,7 @@ SECTIONS: Mapping[str, Section] = {
     "pins": Section(pins, "pins"),
     "access": Section(access_section, "access"),
     "limits": settings_section(Limits, "limits"),
+    "storage": Section(storage_section, "storage"),
 }
 
 

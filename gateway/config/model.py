@@ -22,6 +22,7 @@ from .document import Location, Place
 from .limits import Limits, RouteLimits, route_limits
 from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
+from .storage import StorageSettings
 from .values import (
     FOREVER,
     FreeSpace,
@@ -278,6 +279,7 @@ class Config:
     pins: tuple[Pin, ...] = ()
     access: AccessSettings = field(default_factory=AccessSettings)
     limits: Limits = field(default_factory=Limits)
+    storage: StorageSettings = field(default_factory=StorageSettings)  # config/storage.py
 
     def route(self, name: str) -> Route:
         for route in self.routes:

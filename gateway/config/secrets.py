@@ -14,13 +14,15 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .model import Config, Credentials, CredentialsRef, Route, SecretRef
+from .storage import resolve_storage
 
 
 def resolve_secrets(config: Config, env: Mapping[str, str] | None = None) -> Config:
     """A new `Config` whose routes with a `credentials_ref` have their `credentials`;
     `env` defaults to os.environ. Reads secret files: not for the event loop."""
     env = os.environ if env is None else env
-    return replace(config, routes=tuple(_resolve_route(route, env) for route in config.routes))
+    return replace(config, routes=tuple(_resolve_route(route, env) for route in config.routes),
+                   storage=resolve_storage(config.storage, env))
 
 
 def resolve_secret(ref: SecretRef, env: Mapping[str, str]) -> str:

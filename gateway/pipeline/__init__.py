@@ -1,15 +1,17 @@
 """The request pipeline, outermost first:
 
-    edge (config snapshot, trusted X-Forwarded-*) → observe (errors, log, metrics) →
-    redirect to HTTPS → resolve (read-only guard, → RegistryRequest) → access → limits →
-    handler
+    observe (the config snapshot; edge: trusted X-Forwarded-*; errors, log, metrics) →
+    redirect to HTTPS → admit: resolve (read-only guard, → RegistryRequest) → access →
+    limits → handler
 
 `access` (access.py: address rules, logins, repository rules, admin-only endpoints) and
 `limits` run on a resolved request, so a rule sees the route and repository, never a raw
-path.
-Every stage gets `snapshot` (a `Callable[[], Config]`): the config the request started
-with, the same for all its stages however many reloads happen meanwhile. What a stage
-compiles from it is memoised against the config's identity (`PerConfig`).
+path. Edge is a step of observe, and resolve, access and limits are steps of one
+middleware (admit.py): each layer of middleware is a coroutine and a call more on every
+request. Every step gets the config the request started with (`RequestState.config`,
+read once by observe), the same for all its stages however many reloads happen
+meanwhile. What a step compiles from it is memoised against the config's identity
+(`PerConfig`).
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ from aiohttp.typedefs import Middleware
 from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
-from .access import access_middleware
-from .edge import edge_middleware, forwarded_middleware, redirect_middleware
-from .limits import ClientLimits, limits_middleware
-from .observe import add_common_headers, observe_middleware, render
-from .resolve import resolve_middleware
-from .snapshot import PerConfig, Snapshot
+from .access import access_step
+from .admit import admit_middleware
+from .edge import edge_step, forwarded_middleware, redirect_middleware
+from .limits import ClientLimits, limits_step
+from .observe import observe_middleware, on_prepare, render
+from .resolve import resolve_step
+from .snapshot import PerConfig
 from .users import Logins
 
-__all__ = ["ClientLimits", "PerConfig", "Snapshot", "add_common_headers", "build",
-           "forwarded_middleware", "render"]
+__all__ = ["ClientLimits", "PerConfig", "build", "forwarded_middleware",
+           "on_prepare", "render"]
 
 
 def build(current: Callable[[], Config], metrics: Metrics, *,
@@ -39,12 +42,11 @@ def build(current: Callable[[], Config], metrics: Metrics, *,
     """The stages over `current` (the running config: `Live`, or `lambda: config`).
     `logins` and `limits` (htpasswd tables and bcrypt cache; per-client buckets) are kept
     by the composition root across reloads."""
-    snapshot = Snapshot(current)
-    # First, so the log, the routing and the rules see the real client and host.
-    stages: list[Middleware] = [edge_middleware(snapshot), observe_middleware(metrics)]
+    # The edge first, so the log, the routing and the rules see the real client and host.
+    stages: list[Middleware] = [observe_middleware(metrics, current, edge_step())]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
-    stages.append(resolve_middleware(PerConfig(snapshot, Router)))
-    stages.append(access_middleware(snapshot, metrics, logins=logins))
-    stages.append(limits_middleware(snapshot, limits or ClientLimits(), metrics))
+    stages.append(admit_middleware(
+        resolve_step(PerConfig(Router)), access_step(metrics, logins=logins),
+        limits_step(limits or ClientLimits(), metrics)))
     return stages

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from cachetools import LRUCache
 
 from ..config import Config
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..net import Address, parse_address
-from ..state import STATE
+from ..state import STATE, RequestState
 from .rules import Policy, Verdict
 from .users import Logins
 
@@ -68,20 +67,20 @@ class _Compiled:
         return self._policy
 
 
-def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
-                      logins: Logins | None = None) -> Middleware:
-    """The stage; `current()` is read once per request. `logins` (built once by the
-    composition root, which calls `logins.refresh()` on a reload) holds the htpasswd
-    table and the bcrypt cache across Config swaps."""
+def access_step(metrics: Metrics, *, logins: Logins | None = None
+                ) -> Callable[[web.Request, Config], Awaitable[None] | None]:
+    """The stage (run by `admit` with the request's config). It decides at once (None:
+    allowed; or it raises the refusal) unless a login must be checked: then it returns
+    the check to await. `logins` (built once by the composition root, which calls
+    `logins.refresh()` on a reload) holds the htpasswd table and the bcrypt cache across
+    Config swaps."""
     logins = logins if logins is not None else Logins()
     compiled = _Compiled()
     # Client addresses parsed once, not by every rule of every request (ipaddress's
     # parser was a tenth of a warm manifest request); bounded, so strangers cannot grow it.
     addresses: LRUCache[str, Address | None] = LRUCache(maxsize=4096)
 
-    @web.middleware
-    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        config = current()
+    def access(request: web.Request, config: Config) -> Awaitable[None] | None:
         policy = compiled.policy(config)
         state = request[STATE]
         reg = state.registry
@@ -89,30 +88,46 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
             free = policy.free.get(reg.route.name)
             if free is not None:  # no rule could refuse it: address and login unread
                 state.rule = free.rule
-                return await handler(request)
-        route = reg.route.name if reg is not None else "-"
+                return None
         remote = request.remote or ""
         address = addresses.get(remote)
         if address is None and remote not in addresses:  # not seen (or not an address)
             address = addresses[remote] = parse_address(remote)
         verdict = policy.screen(address, request.path)
-        if verdict is None:
-            user = await _login(request, config, logins, metrics, route)
-            state.user = user
-            if reg is not None:
-                verdict = policy.pull(address, reg.route, reg.repository, user)
-            elif request.path in BASE_PATHS:
-                verdict = policy.base(address, request.host, user)
-            else:
-                verdict = Verdict("access.allow")  # not an API path: a 404 follows
-        state.rule = verdict.rule
-        if not verdict.allowed:
-            if verdict.reason:
-                metrics.refusals.labels(route, verdict.reason).inc()
-            raise _refusal(verdict)
-        return await handler(request)
+        if verdict is not None:
+            _decide(state, verdict, metrics)
+            return None
+        return _check(request, config, policy, address, logins, metrics)
 
     return access
+
+
+def _decide(state: RequestState, verdict: Verdict, metrics: Metrics) -> None:
+    """Record the verdict for the log; raise it if it refuses."""
+    state.rule = verdict.rule
+    if not verdict.allowed:
+        if verdict.reason:
+            reg = state.registry
+            metrics.refusals.labels(reg.route.name if reg is not None else "-",
+                                    verdict.reason).inc()
+        raise _refusal(verdict)
+
+
+async def _check(request: web.Request, config: Config, policy: Policy,
+                 address: Address | None, logins: Logins, metrics: Metrics) -> None:
+    """The rules past the address alone: the login (if any), then the route's rules."""
+    state = request[STATE]
+    reg = state.registry
+    route = reg.route.name if reg is not None else "-"
+    user = await _login(request, config, logins, metrics, route)
+    state.user = user
+    if reg is not None:
+        verdict = policy.pull(address, reg.route, reg.repository, user)
+    elif request.path in BASE_PATHS:
+        verdict = policy.base(address, request.host, user)
+    else:
+        verdict = Verdict("access.allow")  # not an API path: a 404 follows
+    _decide(state, verdict, metrics)
 
 
 async def _login(request: web.Request, config: Config, logins: Logins, metrics: Metrics,

@@ -8,14 +8,15 @@ an address by header); never routes, authorizes or logs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..config import Config
 from ..errors import RegistryError
 from ..net import Network, NetworkSet, client_address, split_hostport, valid_host
-from .snapshot import PerConfig, Snapshot
+from .snapshot import PerConfig
 
 # Health checks and scrapes stay on plain HTTP.
 _UNCHECKED_PATHS = ("/healthz", "/readyz", "/metrics")
@@ -46,23 +47,15 @@ def forwarded_middleware(trusted: NetworkSet | Iterable[Network | str]) -> Middl
     return forwarded
 
 
-def edge_middleware(snapshot: Snapshot) -> Middleware:
-    """The first stage: pins the config the request runs with (every later stage reads
-    it through `snapshot`), then applies its `trusted_proxies` as `forwarded_middleware`
-    does. Cheap when no proxy is trusted: one identity check."""
-    trusted: PerConfig[NetworkSet] = PerConfig(
-        snapshot, lambda config: NetworkSet(config.trusted_proxies))
+def edge_step() -> Callable[[web.Request, Config], web.Request]:
+    """The first step of every request (run by observe, before anything reads the
+    client's address or host): applies the config's `trusted_proxies` as
+    `forwarded_middleware` does. Cheap when no proxy is trusted: one identity check."""
+    trusted: PerConfig[NetworkSet] = PerConfig(lambda config: NetworkSet(config.trusted_proxies))
 
-    @web.middleware
-    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
-        config, token = snapshot.pin()
-        try:
-            networks = trusted.of(config)
-            if networks.networks:
-                request = _forwarded(request, networks)
-            return await handler(request)
-        finally:
-            snapshot.unpin(token)
+    def edge(request: web.Request, config: Config) -> web.Request:
+        networks = trusted.of(config)
+        return _forwarded(request, networks) if networks.networks else request
 
     return edge
 

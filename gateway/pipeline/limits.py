@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from ..buckets import Buckets, retry_after
 from ..config import Config, Limits, Route
@@ -138,8 +137,9 @@ def _miss_gate(limits: ClientLimits, metrics: Metrics, state: RequestState, addr
     return admit
 
 
-def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
-                      metrics: Metrics) -> Middleware:
+def limits_step(limits: ClientLimits, metrics: Metrics) -> Callable[[web.Request, Config], None]:
+    """The stage (run by `admit` with the request's config): refuses (raises) or sets
+    the client's pace and miss budget on the request state."""
     compiled: list[tuple[Config, _Rules]] = []
 
     def rules(config: Config) -> _Rules:
@@ -152,8 +152,7 @@ def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
                                            idle))]
         return compiled[0][1]
 
-    @web.middleware
-    async def limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def limit(request: web.Request, config: Config) -> None:
         state = request[STATE]
         if request.body_exists:
             # A read-only mirror reads no bodies: refused from the headers, unread.
@@ -161,12 +160,12 @@ def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
             state.rule = "limits.body"
             raise RegistryError("UNSUPPORTED", "this registry mirror is read-only and "
                                 "takes no request bodies", 413)
-        found = rules(current())
+        found = rules(config)
         if found.idle:
-            return await handler(request)
+            return
         address = found.client(request.remote or "-", state.user)
         if address is None:  # exempt
-            return await handler(request)
+            return
         settings = found.limits
         if settings.requests_per_second is not None:
             wait = limits.requests.take(address, settings.requests_per_second,
@@ -181,6 +180,5 @@ def limits_middleware(current: Callable[[], Config], limits: ClientLimits,
         if state.registry is not None:
             state.admit_miss = _miss_gate(limits, metrics, state, address,
                                           state.registry.route, settings)
-        return await handler(request)
 
     return limit

@@ -14,10 +14,12 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..config import Config
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..state import STATE, RegistryRequest, RequestState
@@ -43,7 +45,12 @@ def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
     return "metrics" if request.path == "/metrics" else "other"
 
 
-def observe_middleware(metrics: Metrics) -> Middleware:
+def observe_middleware(metrics: Metrics, current: Callable[[], Config],
+                       edge: Callable[[web.Request, Config], web.Request] | None = None
+                       ) -> Middleware:
+    """The outer stage. `current()` (the running config) is read once per request and
+    kept as `RequestState.config` for every later stage; `edge` (edge.py) then sees the
+    request first, so the log and the rules see the client a trusted proxy names."""
     # Request ids: unique per process start, cheaper than a uuid4 per request.
     id_prefix = f"{secrets.token_hex(4)}-"
     id_counter = itertools.count(1)
@@ -53,8 +60,11 @@ def observe_middleware(metrics: Metrics) -> Middleware:
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         """Render every error as OCI JSON; log and count every request once."""
         started = time.monotonic()
+        config = current()
+        if edge is not None:
+            request = edge(request, config)
         state = RequestState(request.headers.get(REQUEST_ID, "")[:64]
-                             or f"{id_prefix}{next(id_counter):x}")
+                             or f"{id_prefix}{next(id_counter):x}", config)
         request[STATE] = state
         response: web.StreamResponse | None = None
         try:
@@ -110,8 +120,9 @@ def _log(request: web.Request, metrics: Metrics, records: _AccessRecords,
     metrics.observe_request(route, _kind(request, reg), request.method, status, duration, sent)
     if not access_log.isEnabledFor(logging.INFO):
         return
+    now = time.time()
     record = {
-        "ts": round(time.time(), 3),
+        "ts": round(now, 3),
         "id": state.id,
         "remote": request.remote,
         "host": request.host[:255],
@@ -132,7 +143,7 @@ def _log(request: web.Request, metrics: Metrics, records: _AccessRecords,
         record["error"] = state.error
     if aborted:
         record["aborted"] = True
-    access_log.handle(records(json.dumps(record)))
+    access_log.handle(records(json.dumps(record), now))
 
 
 class _AccessRecords:
@@ -145,16 +156,15 @@ class _AccessRecords:
     def __init__(self) -> None:
         self._template: dict[str, object] = {}
 
-    def __call__(self, line: str) -> logging.LogRecord:
+    def __call__(self, line: str, created: float) -> logging.LogRecord:
         template = self._template
         if template.get("process") != os.getpid():
             template = self._template = logging.LogRecord(
                 access_log.name, logging.INFO, __file__, 0, "", None, None).__dict__
         record = logging.LogRecord.__new__(logging.LogRecord)
-        fields = record.__dict__
-        fields.update(template)
-        created = time.time()
+        fields = template.copy()  # a dict's copy is one allocation, not a walk
         fields["msg"], fields["created"], fields["msecs"] = line, created, (created % 1) * 1000
+        record.__dict__ = fields
         return record
 
 
@@ -173,8 +183,24 @@ def _body_bytes(request: web.Request, response: web.StreamResponse | None,
     return response.body_length  # an aborted file transfer: headers included, roughly
 
 
-async def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: headers every answer carries, errors included."""
+Prepared = Callable[[web.Request, web.StreamResponse], None]
+
+
+def on_prepare(*also: Prepared) -> Callable[[web.Request, web.StreamResponse],
+                                            Awaitable[None]]:
+    """The app's one `on_response_prepare` receiver: the common headers, then `also`
+    (plain functions: a receiver each would be another coroutine per answer)."""
+
+    async def prepared(request: web.Request, response: web.StreamResponse) -> None:
+        add_common_headers(request, response)
+        for hook in also:
+            hook(request, response)
+
+    return prepared
+
+
+def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every answer carries, errors included."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
     response.headers.setdefault("X-Cache", "-")
     state = request.get(STATE)

@@ -11,12 +11,13 @@ import re
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
+from ..config import Config
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
 from ..routing import Router
 from ..state import STATE, Kind, RegistryRequest
+from .snapshot import PerConfig
 
 READ_ONLY = ("GET", "HEAD")
 V2_PREFIX = "/v2/"
@@ -53,11 +54,11 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def resolve_middleware(routers: Callable[[], Router]) -> Middleware:
-    """`routers()`: the Router of the request's config (compiled once per config)."""
+def resolve_step(routers: PerConfig[Router]) -> Callable[[web.Request, Config], None]:
+    """The stage (run by `admit`): `routers.of(config)` is the Router of the request's
+    config, compiled once per config."""
 
-    @web.middleware
-    async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def resolve(request: web.Request, config: Config) -> None:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
         if request.method not in READ_ONLY:
             raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
@@ -65,7 +66,6 @@ def resolve_middleware(routers: Callable[[], Router]) -> Middleware:
         path = request.path
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
             request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), routers())
-        return await handler(request)
+                                            request.query.get("ns"), routers.of(config))
 
     return resolve

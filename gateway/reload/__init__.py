@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from ..config import Config
+from ..config.storage import storage_files
 from .check import check_file, describe_config
 from .live import Callback, Check, Live, Paths
 from .reloader import WATCH_INTERVAL, Reloader, describe
@@ -31,3 +32,4 @@ def secret_files(config: Config) -> Iterable[Path]:
             for secret in (ref.username, ref.password):
                 if secret.source == "file":
                     yield Path(secret.value).expanduser()
+    yield from (Path(file).expanduser() for file in storage_files(config.storage))

@@ -22,10 +22,11 @@ from gateway import cli
 from gateway.config import Config, Route, load_config_file
 from gateway.errors import ConfigError
 from gateway.metrics import Metrics
-from gateway.pipeline import PerConfig, Snapshot
+from gateway.pipeline import PerConfig, build
 from gateway.reload import Live, check_file
 from gateway.reload.watch import changed, signatures
 from gateway.server import MAX_LINE, METRICS, RELOADER, create_app
+from gateway.state import STATE
 from gateway.upstream import Upstream
 from gateway.upstream_pool import UpstreamPool
 from tests.support.fake_registry import image_manifest, stream_in_parts
@@ -69,20 +70,35 @@ async def test_live_swaps_the_whole_config_and_calls_every_hook() -> None:
     assert seen == [(first, second)]  # the broken hook did not stop the next one
 
 
-async def test_a_request_keeps_the_config_it_started_with() -> None:
+async def test_a_request_keeps_the_config_it_started_with(
+        aiohttp_client: Any
+) -> None:
     first, second = config_of(), config_of()
     live = Live(first)
-    snapshot = Snapshot(live)
+    seen: list[tuple[Config, Config]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        before = request[STATE].config
+        if live() is first:
+            live.swap(second)  # a reload lands while the request is under way
+        seen.append((before, request[STATE].config))
+        return web.Response(text="ok")
+
+    app = web.Application(middlewares=build(live, Metrics()))
+    app.router.add_get("/healthz", handler)
+    client = await aiohttp_client(app)
+    for _ in range(2):
+        assert (await client.get("/healthz")).status == 200
+    assert seen == [(first, first), (second, second)]  # the next request has the new one
+
+
+def test_per_config_compiles_once_per_config_and_keeps_the_last_two() -> None:
+    first, second = config_of(), config_of()
     compiled: list[Config] = []
-    routers = PerConfig(snapshot, lambda config: compiled.append(config) or len(compiled))
-    config, token = snapshot.pin()
-    live.swap(second)
-    assert config is first and snapshot() is first  # inside the request: its snapshot
-    assert routers() == 1 and routers() == 1
-    snapshot.unpin(token)
-    assert snapshot() is second  # outside any request: the running config
-    assert routers() == 2
-    assert routers.of(first) == 1 and routers.of(second) == 2  # the last two are kept
+    routers = PerConfig(lambda config: compiled.append(config) or len(compiled))
+    assert routers.of(first) == 1 and routers.of(first) == 1
+    assert routers.of(second) == 2
+    assert routers.of(first) == 1 and routers.of(second) == 2  # interleaved: no recompile
     assert compiled == [first, second]
 
 

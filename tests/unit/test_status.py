@@ -80,6 +80,29 @@ def test_topk_bounds_hold_for_any_stream(stream: list[int], capacity: int) -> No
             assert key in {c.key for c in held}
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(min_value=0, max_value=30),
+                          st.integers(min_value=1, max_value=9)), max_size=200),
+       st.integers(min_value=1, max_value=12))
+def test_topk_weighted_adds_keep_the_bounds(stream: list[tuple[int, int]],
+                                            capacity: int) -> None:
+    """`add(key, n)` (how Pulls folds its pending counts in) keeps the same guarantees as
+    n adds of one, and is exact below the capacity."""
+    top: TopK[int] = TopK(capacity)
+    for item, times in stream:
+        top.add(item, times)
+    true: Counter[int] = Counter()
+    for item, times in stream:
+        true[item] += times
+    held = top.top(capacity)
+    assert len(held) <= capacity
+    assert sum(c.count for c in held) == sum(true.values())
+    for c in held:
+        assert c.count - c.error <= true[c.key] <= c.count
+        if len(true) <= capacity:
+            assert c.error == 0
+
+
 # -- the page's language ------------------------------------------------------------------
 
 
