@@ -18,6 +18,8 @@ from .config import load_config_file
 from .errors import ConfigError
 from .maintenance import add_commands as add_cache_commands
 from .net import parse_hostport
+from .proxy import AuthorityError
+from .proxy.commands import add_commands as add_ca_commands
 from .reload import WATCH_INTERVAL, check_file
 from .tls import RELOAD_INTERVAL, TlsError
 
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"how often to look for replaced certificates (default "
                             f"{RELOAD_INTERVAL:g}; SIGHUP looks at once)")
 
+    serve.add_argument("--proxy-listen", action="append", type=_listen, metavar="HOST:PORT",
+                       help="also serve as an HTTP forward proxy (CONNECT) for clients with "
+                            "HTTPS_PROXY; repeatable (see docs/proxy-mode.md)")
+
     check = sub.add_parser("check", help="validate a route table (as a reload would: "
                            "secrets resolved) and print the routes; exit 1 if invalid")
     check.add_argument("file", nargs="?", help="the route table (default routes.yaml)")
@@ -69,12 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     client_commands.add_doctor(sub)
     client_commands.add_warm(sub)
     add_cache_commands(sub)
+    add_ca_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("client", "doctor", "warm", "cache"):  # they read their own inputs
+    if args.command in ("client", "doctor", "warm", "cache", "ca"):  # they read their own inputs
         return int(args.run(args, os.environ))
     if args.command == "check":
         ok, text = check_file(Path(args.file or args.routes))
@@ -95,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
             certs=Path(args.certs), redirect_http=args.redirect_http,
             tls_reload=args.tls_reload, log_level=args.log_level,
-            config_file=Path(args.routes), config_poll=args.config_poll))
+            config_file=Path(args.routes), config_poll=args.config_poll,
+            proxy_listens=tuple(args.proxy_listen or ())))
     except TlsError as exc:
         print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
+        return 1
+    except AuthorityError as exc:
+        print(f"registry-gateway: forward_proxy.ca: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -92,7 +92,8 @@ def access_middleware(current: Callable[[], Config], metrics: Metrics, *,
             address = addresses[remote] = parse_address(remote)
         verdict = policy.screen(address, request.path)
         if verdict is None:
-            user = await _login(request, config, logins, metrics, route)
+            # A login to the forward proxy (set by resolve) counts for its tunnel's requests.
+            user = state.user or await _login(request, config, logins, metrics, route)
             state.user = user
             if reg is not None:
                 verdict = policy.pull(address, reg.route, reg.repository, user)

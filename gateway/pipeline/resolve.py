@@ -16,7 +16,7 @@ from aiohttp.typedefs import Handler, Middleware
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
 from ..routing import Router
-from ..state import STATE, Kind, RegistryRequest
+from ..state import STATE, Kind, ProxiedLookup, RegistryRequest
 
 READ_ONLY = ("GET", "HEAD")
 V2_PREFIX = "/v2/"
@@ -27,8 +27,10 @@ _KINDS: dict[str, Kind] = {"manifests": "manifest", "blobs": "blob", "tags": "ta
                            "referrers": "referrers"}
 
 
-def parse(host: str | None, tail: str, ns: str | None, router: Router) -> RegistryRequest:
-    """`tail` is the path after /v2/ (still percent-decoded by aiohttp)."""
+def parse(host: str | None, tail: str, ns: str | None, router: Router, *,
+          proxied: str | None = None) -> RegistryRequest:
+    """`tail` is the path after /v2/ (still percent-decoded by aiohttp). `proxied`: the
+    registry host of the CONNECT the request came through, which alone picks the route."""
     if "/blobs/uploads" in f"/{tail}":
         raise RegistryError("UNSUPPORTED", "this registry mirror is read-only: no uploads", 405,
                             headers={"Allow": "GET, HEAD"})
@@ -40,7 +42,8 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
                                 "too long for a repository")
         raise RegistryError("NOT_FOUND", "no such registry API endpoint")
     kind, rest = _KINDS[match.group("kind")], match.group("rest")
-    resolved = router.resolve(host, match.group("name"), ns)
+    resolved = (router.resolve(host, match.group("name"), ns) if proxied is None
+                else router.resolve_proxied(proxied, match.group("name")))
     target: Reference | Digest | None
     if kind == "manifest":
         target = Reference.parse(rest)
@@ -53,8 +56,10 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def resolve_middleware(routers: Callable[[], Router]) -> Middleware:
-    """`routers()`: the Router of the request's config (compiled once per config)."""
+def resolve_middleware(routers: Callable[[], Router],
+                       proxied: ProxiedLookup | None = None) -> Middleware:
+    """`routers()`: the Router of the request's config (compiled once per config).
+    `proxied`: the forward proxy's lookup of terminated CONNECTs (None: no proxy)."""
 
     @web.middleware
     async def resolve(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -63,9 +68,13 @@ def resolve_middleware(routers: Callable[[], Router]) -> Middleware:
             raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
                                 "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
         path = request.path
+        through = proxied(request) if proxied is not None else None
+        if through is not None:
+            request[STATE].user = through.user  # logged in to the proxy: Proxy-Authorization
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
             request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), routers())
+                                            request.query.get("ns"), routers(),
+                                            proxied=through.host if through else None)
         return await handler(request)
 
     return resolve
