@@ -6,12 +6,12 @@ A registry that no route names is refused: the gateway is never an open proxy.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
 from .config import Config, Route
 from .errors import RegistryError
-from .net import parse_address
 from .reference import validate_name
 
 Via = Literal["host", "path", "ns", "default", "proxy"]
@@ -21,13 +21,21 @@ def _host_of(netloc: str) -> str:
     return netloc.rsplit(":", 1)[0] if netloc.count(":") == 1 else netloc
 
 
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def registry_hosts(route: Route) -> tuple[str, ...]:
     """The names clients reach `route`'s registry itself by (forward-proxy mode): its name,
     its aliases (Docker Hub's registry-1.docker.io) and its upstream's host when that is a
     DNS name. Not `hosts`, which are the gateway's own names."""
     names = [_host_of(route.name), *(_host_of(a) for a in route.aliases)]
     upstream = (route.upstream.url.host or "").lower()
-    if upstream and upstream != "localhost" and parse_address(upstream.strip("[]")) is None:
+    if upstream and upstream != "localhost" and not _is_address(upstream.strip("[]")):
         names.append(upstream)
     return tuple(dict.fromkeys(names))
 

@@ -61,14 +61,12 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
-    # Logins outlive config swaps: the htpasswd tables and the bcrypt cache stay warm.
-    logins = Logins()
-    # Forward-proxy mode: the connections it terminates are served by this same app.
-    proxied = proxy.ProxiedConnections()
-    app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port,
-                                                     logins=logins, limits=limits,
-                                                     proxied=proxied.lookup),
-                          client_max_size=1 << 20)
+    # Logins outlive config swaps (htpasswd tables, bcrypt cache). The forward proxy's
+    # terminated connections are served by this same app, with the same logins.
+    forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
+    app = web.Application(middlewares=pipeline.build(
+        live, metrics, https_port=https_port, logins=logins, limits=limits,
+        proxied=forward.connections.lookup), client_max_size=1 << 20)
     current: Callable[[], Config] = live  # admin's view of the running config
     app[CURRENT] = current
     app[LIVE] = live
@@ -103,8 +101,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
     app.cleanup_ctx.extend((watch_loop, lifecycle))
     app.on_response_prepare.append(pipeline.add_common_headers)
-    proxy.add_routes(app, proxy.ForwardProxy(live, metrics, logins=logins, connections=proxied))
-    _add_handlers(app, serve_metrics)
+    _add_handlers(app, serve_metrics, forward)
     return app
 
 
@@ -124,8 +121,10 @@ def _htpasswd_file(config: Config) -> list[Path]:
     return [Path(config.access.users)] if config.access.users else []
 
 
-def _add_handlers(app: web.Application, serve_metrics: bool) -> None:
+def _add_handlers(app: web.Application, serve_metrics: bool,
+                  forward: proxy.ForwardProxy) -> None:
     router = app.router
+    proxy.add_routes(app, forward)  # /_gateway/ca.crt, and the CA loaded at start
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
         router.add_route("HEAD", path, api.base)

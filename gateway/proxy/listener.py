@@ -84,12 +84,12 @@ class ForwardProxy:
     """`serve --proxy-listen`: built once by the composition root. `server`: the app's
     protocol factory (the runner's `web.Server`), set once the runner is up."""
 
-    def __init__(self, current: Callable[[], Config], metrics: Metrics, *, logins: Logins,
-                 connections: ProxiedConnections) -> None:
+    def __init__(self, current: Callable[[], Config], metrics: Metrics, *,
+                 logins: Logins) -> None:
         self._current = current
         self._metrics = metrics
         self._logins = logins
-        self.connections = connections
+        self.connections = ProxiedConnections()
         self.authority: Authority | None = None
         self.minter: Minter | None = None
         self.server: Callable[[], asyncio.Protocol] | None = None
