@@ -61,8 +61,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
-    # Logins outlive config swaps (htpasswd tables, bcrypt cache). The forward proxy's
-    # terminated connections are served by this same app, with the same logins.
+    # Logins outlive config swaps; the forward proxy's connections use them and this app.
     forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
     app = web.Application(middlewares=pipeline.build(
         live, metrics, https_port=https_port, logins=logins, limits=limits,
