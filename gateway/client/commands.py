@@ -14,9 +14,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from .checkup import Report
 from .containerd import containerd_plan
 from .docker import docker_plan
 from .doctor import Doctor
+from .doctor_proxy import check_proxy
 from .imageref import parse_platforms
 from .k8s import k8s_text
 from .plan import Plan, apply, read_text
@@ -156,12 +158,29 @@ def _run_doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ClientConfError as exc:
         print(f"registry-gateway doctor: {exc}", file=sys.stderr)
         return 2
+    if args.proxy:
+        return _run_proxy_doctor(args, out)
     docker_host = args.docker_host or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     doctor = Doctor(target, ca=args.ca, timeout=args.timeout, docker_host=docker_host,
                     daemon_json=args.daemon_json, docker_certs_dir=args.docker_certs_dir)
     print(f"registry-gateway doctor: checking {probe_urls(target)[0]} from this machine",
           file=out)
     report = asyncio.run(doctor.run())
+    out.write(report.render())
+    return 1 if report.problems else 0
+
+
+def _run_proxy_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        proxy = proxy_url(args.proxy)
+    except ClientConfError as exc:
+        print(f"registry-gateway doctor: {exc}", file=sys.stderr)
+        return 2
+    print(f"registry-gateway doctor: checking the forward proxy {args.proxy} from this "
+          "machine", file=out)
+    report = Report()
+    asyncio.run(check_proxy(report, proxy, ca=args.ca, host=args.proxy_host,
+                            seconds=args.timeout))
     out.write(report.render())
     return 1 if report.problems else 0
 
@@ -178,6 +197,10 @@ def add_doctor(sub: Any) -> None:
                         "or unix:///var/run/docker.sock)")
     doctor.add_argument("--daemon-json", type=Path, default=Path("/etc/docker/daemon.json"))
     doctor.add_argument("--docker-certs-dir", type=Path, default=Path("/etc/docker/certs.d"))
+    doctor.add_argument("--proxy", metavar="URL", help="check the forward-proxy path "
+                        "instead: a CONNECT through http://HOST:PORT reaches a registry")
+    doctor.add_argument("--proxy-host", default="registry-1.docker.io",
+                        help="the registry host to reach through --proxy")
     doctor.set_defaults(run=_run_doctor)
 
 
