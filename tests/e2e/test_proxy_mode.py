@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import re
+import ssl
 import subprocess
+import tarfile
 from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from gateway.proxy import write_ca
 from tests.support.gateway import Gateway, run_gateway
@@ -35,6 +38,7 @@ from tests.support.sandbox import (
     run_containerd,
     run_sandbox,
 )
+from tests.support.tls_front import TlsFront
 from tests.support.tools import local_tool
 from tests.support.upstreams import Upstream, run_upstream, unique_repository
 from tests.support.wait import wait_for
@@ -254,3 +258,43 @@ def test_doctor_checks_the_proxy_path(world: ProxyWorld) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.search(r"ok\s+the proxy .* intercepts registry-1\.docker\.io", done.stdout), \
         done.stdout
+
+
+def test_without_a_ca_a_go_client_pulls_through_a_tunnel_and_nothing_is_cached(
+        world: ProxyWorld, tmp_path: Path, live_logs: Any) -> None:
+    crane = local_tool("crane")
+    # The "real" registry-1.docker.io: TLS with a certificate of its own, in front of hub.
+    registry_ca = trustme.CA(organization_name="the registry's own CA")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    registry_ca.issue_cert("registry-1.docker.io", "index.docker.io").configure_cert(context)
+    front = TlsFront(context, ("127.0.0.1", world.hub.registry.port))
+    ca_file = tmp_path / "registry-ca.pem"
+    registry_ca.cert_pem.write_to_path(str(ca_file))
+    port = free_port()
+    where = f"127.0.0.1:{front.port}"
+    routes = {"routes": {"docker.io": {"upstream": world.hub.url},
+                         "ghcr.io": {"upstream": world.ghcr.url}},
+              "forward_proxy": {"connect_to": {"registry-1.docker.io": where,
+                                               "index.docker.io": where}}}
+    repository = unique_repository("library")
+    image = world.hub.push(repository, make_image())
+    with ExitStack() as stack:
+        stack.callback(front.stop)
+        gateway = stack.enter_context(run_gateway(
+            tmp_path / "gateway", routes, extra_args=("--proxy-listen", f"127.0.0.1:{port}")))
+        stack.enter_context(live_logs.watching("tunnel gateway stderr", gateway.log))
+        world.sandbox.forward((SANDBOX_ADDRESS, port), ("127.0.0.1", port))
+        environment = {**containers_env(tmp_path), "SSL_CERT_FILE": str(ca_file),
+                       "HTTPS_PROXY": f"http://{SANDBOX_ADDRESS}:{port}"}
+        world.sandbox.run(crane, "pull", f"docker.io/{repository}:latest",
+                          str(tmp_path / "image.tar"), env=environment)
+
+        assert front.accepted >= 1  # the client talked TLS to the registry itself
+        assert not world.hub.proxy.blob_requests(repository)  # the gateway fetched nothing
+        layer_digests = {b.digest.split(":", 1)[1] for b in image.layers}
+        with tarfile.open(tmp_path / "image.tar") as tar:
+            names = " ".join(tar.getnames())
+        assert all(digest in names for digest in layer_digests), names
+        wait_for(lambda: "tunnelled byte for byte, NOT CACHED" in gateway.log(),
+                 what="the log saying the pull was not cached")
+        assert not list((gateway.data_dir).rglob("*/blobs/*")), "a tunnel cached something"
