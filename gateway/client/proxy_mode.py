@@ -67,20 +67,37 @@ def _secret_free(proxy: str) -> str:
     return str(url.with_password("***")) if url.password else proxy
 
 
+class _Under:
+    """Paths as the daemon sees them, written under `root` (tests, images being built)."""
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = root
+
+    def __call__(self, path: Path) -> Path:
+        return path if self.root is None else self.root / path.relative_to(path.anchor)
+
+
+def _daemon_writes(unit: str, proxy: str, no_proxy: list[str], *, systemd_dir: Path,
+                   ca_dir: Path, ca: tuple[Path, bytes] | None, under: _Under) -> list[FileWrite]:
+    """The unit's drop-in (0600: a proxy login may be in it) and the CA it points at."""
+    writes = [FileWrite(under(systemd_dir / f"{unit}.service.d" / DROP_IN), drop_in(
+        proxy, no_proxy, str(ca_dir) if ca else None, unit), mode=0o600,
+        summary=None if "@" not in proxy else f"(HTTPS_PROXY={_secret_free(proxy)}, ...)")]
+    if ca is not None:
+        writes.append(FileWrite(under(ca_dir / CA_NAME), ca[1],
+                                summary=f"(the CA certificate from {ca[0]})"))
+    return writes
+
+
 def docker_proxy_plan(info: GatewayInfo, proxy: str, *, systemd_dir: Path, certs_dir: Path,
                       ca_dir: Path, ca: tuple[Path, bytes] | None,
                       no_proxy: list[str], root: Path | None = None) -> Plan:
-    plan = Plan()
     under = _Under(root)
-    unit_dir = systemd_dir / "docker.service.d"
-    plan.writes.append(FileWrite(under(unit_dir / DROP_IN), drop_in(
-        proxy, no_proxy, str(ca_dir) if ca else None, "dockerd"), mode=0o600,
-        summary=None if "@" not in proxy else f"(HTTPS_PROXY={_secret_free(proxy)}, ...)"))
+    plan = Plan(_daemon_writes("docker", proxy, no_proxy, systemd_dir=systemd_dir,
+                               ca_dir=ca_dir, ca=ca, under=under))
     hosts = registry_hosts(info)
     if ca is not None:
         source, pem = ca
-        plan.writes.append(FileWrite(under(ca_dir / CA_NAME), pem,
-                                     summary=f"(the CA certificate from {source})"))
         # certs.d is read per registry host, but never for Docker Hub (SSL_CERT_DIR covers it).
         plan.writes += [FileWrite(under(certs_dir / host / "ca.crt"), pem,
                                   summary=f"(the CA certificate from {source})")
@@ -93,16 +110,9 @@ def docker_proxy_plan(info: GatewayInfo, proxy: str, *, systemd_dir: Path, certs
 def containerd_proxy_plan(info: GatewayInfo, proxy: str, *, systemd_dir: Path,
                           config_path: Path, ca_dir: Path, ca: tuple[Path, bytes] | None,
                           no_proxy: list[str], root: Path | None = None) -> Plan:
-    plan = Plan()
     under = _Under(root)
-    unit_dir = systemd_dir / "containerd.service.d"
-    plan.writes.append(FileWrite(under(unit_dir / DROP_IN), drop_in(
-        proxy, no_proxy, str(ca_dir) if ca else None, "containerd"), mode=0o600,
-        summary=None if "@" not in proxy else f"(HTTPS_PROXY={_secret_free(proxy)}, ...)"))
-    if ca is not None:
-        source, pem = ca
-        plan.writes.append(FileWrite(under(ca_dir / CA_NAME), pem,
-                                     summary=f"(the CA certificate from {source})"))
+    plan = Plan(_daemon_writes("containerd", proxy, no_proxy, systemd_dir=systemd_dir,
+                               ca_dir=ca_dir, ca=ca, under=under))
     for route in info.routes:
         server = "https://registry-1.docker.io" if route.name == DOCKER_HUB \
             else f"https://{route.name}"
@@ -121,16 +131,6 @@ def containerd_proxy_plan(info: GatewayInfo, proxy: str, *, systemd_dir: Path,
     plan.notes.append(f"ctr: HTTPS_PROXY={_secret_free(proxy)} ctr images pull --hosts-dir "
                       f"{config_path} IMAGE")
     return plan
-
-
-class _Under:
-    """Paths as the daemon sees them, written under `root` (tests, images being built)."""
-
-    def __init__(self, root: Path | None) -> None:
-        self.root = root
-
-    def __call__(self, path: Path) -> Path:
-        return path if self.root is None else self.root / path.relative_to(path.anchor)
 
 
 def _notes(unit: str, hosts: list[str], with_ca: bool) -> list[str]:
