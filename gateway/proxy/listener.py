@@ -95,6 +95,7 @@ class ForwardProxy:
         self.server: Callable[[], asyncio.Protocol] | None = None
         self._rules: _Rules | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._tunnels: set[Pipe] = set()  # closed at shutdown (intercepted ones: by aiohttp)
 
     def use_authority(self, authority: Authority) -> None:
         self.authority = authority
@@ -120,6 +121,8 @@ class ForwardProxy:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pipe in list(self._tunnels):
+            pipe.close()
         if self.minter is not None:
             await self.minter.close()
 
@@ -226,6 +229,8 @@ class ForwardProxy:
         log.info("proxy CONNECT %s:%d from %s: tunnelled byte for byte, NOT CACHED (%s)",
                  decision.host, decision.port, client, why)
         _answer(transport, 200)
+        self._tunnels.add(far)
+        far.closed.add_done_callback(lambda _: self._tunnels.discard(far))
         splice(transport, leftover, far, up)
 
     def _refuse(self, transport: asyncio.Transport, refusal: Refused, client: str,

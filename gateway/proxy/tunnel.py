@@ -57,6 +57,9 @@ class Pipe(asyncio.Protocol):
         if self.peer is not None and self.peer.transport is not None:
             self.peer.transport.resume_reading()
 
+    def close(self) -> None:
+        self._close_both()
+
     def _close_both(self) -> None:
         for side in (self, self.peer):
             if side is not None and side.transport is not None:

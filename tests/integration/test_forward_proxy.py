@@ -309,3 +309,39 @@ async def test_ca_certificate_is_served(proxied: Proxied, http: aiohttp.ClientSe
     async with http.get(proxied.gateway.url() + "/_gateway/ca.crt") as response:
         assert response.status == 200
         assert await response.read() == (ca_dir / "ca.crt").read_bytes()
+
+
+async def test_side_hosts_are_tunnelled_and_never_get_a_leaf(
+        start_gateway: Callable[..., Gateway], upstreams: tuple[Upstream, Upstream],
+        ca_dir: Path, counter: AcceptCounter, http: aiohttp.ClientSession) -> None:
+    # auth.docker.io is allowed (the docker.io preset lists it) but is no route's registry:
+    # even with a CA it is tunnelled to where it really is, and no certificate is minted.
+    routes = proxy_routes(*upstreams, ca=str(ca_dir),
+                          connect_to={"auth.docker.io": f"127.0.0.1:{counter.port}"})
+    running = start_proxied(start_gateway, routes, ca_dir / "ca.crt")
+
+    answer = connect(running.proxy_port, "CONNECT auth.docker.io:443 HTTP/1.1")
+
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    wait_for(lambda: counter.accepted == 1, what="the tunnel to auth.docker.io")
+    async with http.get(running.gateway.url() + "/metrics") as response:
+        metrics = await response.text()
+    assert "gateway_proxy_leaf_certificates_total 0.0" in metrics
+    wait_for(lambda: "auth.docker.io:443 from 127.0.0.1: tunnelled byte for byte, NOT CACHED "
+             "(not a registry route)" in running.gateway.log(), what="the tunnel logged")
+
+
+def test_denied_addresses_are_refused_before_anything_else(
+        start_gateway: Callable[..., Gateway], upstreams: tuple[Upstream, Upstream],
+        ca_dir: Path) -> None:
+    routes = {**proxy_routes(*upstreams, ca=str(ca_dir)), "access": {"deny": ["127.0.0.2/32"]}}
+    running = start_proxied(start_gateway, routes, ca_dir / "ca.crt")
+
+    with socket.create_connection(("127.0.0.1", running.proxy_port), timeout=10,
+                                  source_address=("127.0.0.2", 0)) as sock:
+        sock.sendall(f"CONNECT {HUB}:443 HTTP/1.1\r\nHost: {HUB}:443\r\n\r\n".encode())
+        answer = sock.recv(4096)
+
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+    assert connect(running.proxy_port, f"CONNECT {HUB}:443 HTTP/1.1").startswith(
+        b"HTTP/1.1 200 ")
