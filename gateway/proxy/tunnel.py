@@ -9,6 +9,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
+# A tunnel with no byte either way this long is closed (a dead peer must not keep its
+# connection slot forever); clients reconnect at once when they need it again.
+TUNNEL_IDLE = 600.0
+
 
 class Pipe(asyncio.Protocol):
     """One direction's reader: what arrives on its transport is written to `peer`. When
@@ -19,6 +23,7 @@ class Pipe(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: Pipe | None = None
         self._eof = False
+        self.last = asyncio.get_running_loop().time()  # the pair's last byte, either way
         self.closed = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -27,6 +32,9 @@ class Pipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._count(len(data))
+        self.last = asyncio.get_running_loop().time()
+        if self.peer is not None:
+            self.peer.last = self.last
         peer = self.peer.transport if self.peer is not None else None
         if peer is not None and not peer.is_closing():
             peer.write(data)
@@ -66,8 +74,20 @@ class Pipe(asyncio.Protocol):
                 side.transport.close()
 
 
+def _watch(pipe: Pipe, idle: float) -> None:
+    """Close the pair once it has been idle for `idle` seconds; look again until then."""
+    if pipe.closed.done():
+        return
+    loop = asyncio.get_running_loop()
+    left = pipe.last + idle - loop.time()
+    if left <= 0:
+        pipe.close()
+    else:
+        loop.call_later(left, _watch, pipe, idle)
+
+
 def splice(client: asyncio.Transport, leftover: bytes, upstream: Pipe,
-           count_up: Callable[[int], None]) -> Pipe:
+           count_up: Callable[[int], None], *, idle: float = TUNNEL_IDLE) -> Pipe:
     """Join `client` (its protocol replaced) to a connected `upstream` pipe."""
     near = Pipe(count_up)
     near.connection_made(client)
@@ -76,4 +96,5 @@ def splice(client: asyncio.Transport, leftover: bytes, upstream: Pipe,
     if leftover:
         near.data_received(leftover)
     client.resume_reading()
+    asyncio.get_running_loop().call_later(idle, _watch, upstream, idle)
     return near

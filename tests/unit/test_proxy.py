@@ -1,7 +1,7 @@
 """The forward proxy's pure parts: the destination rules (which CONNECT is intercepted,
 tunnelled or refused), the CA `ca init` makes (its name constraints checked by a real
-TLS client: OpenSSL through Python's ssl), the leaf minter's refusals, and the
-`forward_proxy:` section of routes.yaml."""
+TLS client: OpenSSL through Python's ssl), the leaf minter's refusals, the
+`forward_proxy:` section of routes.yaml, and a tunnel's copying and idle close."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.proxy import Authority, Destinations, permitted_names, write_ca
 from gateway.proxy.authority import Minter, NotPermitted, server_context
+from gateway.proxy.tunnel import Pipe, splice
 
 ROUTES = """
 routes:
@@ -189,3 +190,39 @@ def test_ca_init_permits_the_routes_registry_hosts(tmp_path: Path,
                      "registry.example.com", "extra.example"}
     out = capsys.readouterr()
     assert "forward_proxy:" in out.out and "already holds a CA" in out.err
+
+
+async def test_a_tunnel_copies_both_ways_and_closes_when_idle() -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    destination = await asyncio.start_server(echo, "127.0.0.1", 0)
+    accepted: asyncio.Future[asyncio.Transport] = asyncio.get_running_loop().create_future()
+
+    class Accept(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            transport.pause_reading()
+            accepted.set_result(transport)
+
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(Accept, "127.0.0.1", 0)
+    counted: list[int] = []
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", listener.sockets[0].getsockname()[1])
+        client = await accepted
+        port = destination.sockets[0].getsockname()[1]
+        _, far = await loop.create_connection(lambda: Pipe(counted.append), "127.0.0.1", port)
+        splice(client, b"early ", far, counted.append, idle=0.3)
+        writer.write(b"bytes")
+        assert await reader.readexactly(11) == b"early bytes"
+        await asyncio.wait_for(far.closed, 5)  # idle: closed by the watchdog
+        assert await reader.read() == b""
+        assert sum(counted) == 22  # 11 up, 11 down
+        writer.close()
+    finally:
+        listener.close()
+        destination.close()
