@@ -19,6 +19,8 @@ from .config import load_config_file
 from .errors import ConfigError
 from .maintenance import add_commands as add_cache_commands
 from .net import parse_hostport
+from .proxy import AuthorityError
+from .proxy.commands import add_commands as add_ca_commands
 from .reload import WATCH_INTERVAL, check_file
 from .tls import RELOAD_INTERVAL, TlsError
 
@@ -60,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"how often to look for replaced certificates (default "
                             f"{RELOAD_INTERVAL:g}; SIGHUP looks at once)")
 
+    serve.add_argument("--proxy-listen", action="append", type=_listen, metavar="HOST:PORT",
+                       help="also serve as an HTTP forward proxy (CONNECT) for clients with "
+                            "HTTPS_PROXY; repeatable (see docs/proxy-mode.md)")
+
     check = sub.add_parser("check", help="validate a route table (as a reload would: "
                            "secrets resolved) and print the routes; exit 1 if invalid")
     check.add_argument("file", nargs="?", help="the route table (default routes.yaml)")
@@ -71,12 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     client_commands.add_warm(sub)
     add_cache_commands(sub)
     init_command.add_command(sub)
+    add_ca_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command in ("client", "doctor", "warm", "cache", "init"):  # they read their own inputs
+    # These read their own inputs.
+    if args.command in ("client", "doctor", "warm", "cache", "init", "ca"):
         return int(args.run(args, os.environ))
     if args.command == "check":
         ok, text = check_file(Path(args.file or args.routes))
@@ -97,8 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
             certs=Path(args.certs), redirect_http=args.redirect_http,
             tls_reload=args.tls_reload, log_level=args.log_level,
-            config_file=Path(args.routes), config_poll=args.config_poll))
+            config_file=Path(args.routes), config_poll=args.config_poll,
+            proxy_listens=tuple(args.proxy_listen or ())))
     except TlsError as exc:
         print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
+        return 1
+    except AuthorityError as exc:
+        print(f"registry-gateway: forward_proxy.ca: {exc}", file=sys.stderr)
         return 1
     return 0

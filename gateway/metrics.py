@@ -89,6 +89,7 @@ class Metrics:
         self._add_quota_collectors(r)
         self._add_tls_collectors(r)
         self._add_status_collectors(r)
+        self._add_proxy_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -161,6 +162,19 @@ class Metrics:
         self.blob_part_resumes = Counter(
             "gateway_blob_part_resumes", "Range parts resumed (asking for their missing "
             "tail) after their connection broke", ["route"], registry=r)
+
+    def _add_proxy_collectors(self, r: CollectorRegistry) -> None:
+        """The forward proxy (`serve --proxy-listen`, gateway/proxy/)."""
+        self.proxy_connects = Counter(
+            "gateway_proxy_connects", "CONNECT requests by outcome: intercepted (served by "
+            "the gateway, cached), tunnelled (bytes passed through, not cached), refused",
+            ["outcome"], registry=r)
+        self.proxy_tunnelled_bytes = Counter(
+            "gateway_proxy_tunnelled_bytes", "Bytes passed through proxy tunnels, not cached, "
+            "by direction (up: client to destination, down)", ["direction"], registry=r)
+        self.proxy_leaves = Counter(
+            "gateway_proxy_leaf_certificates", "Leaf certificates minted for intercepted "
+            "registry hosts", registry=r)
 
     def _add_quota_collectors(self, r: CollectorRegistry) -> None:
         """Upstream quotas: rate-limit headers per account, 429s by kind, the pool's state.

@@ -16,6 +16,9 @@ class Preset:
     label: str
     aliases: tuple[str, ...] = ()
     library_prefix: bool = False
+    # Where the registry sends clients for tokens and blobs (auth, CDN, redirect targets):
+    # allowed destinations of the forward proxy (tunnelled); `*` globs generated names.
+    proxy_hosts: tuple[str, ...] = ()
 
 
 # The registries our users cannot reach, with their conventional mirror host labels.
@@ -25,13 +28,24 @@ PRESETS: Mapping[str, Preset] = {
         "hub",
         aliases=("registry-1.docker.io", "index.docker.io", "registry.hub.docker.com"),
         library_prefix=True,
+        proxy_hosts=("auth.docker.io", "production.cloudflare.docker.com",
+                     "docker-images-prod.6aa30f8b08e16409b46e0173d6de2f56"
+                     ".r2.cloudflarestorage.com"),
     ),
-    "gcr.io": Preset("https://gcr.io", "gcr"),
-    "ghcr.io": Preset("https://ghcr.io", "ghcr"),
-    "k8s.gcr.io": Preset("https://k8s.gcr.io", "k8s-gcr"),
-    "registry.k8s.io": Preset("https://registry.k8s.io", "k8s"),
-    "quay.io": Preset("https://quay.io", "quay"),
-    "mcr.microsoft.com": Preset("https://mcr.microsoft.com", "mcr"),
+    "gcr.io": Preset("https://gcr.io", "gcr", proxy_hosts=("storage.googleapis.com",)),
+    "ghcr.io": Preset("https://ghcr.io", "ghcr",
+                      proxy_hosts=("pkg-containers.githubusercontent.com",)),
+    "k8s.gcr.io": Preset("https://k8s.gcr.io", "k8s-gcr",
+                         proxy_hosts=("storage.googleapis.com",)),
+    # registry.k8s.io redirects to the nearest Artifact Registry or S3 mirror (rpardini#147).
+    "registry.k8s.io": Preset("https://registry.k8s.io", "k8s",
+                              proxy_hosts=("*.pkg.dev",
+                                           "prod-registry-k8s-io-*.amazonaws.com")),
+    "quay.io": Preset("https://quay.io", "quay",
+                      proxy_hosts=("cdn.quay.io", "cdn01.quay.io", "cdn02.quay.io",
+                                   "cdn03.quay.io")),
+    "mcr.microsoft.com": Preset("https://mcr.microsoft.com", "mcr",
+                                proxy_hosts=("*.data.mcr.microsoft.com",)),
     "docker.elastic.co": Preset("https://docker.elastic.co", "elastic"),
-    "nvcr.io": Preset("https://nvcr.io", "nvcr"),
+    "nvcr.io": Preset("https://nvcr.io", "nvcr", proxy_hosts=("authn.nvidia.com",)),
 }

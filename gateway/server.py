@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from . import admin, api, listen, pipeline
+from . import admin, api, listen, pipeline, proxy
 from .cache import BlobStore, Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
 from .cache.pinning import PinKeeper
@@ -66,11 +66,11 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
-    # Logins outlive config swaps: the htpasswd tables and the bcrypt cache stay warm.
-    logins = Logins()
-    app = web.Application(middlewares=pipeline.build(live, metrics, https_port=https_port,
-                                                     logins=logins, limits=limits),
-                          client_max_size=1 << 20)
+    # Logins outlive config swaps; the forward proxy's connections use them and this app.
+    forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
+    app = web.Application(middlewares=pipeline.build(
+        live, metrics, https_port=https_port, logins=logins, limits=limits,
+        proxied=forward.connections.lookup), client_max_size=1 << 20)
     current: Callable[[], Config] = live  # admin's view of the running config
     app[CURRENT] = current
     app[LIVE] = live
@@ -105,7 +105,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
     app.cleanup_ctx.extend((watch_loop, *_opened(remote), lifecycle))
     pulls = _add_status(app, live, cache, data_dir)  # after lifecycle: ready once started
-    _add_handlers(app, serve_metrics, pulls)
+    _add_handlers(app, serve_metrics, pulls, forward)
     return app
 
 
@@ -189,10 +189,12 @@ def _htpasswd_file(config: Config) -> list[Path]:
     return [Path(config.access.users)] if config.access.users else []
 
 
-def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls) -> None:
+def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
+                  forward: proxy.ForwardProxy) -> None:
     # One hook for every answer: each signal receiver is a coroutine per response.
     app.on_response_prepare.append(pipeline.on_prepare(pulls.count))
     router = app.router
+    proxy.add_routes(app, forward)  # /_gateway/ca.crt, and the CA loaded at start
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
         router.add_route("HEAD", path, api.base)
@@ -218,6 +220,7 @@ class ServeOptions:
     log_level: str = "info"
     config_file: Path | None = None  # where `config` came from: reloaded live
     config_poll: float = WATCH_INTERVAL  # seconds between looks at it (0: SIGHUP only)
+    proxy_listens: tuple[Address, ...] = ()  # forward proxy (CONNECT) addresses
 
 
 def _relative(path: Path, directory: Path) -> str:
@@ -260,6 +263,7 @@ async def _serve(options: ServeOptions) -> None:
     listen.quiet_accept_errors(asyncio.get_running_loop())
     runners = [web.AppRunner(app, access_log=None, **listen.handler_options(server_limits))]
     await runners[0].setup()
+    proxies: list[asyncio.Server] = []
     try:
         sites = [site for host, port in options.listens
                  for site in listen.guarded_sites(runners[0], host, port, guard)]
@@ -269,6 +273,7 @@ async def _serve(options: ServeOptions) -> None:
                                           ssl_context=certificates.context)
         for site in sites:
             await site.start()
+        proxies += await _start_proxy(app, runners[0], options.proxy_listens, guard)
         if options.metrics_listen is not None:
             runners.append(web.AppRunner(admin.metrics_app(app[METRICS]), access_log=None))
             await runners[-1].setup()
@@ -279,9 +284,37 @@ async def _serve(options: ServeOptions) -> None:
                  options.data_dir)
         await _until_stopped(certificates, app[RELOADER])
     finally:
+        for listener in proxies:
+            listener.close()
         for runner in reversed(runners):
             await runner.cleanup()
         guard.close()
+
+
+async def _start_proxy(app: web.Application, runner: web.AppRunner,
+                       addresses: tuple[Address, ...],
+                       guard: listen.ConnectionGuard) -> list[asyncio.Server]:
+    """The forward-proxy listeners (same connection caps); intercepted connections are
+    handed to `runner`'s protocol factory."""
+    if not addresses:
+        return []
+    forward = app[proxy.PROXY]
+    assert runner.server is not None
+    forward.server = runner.server
+    loop = asyncio.get_running_loop()
+    listeners = []
+    for host, port in addresses:
+        for sock in listen.listening_sockets(host, port, guard):
+            listeners.append(await loop.create_server(forward.protocol, sock=sock))
+    where = ", ".join(f"http://{h}:{p}" for h, p in addresses)
+    if forward.authority is None:
+        log.warning("forward proxy on %s: no forward_proxy.ca, so allowed registry hosts are "
+                    "tunnelled byte for byte and NOTHING IS CACHED (registry-gateway ca init)",
+                    where)
+    else:
+        log.info("forward proxy on %s: registry hosts answered by the gateway (CA %s)", where,
+                 forward.authority.certificate.subject.rfc4514_string())
+    return listeners
 
 
 async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader) -> None:

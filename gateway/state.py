@@ -49,6 +49,19 @@ class RegistryRequest:
         return "list" if self.target is None else str(self.target)
 
 
+@dataclass(frozen=True, slots=True)
+class ProxiedConnection:
+    """A client connection the forward proxy terminated (gateway/proxy/): the registry
+    host it CONNECTed to (which picks the route) and who logged in to the proxy."""
+
+    host: str
+    user: str | None = None
+
+
+# The forward proxy's view of a request's connection: None unless it came through CONNECT.
+ProxiedLookup = Callable[[web.Request], ProxiedConnection | None]
+
+
 @dataclass(slots=True)
 class RequestState:
     id: str

@@ -14,14 +14,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from .checkup import Report
 from .containerd import containerd_plan
 from .docker import docker_plan
 from .doctor import Doctor
+from .doctor_proxy import check_proxy
 from .imageref import parse_platforms
 from .k8s import k8s_text
 from .plan import Plan, apply, read_text
 from .podman import podman_plan
-from .source import gateway_info, read_ca, tls_context
+from .proxy_mode import NO_PROXY, containerd_proxy_plan, docker_proxy_plan, proxy_url
+from .source import gateway_info, proxy_ca, read_ca, tls_context
 from .target import ClientConfError, GatewayInfo, Target, parse_target, probe_urls
 from .warm import PARALLEL, WarmOptions, read_images, warm
 from .warm_view import Display, summary_json, summary_text
@@ -40,16 +43,33 @@ def _plan(args: argparse.Namespace, info: GatewayInfo, target: Target,
     return podman_plan(info, target, conf_d=args.conf_d, certs_dir=args.certs_dir, ca=ca)
 
 
+def _proxy_plan(args: argparse.Namespace, info: GatewayInfo, target: Target) -> Plan:
+    """`--proxy URL`: the daemon's systemd drop-in and the proxy CA (forward-proxy mode)."""
+    proxy = proxy_url(args.proxy)
+    ca = proxy_ca(args, target, sys.stderr)
+    no_proxy = list(dict.fromkeys([*NO_PROXY, *(h.strip() for v in args.no_proxy or ()
+                                                for h in v.split(",") if h.strip())]))
+    common = {"systemd_dir": args.systemd_dir, "ca": ca, "no_proxy": no_proxy,
+              "root": args.root}
+    ca_dir = args.proxy_ca_dir or Path(f"/etc/{args.runtime}/registry-gateway-proxy-ca")
+    if args.runtime == "docker":
+        return docker_proxy_plan(info, proxy, certs_dir=args.certs_dir, ca_dir=ca_dir,
+                                 **common)
+    return containerd_proxy_plan(info, proxy, config_path=args.config_path, ca_dir=ca_dir,
+                                 **common)
+
+
 def _run_client(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         target = parse_target(args.gateway)
-        ca = read_ca(args.ca)
+        proxied = getattr(args, "proxy", None) is not None
+        ca = None if proxied else read_ca(args.ca)
         info = gateway_info(args, target, err)
         if args.runtime == "k8s":
             out.write(k8s_text(info, target, ca=args.ca))
             return 0
-        plan = _plan(args, info, target, ca)
+        plan = _proxy_plan(args, info, target) if proxied else _plan(args, info, target, ca)
         if args.dry_run:
             out.write(plan.render())
             return 0
@@ -99,6 +119,8 @@ def add_commands(sub: Any) -> None:
     containerd.add_argument("--containerd-config", type=Path,
                             default=Path("/etc/containerd/config.toml"),
                             help="containerd's config.toml, checked for config_path")
+    for parser in (docker, containerd):
+        _proxy_arguments(parser)
 
     podman = runtimes.add_parser("podman", help="write a registries.conf.d drop-in (podman, "
                                  "skopeo, buildah, CRI-O)")
@@ -110,6 +132,24 @@ def add_commands(sub: Any) -> None:
     _runtime_arguments(k8s, writes=False)
 
 
+def _proxy_arguments(parser: argparse.ArgumentParser) -> None:
+    """Forward-proxy mode (docs/proxy-mode.md) instead of a mirror."""
+    parser.add_argument("--proxy", metavar="URL", help="use the gateway's forward proxy "
+                        "(serve --proxy-listen) as http://HOST:PORT: writes the systemd "
+                        "drop-in (HTTPS_PROXY, NO_PROXY) and installs the proxy CA (--ca, "
+                        "else the gateway's /_gateway/ca.crt)")
+    parser.add_argument("--no-proxy", action="append", metavar="HOSTS",
+                        help="also in NO_PROXY (comma-separated; repeatable); localhost "
+                        "and loopback always are")
+    parser.add_argument("--systemd-dir", type=Path, default=Path("/etc/systemd/system"),
+                        help="where the <unit>.service.d/http-proxy.conf drop-in goes")
+    parser.add_argument("--proxy-ca-dir", type=Path, help="the CA directory the drop-in "
+                        "adds with SSL_CERT_DIR (default /etc/<runtime>/"
+                        "registry-gateway-proxy-ca)")
+    parser.add_argument("--root", type=Path, help="write every file under this directory "
+                        "(as a chroot would see it), e.g. for an image being built")
+
+
 def _run_doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     out: TextIO = sys.stdout
     try:
@@ -118,12 +158,29 @@ def _run_doctor(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     except ClientConfError as exc:
         print(f"registry-gateway doctor: {exc}", file=sys.stderr)
         return 2
+    if args.proxy:
+        return _run_proxy_doctor(args, out)
     docker_host = args.docker_host or env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
     doctor = Doctor(target, ca=args.ca, timeout=args.timeout, docker_host=docker_host,
                     daemon_json=args.daemon_json, docker_certs_dir=args.docker_certs_dir)
     print(f"registry-gateway doctor: checking {probe_urls(target)[0]} from this machine",
           file=out)
     report = asyncio.run(doctor.run())
+    out.write(report.render())
+    return 1 if report.problems else 0
+
+
+def _run_proxy_doctor(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        proxy = proxy_url(args.proxy)
+    except ClientConfError as exc:
+        print(f"registry-gateway doctor: {exc}", file=sys.stderr)
+        return 2
+    print(f"registry-gateway doctor: checking the forward proxy {args.proxy} from this "
+          "machine", file=out)
+    report = Report()
+    asyncio.run(check_proxy(report, proxy, ca=args.ca, host=args.proxy_host,
+                            seconds=args.timeout))
     out.write(report.render())
     return 1 if report.problems else 0
 
@@ -140,6 +197,10 @@ def add_doctor(sub: Any) -> None:
                         "or unix:///var/run/docker.sock)")
     doctor.add_argument("--daemon-json", type=Path, default=Path("/etc/docker/daemon.json"))
     doctor.add_argument("--docker-certs-dir", type=Path, default=Path("/etc/docker/certs.d"))
+    doctor.add_argument("--proxy", metavar="URL", help="check the forward-proxy path "
+                        "instead: a CONNECT through http://HOST:PORT reaches a registry")
+    doctor.add_argument("--proxy-host", default="registry-1.docker.io",
+                        help="the registry host to reach through --proxy")
     doctor.set_defaults(run=_run_doctor)
 
 

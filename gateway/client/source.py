@@ -17,6 +17,8 @@ from ..wire import ROUTES_PATH, GatewayListing
 from .routes_file import read_routes_file
 from .target import ClientConfError, GatewayInfo, Target, probe_urls
 
+PROXY_CA_PATH = "/_gateway/ca.crt"  # served by the gateway when forward_proxy.ca is set
+
 
 def tls_context(ca: Path | None) -> ssl.SSLContext:
     """The system's trust store, plus the gateway's private CA if one is given."""
@@ -83,6 +85,33 @@ def gateway_info(args: argparse.Namespace, target: Target, err: TextIO) -> Gatew
               "routes.yaml (or fix the problem above; `registry-gateway doctor` helps)",
               file=err)
         return GatewayInfo.presets(target.host if target.base_domain else None)
+
+
+async def _fetch_ca(target: Target, ca: Path | None, seconds: float) -> bytes | None:
+    context = tls_context(ca)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=seconds),
+                                     trust_env=False) as session:
+        for base in probe_urls(target):
+            try:
+                async with session.get(base + PROXY_CA_PATH, ssl=context,
+                                       allow_redirects=False) as response:
+                    if response.status == 200:
+                        return await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                continue
+    return None
+
+
+def proxy_ca(args: argparse.Namespace, target: Target, err: TextIO) -> tuple[Path, bytes] | None:
+    """The forward proxy's CA: --ca, else the gateway's /_gateway/ca.crt (public)."""
+    if args.ca is not None:
+        return read_ca(args.ca)
+    pem = asyncio.run(_fetch_ca(target, None, args.timeout))
+    if pem is None or b"BEGIN CERTIFICATE" not in pem or b"PRIVATE KEY" in pem:
+        print(f"warning: no --ca and {probe_urls(target)[0]}{PROXY_CA_PATH} gave no CA "
+              "certificate: the daemon will not trust an intercepting proxy", file=err)
+        return None
+    return Path(probe_urls(target)[0] + PROXY_CA_PATH), pem
 
 
 def read_ca(path: Path | None) -> tuple[Path, bytes] | None:

@@ -27,6 +27,7 @@ from ..errors import ConfigError
 from ..presets import PRESETS
 from .access import access_section
 from .document import Document, Place
+from .forward_proxy import ForwardProxySettings
 from .limits import Limits
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
@@ -145,6 +146,7 @@ SECTIONS: Mapping[str, Section] = {
     "access": Section(access_section, "access"),
     "limits": settings_section(Limits, "limits"),
     "storage": Section(storage_section, "storage"),
+    "forward_proxy": settings_section(ForwardProxySettings, "forward_proxy"),
 }
 
 

@@ -19,6 +19,7 @@ from yarl import URL
 from . import resilience
 from .access import AccessSettings, RepositoryRules, repository_rules, route_anonymous
 from .document import Location, Place
+from .forward_proxy import ForwardProxySettings
 from .limits import Limits, RouteLimits, route_limits
 from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
@@ -280,6 +281,8 @@ class Config:
     access: AccessSettings = field(default_factory=AccessSettings)
     limits: Limits = field(default_factory=Limits)
     storage: StorageSettings = field(default_factory=StorageSettings)  # config/storage.py
+    # `serve --proxy-listen` (config/forward_proxy.py, gateway/proxy/).
+    forward_proxy: ForwardProxySettings = field(default_factory=ForwardProxySettings)
 
     def route(self, name: str) -> Route:
         for route in self.routes:

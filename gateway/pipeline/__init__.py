@@ -23,6 +23,7 @@ from aiohttp.typedefs import Middleware
 from ..config import Config
 from ..metrics import Metrics
 from ..routing import Router
+from ..state import ProxiedLookup
 from .access import access_step
 from .admit import admit_middleware
 from .edge import edge_step, forwarded_middleware, redirect_middleware
@@ -38,15 +39,17 @@ __all__ = ["ClientLimits", "PerConfig", "build", "forwarded_middleware",
 
 def build(current: Callable[[], Config], metrics: Metrics, *,
           https_port: int | None = None, logins: Logins | None = None,
-          limits: ClientLimits | None = None) -> list[Middleware]:
+          limits: ClientLimits | None = None,
+          proxied: ProxiedLookup | None = None) -> list[Middleware]:
     """The stages over `current` (the running config: `Live`, or `lambda: config`).
     `logins` and `limits` (htpasswd tables and bcrypt cache; per-client buckets) are kept
-    by the composition root across reloads."""
+    by the composition root across reloads. `proxied`: the forward proxy's lookup of the
+    connections it terminated (their requests are routed by the CONNECTed host)."""
     # The edge first, so the log, the routing and the rules see the real client and host.
     stages: list[Middleware] = [observe_middleware(metrics, current, edge_step())]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
     stages.append(admit_middleware(
-        resolve_step(PerConfig(Router)), access_step(metrics, logins=logins),
+        resolve_step(PerConfig(Router), proxied), access_step(metrics, logins=logins),
         limits_step(limits or ClientLimits(), metrics)))
     return stages

@@ -119,7 +119,8 @@ async def _check(request: web.Request, config: Config, policy: Policy,
     state = request[STATE]
     reg = state.registry
     route = reg.route.name if reg is not None else "-"
-    user = await _login(request, config, logins, metrics, route)
+    # A login to the forward proxy (set by resolve) counts for its tunnel's requests.
+    user = state.user or await _login(request, config, logins, metrics, route)
     state.user = user
     if reg is not None:
         verdict = policy.pull(address, reg.route, reg.repository, user)

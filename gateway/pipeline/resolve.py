@@ -16,7 +16,7 @@ from ..config import Config
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
 from ..routing import Router
-from ..state import STATE, Kind, RegistryRequest
+from ..state import STATE, Kind, ProxiedLookup, RegistryRequest
 from .snapshot import PerConfig
 
 READ_ONLY = ("GET", "HEAD")
@@ -28,8 +28,10 @@ _KINDS: dict[str, Kind] = {"manifests": "manifest", "blobs": "blob", "tags": "ta
                            "referrers": "referrers"}
 
 
-def parse(host: str | None, tail: str, ns: str | None, router: Router) -> RegistryRequest:
-    """`tail` is the path after /v2/ (still percent-decoded by aiohttp)."""
+def parse(host: str | None, tail: str, ns: str | None, router: Router, *,
+          proxied: str | None = None) -> RegistryRequest:
+    """`tail` is the path after /v2/ (still percent-decoded by aiohttp). `proxied`: the
+    registry host of the CONNECT the request came through, which alone picks the route."""
     if "/blobs/uploads" in f"/{tail}":
         raise RegistryError("UNSUPPORTED", "this registry mirror is read-only: no uploads", 405,
                             headers={"Allow": "GET, HEAD"})
@@ -41,7 +43,8 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
                                 "too long for a repository")
         raise RegistryError("NOT_FOUND", "no such registry API endpoint")
     kind, rest = _KINDS[match.group("kind")], match.group("rest")
-    resolved = router.resolve(host, match.group("name"), ns)
+    resolved = (router.resolve(host, match.group("name"), ns) if proxied is None
+                else router.resolve_proxied(proxied, match.group("name")))
     target: Reference | Digest | None
     if kind == "manifest":
         target = Reference.parse(rest)
@@ -54,9 +57,11 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router) -> Regist
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def resolve_step(routers: PerConfig[Router]) -> Callable[[web.Request, Config], None]:
+def resolve_step(routers: PerConfig[Router], proxied: ProxiedLookup | None = None
+                 ) -> Callable[[web.Request, Config], None]:
     """The stage (run by `admit`): `routers.of(config)` is the Router of the request's
-    config, compiled once per config."""
+    config, compiled once per config. `proxied`: the forward proxy's lookup of
+    terminated CONNECTs (None: no proxy)."""
 
     def resolve(request: web.Request, config: Config) -> None:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
@@ -64,8 +69,12 @@ def resolve_step(routers: PerConfig[Router]) -> Callable[[web.Request, Config], 
             raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
                                 "mirror is read-only", 405, headers={"Allow": "GET, HEAD"})
         path = request.path
+        through = proxied(request) if proxied is not None else None
+        if through is not None:
+            request[STATE].user = through.user  # logged in to the proxy: Proxy-Authorization
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
             request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), routers.of(config))
+                                            request.query.get("ns"), routers.of(config),
+                                            proxied=through.host if through else None)
 
     return resolve

@@ -21,9 +21,14 @@ from ..routing import Router
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # load balancers' checks: open to all
 
 
+# Under /_gateway/ but for client machines: the forward proxy's CA certificate (public).
+PUBLIC_GATEWAY_PATHS = frozenset({"/_gateway/ca.crt"})
+
+
 def is_admin_path(path: str) -> bool:
     """/metrics and /_gateway/*: what only operators read."""
-    return path == "/metrics" or path.startswith("/_gateway/")
+    return path == "/metrics" or (path.startswith("/_gateway/")
+                                  and path not in PUBLIC_GATEWAY_PATHS)
 
 
 @dataclass(frozen=True, slots=True)

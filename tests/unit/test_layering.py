@@ -26,7 +26,11 @@ MAP: dict[str, set[str]] = {
                        "gateway.upstream", "gateway.upstream_pool", "gateway.reload",
                        "gateway.routing", "gateway.config", "gateway.tls",
                        "gateway.metrics", "gateway.logs", "gateway.looplag", "gateway.listen",
-                       "gateway"},
+                       "gateway.proxy", "gateway"},
+    # Forward-proxy mode: CONNECT, the host allow-list, leaves from the gateway's CA.
+    "gateway.proxy": {"gateway.pipeline", "gateway.routing", "gateway.state", "gateway.config",
+                      "gateway.errors", "gateway.metrics", "gateway.net",
+                      "gateway.singleflight", "gateway.presets"},
     # Live config: the running Config, its reload (SIGHUP, file change), `check`.
     "gateway.reload": {"gateway.config", "gateway.errors", "gateway.metrics",
                        "gateway.tasks", "gateway.upstream_pool"},
