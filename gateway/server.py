@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from aiohttp import web
 from . import admin, api, listen, pipeline
 from .cache import Cache, FsStore, MemoryIndex, ProcessDir
 from .cache.contents_sqlite import SqliteContents
+from .cache.coordinate_files import FileCoordinator
 from .cache.pinning import PinKeeper
 from .config import Config, Route
 from .logs import start_logging
@@ -47,17 +50,16 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                clock: Callable[[], float] = time.time,
                config_file: Path | None = None,
                watch_interval: float = WATCH_INTERVAL,
-               limits: pipeline.ClientLimits | None = None) -> web.Application:
+               limits: pipeline.ClientLimits | None = None,
+               worker: Worker | None = None) -> web.Application:
     """The gateway as one aiohttp app. `https_port`: plain HTTP is redirected there.
     `clock` (wall seconds) drives every TTL. `config_file`: reloaded on SIGHUP and when it
-    changes (looked at every `watch_interval` s; 0: never). `limits`: the buckets."""
+    changes (looked at every `watch_interval` s; 0: never). `limits`: the buckets.
+    `worker`: one of several processes on this data directory (workers.py)."""
     metrics = Metrics()
     live = Live(config)
-    data_dir = Path(data_dir)
-    spool = ProcessDir(data_dir / ".spool")
-    store = FsStore(data_dir, spool.path)
-    contents = SqliteContents(data_dir, clock=clock, metrics=metrics)
-    cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock)
+    primary = worker is None or worker.index == 0
+    cache = _build_cache(config, Path(data_dir), metrics, clock, worker)
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
@@ -90,7 +92,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await cache.open()
         await upstreams.start(config.routes)
-        pins.start()
+        if primary:  # pinned images are fetched once per data directory
+            pins.start()
         await reloader.start()
         yield
         await reloader.close()
@@ -102,6 +105,19 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     app.on_response_prepare.append(pipeline.add_common_headers)
     _add_handlers(app, serve_metrics)
     return app
+
+
+def _build_cache(config: Config, data_dir: Path, metrics: Metrics,
+                 clock: Callable[[], float], worker: Worker | None) -> Cache:
+    """The filesystem store, the sqlite catalogue; with workers, single flight across them
+    and the once-per-data-directory work in the primary one."""
+    spool = ProcessDir(data_dir / ".spool")
+    store = FsStore(data_dir, spool.path)
+    primary = worker is None or worker.index == 0
+    contents = SqliteContents(data_dir, clock=clock, metrics=metrics, primary=primary)
+    return Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock,
+                 coordinator=FileCoordinator(data_dir) if worker is not None else None,
+                 primary=primary)
 
 
 def _upstream_factory(metrics: Metrics, clock: Callable[[], float],
@@ -135,6 +151,19 @@ Address = tuple[str, int]
 
 
 @dataclass(frozen=True)
+class Worker:
+    """One of `serve --workers N` (workers.py): its listening sockets, bound by the
+    supervisor, and `ready()` to call once it serves."""
+
+    index: int  # 0: the primary, which also does the once-per-data-directory work
+    count: int
+    plain: tuple[socket.socket, ...]
+    tls: tuple[socket.socket, ...]
+    metrics: tuple[socket.socket, ...]
+    ready: Callable[[], None]
+
+
+@dataclass(frozen=True)
 class ServeOptions:
     config: Config
     data_dir: Path
@@ -147,6 +176,8 @@ class ServeOptions:
     log_level: str = "info"
     config_file: Path | None = None  # where `config` came from: reloaded live
     config_poll: float = WATCH_INTERVAL  # seconds between looks at it (0: SIGHUP only)
+    workers: int = 1  # processes serving the same listeners and data directory
+    worker: Worker | None = None  # set in each of them by workers.py
 
 
 def _with_certificates(app: web.Application, certificates: TlsCertificates) -> None:
@@ -164,11 +195,15 @@ async def _serve(options: ServeOptions) -> None:
     certificates = (TlsCertificates(options.certs, reload_interval=options.tls_reload)
                     if options.tls_listens else None)
     https_port = options.tls_listens[0][1] if certificates and options.redirect_http else None
+    worker = options.worker
     app = create_app(options.config, options.data_dir,
                      serve_metrics=options.metrics_listen is None, https_port=https_port,
-                     config_file=options.config_file, watch_interval=options.config_poll)
+                     config_file=options.config_file, watch_interval=options.config_poll,
+                     worker=worker)
     if certificates is not None:
         _with_certificates(app, certificates)
+    if worker is not None:
+        app.on_response_prepare.append(_worker_header(os.getpid()))
     server_limits = options.config.limits.server
     guard = listen.ConnectionGuard(app[LIVE], listen.max_connections(
         server_limits, listen.raise_descriptor_limit()), app[METRICS])
@@ -176,18 +211,18 @@ async def _serve(options: ServeOptions) -> None:
     runners = [web.AppRunner(app, access_log=None, **listen.handler_options(server_limits))]
     await runners[0].setup()
     try:
-        sites = [site for host, port in options.listens
-                 for site in listen.guarded_sites(runners[0], host, port, guard)]
-        for host, port in options.tls_listens:
-            assert certificates is not None
-            sites += listen.guarded_sites(runners[0], host, port, guard,
-                                          ssl_context=certificates.context)
+        sites = _sites(options, runners[0], guard, certificates)
         for site in sites:
             await site.start()
         if options.metrics_listen is not None:
             runners.append(web.AppRunner(admin.metrics_app(app[METRICS]), access_log=None))
             await runners[-1].setup()
-            await web.TCPSite(runners[-1], *options.metrics_listen).start()
+            if worker is None:
+                await web.TCPSite(runners[-1], *options.metrics_listen).start()
+            for sock in worker.metrics if worker is not None else ():
+                await web.SockSite(runners[-1], sock).start()
+        if worker is not None:
+            worker.ready()
         log.info("serving %d routes on %s, data in %s", len(options.config.routes),
                  ", ".join([f"http://{h}:{p}" for h, p in options.listens] +
                            [f"https://{h}:{p}" for h, p in options.tls_listens]),
@@ -197,6 +232,31 @@ async def _serve(options: ServeOptions) -> None:
         for runner in reversed(runners):
             await runner.cleanup()
         guard.close()
+
+
+def _sites(options: ServeOptions, runner: web.AppRunner, guard: listen.ConnectionGuard,
+           certificates: TlsCertificates | None) -> list[web.SockSite]:
+    """The client listeners: bound here, or (a worker) the supervisor's sockets."""
+    tls = {"ssl_context": certificates.context} if certificates is not None else {}
+    if options.worker is not None:
+        return (listen.adopted_sites(runner, options.worker.plain, guard)
+                + listen.adopted_sites(runner, options.worker.tls, guard, **tls))
+    sites = [site for host, port in options.listens
+             for site in listen.guarded_sites(runner, host, port, guard)]
+    for host, port in options.tls_listens:
+        sites += listen.guarded_sites(runner, host, port, guard, **tls)
+    return sites
+
+
+def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """X-Gateway-Worker: which worker process answered (operators, and the tests that
+    prove every worker serves)."""
+    value = str(pid)
+
+    async def add(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["X-Gateway-Worker"] = value
+
+    return add
 
 
 async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader) -> None:

@@ -74,7 +74,8 @@ class SqliteContents:
     (reconcile with the store at the next open) and `corrupt` (make the file anew)."""
 
     def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time,
-                 metrics: Metrics | None = None, flush_interval: float = 2.0) -> None:
+                 metrics: Metrics | None = None, flush_interval: float = 2.0,
+                 primary: bool = True) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / FILE
         self.rebuilt: str | None = None  # why open() made the file anew, if it did
@@ -92,6 +93,9 @@ class SqliteContents:
         self._scan_lock = asyncio.Lock()
         self._refs_known = asyncio.Event()
         self._failed_at = -1e9
+        # Several workers on one index: the primary reconciles when asked to; another
+        # one only after an unclean stop it found itself (a worker that was killed).
+        self._primary = primary
 
     # ------------------------------------------------------------ plumbing
 
@@ -161,6 +165,8 @@ class SqliteContents:
             if reason is not None or dead:
                 (self._state / "rescan").touch()
             self._catalogue = Catalogue(db)
+            if not self._primary and not dead and reason is None:
+                return None, False
             return reason, (self._state / "rescan").exists()
 
     async def open(self) -> None:

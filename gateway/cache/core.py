@@ -14,6 +14,7 @@ from ..config import Config
 from ..metrics import Metrics
 from .blobs import Blobs
 from .contents import Contents, Entry, Root
+from .coordinate import Coordinator, InProcess
 from .diskfull import DiskFull
 from .evict import Evictor
 from .index import Index
@@ -28,8 +29,13 @@ log = logging.getLogger("gateway.cache")
 class Cache:
     def __init__(self, config: Config, data_dir: Path, store: BlobStore, index: Index,
                  contents: Contents, metrics: Metrics, spool: ProcessDir,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, coordinator: Coordinator | None = None,
+                 primary: bool = True) -> None:
         self.config = config
+        # Workers: single flight across the processes on this data directory, and the
+        # once-per-directory work (eviction passes, sweeps) in the primary one only.
+        self.coordinator: Coordinator = coordinator or InProcess()
+        self.primary = primary
         self.store = store
         self.index = index
         self.contents = contents
@@ -42,9 +48,9 @@ class Cache:
         self.disk = DiskFull(metrics, clock)
         self.disk.make_room = self.evictor.make_room  # full disk: evict, then retry once
         self.blobs = Blobs(store, index, contents, self.evictor, self.readers, metrics,
-                           lambda: spool.path, disk=self.disk)
+                           lambda: spool.path, disk=self.disk, coordinator=self.coordinator)
         self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
-                                   disk=self.disk)
+                                   disk=self.disk, coordinator=self.coordinator)
         self.evictor.on_evicted(self._forget)
 
     def reconfigure(self, config: Config) -> None:
@@ -82,8 +88,10 @@ class Cache:
         if swept:
             log.info("removed %d spool leftovers of stopped gateway processes", len(swept))
         await self.contents.open()
-        self.evictor.start()
-        self.evictor.wake()  # the limits may have shrunk since the last run
+        await self.coordinator.open(sweep=self.primary)
+        if self.primary:
+            self.evictor.start()
+            self.evictor.wake()  # the limits may have shrunk since the last run
 
     async def close(self) -> None:
         await self.evictor.close()
@@ -91,4 +99,5 @@ class Cache:
         await self.manifests.revalidating.close()
         await self.manifests.calls.close()
         await self.contents.close()
+        await self.coordinator.close()
         await asyncio.to_thread(self.spool.close)
