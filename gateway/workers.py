@@ -10,6 +10,7 @@ connections over them, and a restarted worker finds the connections queued for i
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import logging
 import os
@@ -37,6 +38,7 @@ _TICK = 0.2  # seconds between looks at signals and readiness
 DRAIN_SECONDS = 75.0  # after SIGTERM, workers still running then are killed
 _BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)  # between restarts of a worker that keeps dying
 _STEADY = 30.0  # a worker that ran this long starts its back-off anew
+_PR_SET_PDEATHSIG = 1
 
 
 def bind(address: server.Address, count: int) -> list[list[socket.socket]]:
@@ -74,6 +76,7 @@ class _Child:
     ready: bool = False
     failures: int = 0
     restart_at: float | None = None
+    reload_when_ready: bool = False  # a SIGHUP came while it was starting
 
 
 @dataclass
@@ -102,20 +105,26 @@ class Supervisor:
     # ------------------------------------------------------------ one worker
 
     def start(self, child: _Child) -> None:
+        restarted, child.ready = child.failures > 0 or child.ready, False
         ready_r, ready_w = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker: never returns
             os.close(ready_r)
-            self._work(child.index, ready_w, restarted=child.failures > 0 or child.ready)
+            self._work(child.index, ready_w, supervisor, restarted=restarted)
         os.close(ready_w)
         child.pid, child.started, child.ready_fd, child.restart_at = pid, time.monotonic(), \
             ready_r, None
         log.info("worker %d started (pid %d)", child.index, pid)
 
-    def _work(self, index: int, ready_w: int, *, restarted: bool) -> None:
+    def _work(self, index: int, ready_w: int, supervisor: int, *, restarted: bool) -> None:
         code = 1
         try:
+            # Until its loop handles SIGHUP (reload), one must not end it: the supervisor
+            # sends it again once the worker is ready.
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_SETMASK, set())
+            _end_with_supervisor(supervisor)
             use_multiprocess(self.metrics_dir)
             options = self.options
             if restarted and options.config_file is not None:
@@ -163,7 +172,12 @@ class Supervisor:
     def _signalled(self, signo: int) -> None:
         if signo == signal.SIGHUP:
             log.info("SIGHUP: every worker reloads")
-            self._send(signal.SIGHUP)
+            for child in self.children.values():
+                if child.pid and child.ready:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGHUP)
+                else:
+                    child.reload_when_ready = True
         elif signo in (signal.SIGTERM, signal.SIGINT) and self.stopping is None:
             log.info("%s: workers finish what they serve and stop",
                      signal.Signals(signo).name)
@@ -235,6 +249,10 @@ class Supervisor:
             if os.read(fd, 1):
                 child.ready = True
                 log.info("worker %d (pid %d) serves", child.index, child.pid)
+                if child.reload_when_ready:
+                    child.reload_when_ready = False
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signal.SIGHUP)
             os.close(fd)
             child.ready_fd = -1
 
@@ -243,6 +261,15 @@ class Supervisor:
         for child in self.children.values():
             if child.restart_at is not None and now >= child.restart_at:
                 self.start(child)
+
+
+def _end_with_supervisor(supervisor: int) -> None:
+    """A supervisor killed outright (SIGKILL) must not leave workers serving on: the
+    kernel sends each SIGTERM when it goes (Linux's PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != supervisor:  # it went before the call took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _merge(count: int, groups: list[list[list[socket.socket]]]) -> list[list[socket.socket]]:

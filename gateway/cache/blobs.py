@@ -83,6 +83,7 @@ class Blobs:
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
         # Who fetches a blob other processes on this store want too (cache/coordinate.py).
         self.coordinator: Coordinator = coordinator or InProcess()
+        self._shared = not isinstance(self.coordinator, InProcess)
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
@@ -141,6 +142,9 @@ class Blobs:
             self._count(route, "miss")  # a spool would fail again: relay, keep nothing
             return self.disk.relay(upstream, route.name, repository, digest)
         flight, started = self.fetch(upstream, route, repository, digest)
+        if started and self._shared:  # a miss only if no other worker fetches it already
+            await flight.claimed.wait()
+            started = not flight.mirrored
         self._count(route, "miss" if started else "coalesced")
         return flight, started
 
@@ -203,8 +207,12 @@ class Blobs:
     async def _run(self, flight: BlobFlight, upstream: Upstream, route: Route,
                    repository: str, store_key: str) -> None:
         """Fetch the blob, or follow the process that fetches it (several workers)."""
-        claim: Lead | Follow = await self.coordinator.claim(
-            f"blob {route.namespace} {flight.digest}")
+        try:
+            claim: Lead | Follow = await self.coordinator.claim(
+                f"blob {route.namespace} {flight.digest}")
+            flight.mirrored = isinstance(claim, Follow)
+        finally:
+            flight.claimed.set()
         while isinstance(claim, Follow):
             taken = await follow(flight, claim)
             if taken is None:

@@ -46,7 +46,11 @@ def _try_lock(path: Path, operation: int = fcntl.LOCK_EX) -> tuple[int, bool]:
     """Open `path` (made if missing) and try its lock: (fd, True) if held now, (fd,
     False) if another process holds it (fd: the file it holds). Blocking: a thread."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the directory went (a data directory emptied by hand)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
         try:
             fcntl.flock(fd, operation | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -93,14 +97,14 @@ def encode(progress: Progress) -> bytes:
     tail = spool + code_b + message_b
     size = -1 if progress.size is None else progress.size
     body = _HEAD.pack(0, progress.state, progress.generation, size, progress.written, status,
-                      len(spool), len(code_b), len(message_b), 0)[4:] + tail
+                      len(spool), len(code_b), len(message_b))[4:] + tail
     return struct.pack("<I", zlib.crc32(body)) + body
 
 
 def decode(data: bytes) -> Progress | None:
     """A record, or None if it is not a whole one (being written, or never was)."""
     try:
-        crc, state, generation, size, written, status, n_spool, n_code, n_msg, _ = \
+        crc, state, generation, size, written, status, n_spool, n_code, n_msg = \
             _HEAD.unpack_from(data)
     except struct.error:
         return None

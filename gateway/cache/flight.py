@@ -64,6 +64,8 @@ class BlobFlight:
         # in other processes may follow (the orphan limit then never drops the fetch).
         self.publish: Callable[[BlobFlight], None] | None = None
         self.followed = False
+        self.mirrored = False  # another process fetches it: this one follows
+        self.claimed = asyncio.Event()  # set once it is known which
 
     @property
     def headers_known(self) -> bool:
