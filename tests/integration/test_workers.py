@@ -251,10 +251,10 @@ async def test_sighup_reloads_every_worker(
     seen: dict[str, list[str]] = {}
 
     async def both_reloaded() -> bool:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{gateway.url()}/_gateway/routes") as resp:
-                listing = await resp.json()
-                seen[resp.headers[WORKER]] = [r["name"] for r in listing["routes"]]
+        async with aiohttp.ClientSession() as session, \
+                session.get(f"{gateway.url()}/_gateway/routes") as resp:
+            listing = await resp.json()
+            seen[resp.headers[WORKER]] = [r["name"] for r in listing["routes"]]
         return len(seen) == 2 and all("quay.io" in names for names in seen.values())
 
     await wait_until(both_reloaded, what=f"both workers to serve the new route: {seen}",
