@@ -158,8 +158,9 @@ class FileLead:
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
-        if self._map is not None:
-            self._map.close()
+        mapped, self._map = self._map, None  # a late publish() is then a no-op
+        if mapped is not None:
+            mapped.close()
         await asyncio.to_thread(_unlink_and_close, fd, self._path)
 
 
