@@ -24,6 +24,7 @@ from .spool import ProcessDir
 from .store import BlobStore
 
 log = logging.getLogger("gateway.cache")
+SHARED_LOOK = 2.0  # seconds between the primary's eviction looks when workers share the disk
 
 
 class Cache:
@@ -52,6 +53,8 @@ class Cache:
         self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
                                    disk=self.disk, coordinator=self.coordinator)
         self.evictor.on_evicted(self._forget)
+        if not isinstance(self.coordinator, InProcess):
+            self.evictor.look_every = SHARED_LOOK
 
     def reconfigure(self, config: Config) -> None:
         """A reload swapped `config` in: new lease time, route namespaces, pins, limits.
