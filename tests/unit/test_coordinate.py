@@ -9,7 +9,10 @@ files, so they exclude each other as two processes would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +29,13 @@ from gateway.cache.coordinate import (
     Progress,
 )
 from gateway.cache.coordinate_files import FileCoordinator, FileFollow, FileLead, decode, encode
+from gateway.cache.diskfull import DiskFull
+from gateway.cache.flight import BlobFlight, FetchAborted
+from gateway.cache.follow import follow
 from gateway.errors import RegistryError
+from gateway.metrics import Metrics
+from gateway.reference import parse_digest
+from tests.support.wait import wait_until
 
 
 @dataclass
@@ -148,3 +157,79 @@ def test_a_torn_or_foreign_record_is_never_read() -> None:
     assert decode(bytes(torn)) is None
     assert decode(b"\0" * 4096) is None
     assert decode(b"") is None
+
+
+# ---------------------------------------------------------------- following (cache/follow.py)
+
+def _flight(tmp_path: Path, data: bytes) -> BlobFlight:
+    digest = parse_digest("sha256:" + hashlib.sha256(data).hexdigest())
+    return BlobFlight(digest, tmp_path / "never-used", tmp_path / "committed", orphan_limit=1,
+                      disk=DiskFull(Metrics(), time.time), route="docker.io")
+
+
+async def _read_all(flight: BlobFlight) -> bytes:
+    await flight.wait_headers()
+    out = bytearray()
+    async with contextlib.aclosing(flight.stream()) as chunks:
+        async for data in chunks:
+            out += data
+    return bytes(out)
+
+
+async def test_a_follower_streams_the_leaders_spool_and_its_last_byte_after_verification(
+        tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    spool = tmp_path / "leader-spool"
+    spool.write_bytes(data[:100_000])
+    lead = await FileCoordinator(tmp_path).claim("blob e")
+    claim = await FileCoordinator(tmp_path).claim("blob e")
+    assert isinstance(lead, FileLead) and isinstance(claim, FileFollow)
+    flight = _flight(tmp_path, data)
+    following = asyncio.create_task(follow(flight, claim))
+    reader = asyncio.create_task(_read_all(flight))
+    lead.publish(Transfer(spool, len(data), 100_000, headers_known=True))
+    await wait_until(lambda: flight.written == 100_000, what="the follower to see progress")
+    assert not reader.done() and not flight.done
+    with spool.open("ab") as file:
+        file.write(data[100_000:])
+    lead.publish(Transfer(spool, len(data), len(data), done=True, headers_known=True))
+    spool.rename(tmp_path / "committed")  # the leader commits it as readers go on
+    await lead.release()
+    assert await following is None
+    assert await reader == data
+
+
+async def test_a_leader_that_dies_before_its_first_byte_hands_over(tmp_path: Path) -> None:
+    lead = await FileCoordinator(tmp_path).claim("blob f")
+    claim = await FileCoordinator(tmp_path).claim("blob f")
+    assert isinstance(lead, FileLead) and isinstance(claim, FileFollow)
+    flight = _flight(tmp_path, b"x")
+    following = asyncio.create_task(follow(flight, claim))
+    lead.publish(Transfer(tmp_path / "s"))  # STARTING: no headers yet
+    assert lead._map is not None
+    lead._map.close()
+    os.close(lead._fd)  # kill -9
+    taken = await asyncio.wait_for(following, 5)
+    assert isinstance(taken, FileLead), "the follower should lead now"
+    assert flight.error is None and not flight.headers_known  # untouched: ours to run
+    await taken.release()
+
+
+async def test_a_leader_that_dies_mid_transfer_fails_the_followers_cleanly(
+        tmp_path: Path) -> None:
+    data = os.urandom(50_000)
+    spool = tmp_path / "leader-spool"
+    spool.write_bytes(data[:20_000])
+    lead = await FileCoordinator(tmp_path).claim("blob g")
+    claim = await FileCoordinator(tmp_path).claim("blob g")
+    assert isinstance(lead, FileLead) and isinstance(claim, FileFollow)
+    flight = _flight(tmp_path, data)
+    following = asyncio.create_task(follow(flight, claim))
+    lead.publish(Transfer(spool, len(data), 20_000, headers_known=True))
+    await wait_until(lambda: flight.written == 20_000, what="the follower to see progress")
+    assert lead._map is not None
+    lead._map.close()
+    os.close(lead._fd)  # kill -9 mid-transfer
+    assert await asyncio.wait_for(following, 5) is None
+    with pytest.raises(FetchAborted):
+        await _read_all(flight)
