@@ -59,7 +59,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     metrics = Metrics()
     live = Live(config)
     primary = worker is None or worker.index == 0
-    cache = _build_cache(config, Path(data_dir), metrics, clock, worker)
+    cache = _build_cache(config, Path(data_dir), metrics, clock, worker, primary)
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
 
@@ -108,12 +108,11 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
 
 def _build_cache(config: Config, data_dir: Path, metrics: Metrics,
-                 clock: Callable[[], float], worker: Worker | None) -> Cache:
+                 clock: Callable[[], float], worker: Worker | None, primary: bool) -> Cache:
     """The filesystem store, the sqlite catalogue; with workers, single flight across them
     and the once-per-data-directory work in the primary one."""
     spool = ProcessDir(data_dir / ".spool")
     store = FsStore(data_dir, spool.path)
-    primary = worker is None or worker.index == 0
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics, primary=primary)
     return Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock,
                  coordinator=FileCoordinator(data_dir) if worker is not None else None,
