@@ -220,13 +220,12 @@ async def _serve(options: ServeOptions) -> None:
                 await web.TCPSite(runners[-1], *options.metrics_listen).start()
             for sock in worker.metrics if worker is not None else ():
                 await web.SockSite(runners[-1], sock).start()
-        if worker is not None:
-            worker.ready()
         log.info("serving %d routes on %s, data in %s", len(options.config.routes),
                  ", ".join([f"http://{h}:{p}" for h, p in options.listens] +
                            [f"https://{h}:{p}" for h, p in options.tls_listens]),
                  options.data_dir)
-        await _until_stopped(certificates, app[RELOADER])
+        await _until_stopped(certificates, app[RELOADER],
+                             ready=worker.ready if worker is not None else None)
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
@@ -258,7 +257,10 @@ def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse], Awai
     return add
 
 
-async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader) -> None:
+async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader, *,
+                         ready: Callable[[], None] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM; `ready()` once the signals are handled (a worker tells
+    its supervisor, which may send SIGHUP from then on)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -273,6 +275,8 @@ async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloade
                  " and looking at the certificates again" if certificates else "")
 
     loop.add_signal_handler(signal.SIGHUP, hangup)
+    if ready is not None:
+        ready()
     try:
         await stop.wait()
     finally:
