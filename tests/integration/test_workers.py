@@ -151,6 +151,8 @@ async def test_sixteen_clients_over_two_workers_pull_a_cold_image_from_the_upstr
     # Blobs and the manifest, once each, whichever worker fetched them.
     assert sum(s.value for s in samples if s.name == "gateway_upstream_bytes_total") == \
         sum(blob.size for blob in blobs) + len(image.manifest.data)
+    # Every gauge says how it adds up over workers: none is left per process (a pid label).
+    assert not [s for s in samples if "pid" in s.labels], "a metric is reported per worker"
     assert stored_blobs_are_intact(gateway.data_dir) >= len(blobs)
 
 
@@ -236,6 +238,7 @@ async def test_a_worker_killed_mid_transfer_is_started_again_and_a_retry_succeed
     await wait_until(lambda: stored_blobs_are_intact(gateway.data_dir) == 1,
                      what="the blob to be committed", timeout=60)
     assert gateway.process is not None and gateway.process.poll() is None
+    assert f"(pid {leader}) ended (killed by SIGKILL); starting it again" in gateway.log()
 
 
 async def test_sighup_reloads_every_worker(
