@@ -222,6 +222,7 @@ class Blobs:
             if claim.shared and await self._committed_meanwhile(flight, store_key):
                 return
             flight.publish, flight.followed = claim.publish, claim.shared
+            claim.publish(flight)  # at once: a record a dead leader left must not stand
             await self._fetch(flight, upstream, route, repository, store_key)
         finally:
             await claim.release()
