@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
 from tests.support.pulls import fetch
@@ -267,3 +268,34 @@ async def test_sighup_reloads_every_worker(
     reloads = sum(s.value for s in samples if s.name == "gateway_config_reloads_total"
                   and s.labels["result"] == "ok")
     assert reloads == 2, f"{reloads} reloads counted for two workers"
+
+
+async def test_a_corrupt_upstream_blob_reaches_no_client_on_any_worker_whole(
+        start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway]) -> None:
+    upstream = start_upstream("docker.io")
+    repository = unique_repository("workers")
+    size = 12 << 20  # one stream (below the parallel fetch threshold)
+    digest = push_random_blob(upstream, repository, size)
+    upstream.proxy.queue("GET", f"/v2/{repository}/blobs/{digest}",
+                         Fault(corrupt_at=(size - 10,), throttle=4_000_000))
+    gateway = start_workers(start_gateway, routes_for(upstream))
+    url = f"{gateway.url()}/v2/{repository}/blobs/{digest}"
+
+    async with session_on(gateway) as (one, leader), \
+            session_on(gateway, not_worker=leader) as (two, follower), client_tasks() as spawn:
+        first = spawn(stream_get(one, url))
+        await wait_until(lambda: upstream.proxy.blob_bytes(repository) >= size // 4,
+                         what="a quarter of the blob", timeout=60)
+        second = spawn(stream_get(two, url))
+        results = [await first, await second]
+    assert [got.headers[WORKER] for got in results] == [leader, follower]
+    for got in results:
+        assert not got.clean, f"a client got the corrupt blob as a whole, clean body: {got}"
+        assert got.received < size
+    assert stored_blobs_are_intact(gateway.data_dir) == 0
+    async with aiohttp.ClientSession() as session:  # the client's retry: the right bytes
+        again = await stream_get(session, url)
+    assert again.clean and again.digest == digest, again
+    async with aiohttp.ClientSession() as http:
+        samples = await metric_samples(http, gateway)
+    assert sum(s.value for s in samples if s.name == "gateway_integrity_failures_total") == 1
