@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from . import eviction, policy, ranged, report, scenarios, startup, trees
+from . import workers as bench_workers
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
@@ -46,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="also run the gateway at git revision REV (checked out into a "
                         "temporary worktree, removed afterwards) in scenarios 3 (plain HTTP) "
                         "and 4, window by window beside this tree, and report both")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="scenarios 3 and 4 also against `serve --workers N` (target "
+                        "gateway-wN; default 2; 1: not)")
     parser.add_argument("--rounds", type=int, default=None, metavar="N",
                         help="with --baseline: how often each of those windows runs on each "
                         "gateway, alternating which goes first (default: 3, --quick 2)")
@@ -99,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     command = _command(given, args.baseline)
     started = time.time()
     try:
-        image, records, baselines = _measure(world, profile, selected, targets, args.baseline)
+        image, records, baselines = _measure(world, profile, selected, targets, args.baseline,
+                                             workers=args.workers)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -143,7 +148,7 @@ def _command(given: list[str], baseline: str | None) -> str:
 
 
 def _measure(world: World, profile: scenarios.Profile, selected: set[str],
-             targets: tuple[str, ...], rev: str | None,
+             targets: tuple[str, ...], rev: str | None, *, workers: int = 1,
              ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
     """Seed the upstream and run the selected scenarios: (image, records, baselines)."""
     records: list[dict[str, Any]] = []
@@ -167,8 +172,11 @@ def _measure(world: World, profile: scenarios.Profile, selected: set[str],
         if "2" in selected:
             records += scenarios.cold_ttfb(world, profile, targets)
         if selected & {"3", "4", "5"}:
+            # With N workers: one more target, right after the one-process gateway.
+            warm = targets[:1] + ((bench_workers.target(workers),) if workers > 1 else ()) \
+                + targets[1:]
             records += scenarios.warm_serving(
-                world, profile, targets, throughput=bool(selected & {"3", "5"}),
+                world, profile, warm, throughput=bool(selected & {"3", "5"}),
                 rate="4" in selected, with_nginx=True, baseline=baseline)
         if "5" in selected:
             records += scenarios.memory(records)

@@ -200,7 +200,7 @@ def time_to_serving(data_dir: Path, workdir: Path, name: str) -> dict[str, float
         "upstream": "http://127.0.0.1:9"}}}))  # never asked: nothing is pulled
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "serve", "--routes", str(routes),
-            "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"]
+            "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}", "--workers", "1"]
     url = f"http://127.0.0.1:{port}"
     started = time.perf_counter()
     with running(f"index-{name}", argv, workdir / f"gateway-{name}.log", cwd=CURRENT.root,

@@ -31,11 +31,20 @@ from .servers import (
     nginx,
 )
 from .trees import GatewayTree
+from .workers import workers_of
 
 Record = dict[str, Any]
 REPO_NAME = "bench/app"
 Launcher = Callable[..., contextlib.AbstractContextManager[Server]]
 TARGETS: dict[str, Launcher] = {"gateway": gateway, "distribution": distribution}
+
+
+def launcher_of(target: str) -> Launcher:
+    """A target's launcher; `gateway-wN` is the gateway with N worker processes."""
+    workers = workers_of(target)
+    if workers is not None:
+        return functools.partial(gateway, workers=workers, label=target)
+    return TARGETS[target]
 
 
 @dataclass(frozen=True)
@@ -99,7 +108,7 @@ def cold_fanin(world: World, profile: Profile, targets: tuple[str, ...]) -> list
         for target in targets:
             for clients in profile.fanin_clients:
                 data = world.fresh_dir(f"cold-{target}-{clients}")
-                with TARGETS[target](world, far, data) as server:
+                with launcher_of(target)(world, far, data) as server:
                     far.reset()
                     wait_quiet()
                     cpu0 = cpu_seconds(server.pids())
@@ -149,7 +158,7 @@ def cold_ttfb(world: World, profile: Profile, targets: tuple[str, ...]) -> list[
                     result = world.tool.run("ttfb", "-url", far.url, *args, *extra)
                 else:
                     data = world.fresh_dir(f"ttfb-{target}")
-                    with TARGETS[target](world, far, data) as server:
+                    with launcher_of(target)(world, far, data) as server:
                         result = world.tool.run("ttfb", "-url", server.url, *args, *extra)
                     world.fresh_dir(f"ttfb-{target}")
                 if result.get("errors"):
@@ -407,7 +416,7 @@ def _warm_pair(world: World, far: Far, stack: contextlib.ExitStack, target: str,
     """The warm target, and for the gateway its baseline too (both up, one measured at a
     time: an idle gateway uses no CPU, and CPU is counted per process)."""
     servers: list[Server] = []
-    launchers: list[tuple[Launcher, str, Path]] = [(TARGETS[target], target, data)]
+    launchers: list[tuple[Launcher, str, Path]] = [(launcher_of(target), target, data)]
     if target == "gateway" and baseline is not None:
         launchers.append((functools.partial(gateway, tree=baseline), baseline.slug,
                           world.fresh_dir(f"warm-{baseline.slug}")))
@@ -445,7 +454,7 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
                                 "no --tls-listen"})
                 _log("warm: gateway TLS not measured (no TLS flags)")
                 continue
-            with _warmed(world, far, TARGETS[target], target, data, tls=True) as (server, info):
+            with _warmed(world, far, launcher_of(target), target, data, tls=True) as (server, info):
                 records.append({"scenario": "warm_setup", **info})
                 records += warm_throughput(world, profile, [server], far, tls=True)
         if with_nginx and gateway_data is not None:

@@ -195,6 +195,11 @@ def gateway_has_tls(tree: GatewayTree = CURRENT) -> bool:
     return "--tls-listen" in tree.run("-m", "gateway", "serve", "--help").stdout
 
 
+def gateway_has_workers(tree: GatewayTree = CURRENT) -> bool:
+    """Whether this gateway runs worker processes (`serve --workers N`)."""
+    return "--workers" in tree.run("-m", "gateway", "serve", "--help").stdout
+
+
 def gateway_version(tree: GatewayTree = CURRENT) -> str:
     return tree.version()
 
@@ -204,11 +209,12 @@ def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
             name: str = "gateway", tree: GatewayTree = CURRENT,
             cache: dict[str, Any] | None = None,
             route: dict[str, Any] | None = None, sections: dict[str, Any] | None = None,
-            label: str | None = None) -> Iterator[Server]:
+            label: str | None = None, workers: int = 1) -> Iterator[Server]:
     """`python -m gateway serve` from `tree` (this working tree unless a baseline), one
     route to the far upstream (with the `route` keys if given), `cache` as routes.yaml's
     `cache:` section and `sections` as more top-level sections if given; its records
-    carry `label` (default `tree.label`) as the target."""
+    carry `label` (default `tree.label`) as the target. `workers`: processes (a tree
+    without `--workers` runs one whatever is asked)."""
     port = free_port()
     config: dict[str, Any] = {"default_route": ROUTE,
                               "routes": {ROUTE: {"upstream": far.url, **(route or {})}},
@@ -218,6 +224,8 @@ def gateway(world: World, far: Far, data_dir: Path, *, tls: bool = False,
     routes = _write_config(data_dir.parent / f"{data_dir.name}-routes.yaml", config)
     argv = [sys.executable, "-m", "gateway", "serve", "--routes", str(routes),
             "--data-dir", str(data_dir), "--listen", f"127.0.0.1:{port}"]
+    if gateway_has_workers(tree):  # explicit: the default is one worker per core
+        argv += ["--workers", str(workers)]
     url = f"http://127.0.0.1:{port}"
     if tls:
         # Only the bench's TLS certificate (for 127.0.0.1) in the certificate directory.

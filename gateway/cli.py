@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__, server
+from . import __version__, server, workers
 from . import init as init_command
 from .client import commands as client_commands
 from .config import load_config_file
@@ -30,6 +30,13 @@ def _listen(value: str) -> tuple[str, int]:
         return parse_hostport(value)
     except ValueError as exc:  # argparse keeps the message of ArgumentTypeError only
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _workers(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--workers wants a whole number of at least 1, "
+                                         f"not {value!r}")
+    return int(value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-listen", type=_listen, metavar="HOST:PORT",
                        help="serve /metrics here only, instead of on every listener")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=_workers, default=os.cpu_count() or 1, metavar="N",
+                       help="processes serving the same listeners and data directory "
+                            "(default: the number of cores; 1: one process, no supervisor)")
     serve.add_argument("--tls-listen", action="append", type=_listen, metavar="HOST:PORT",
                        help="address to serve HTTPS on; repeatable (certificates from --certs)")
     serve.add_argument("--certs", default="certs", help="certificate directory: a wildcard "
@@ -99,14 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("registry-gateway: --redirect-http needs a --tls-listen address", file=sys.stderr)
         return 1
     listens = args.listen or ([] if args.tls_listen else [("127.0.0.1", 5000)])
+    options = server.ServeOptions(
+        config, Path(args.data_dir), listens=tuple(listens),
+        tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
+        certs=Path(args.certs), redirect_http=args.redirect_http,
+        tls_reload=args.tls_reload, log_level=args.log_level,
+        config_file=Path(args.routes), config_poll=args.config_poll,
+        proxy_listens=tuple(args.proxy_listen or ()), workers=args.workers)
     try:
-        server.run(server.ServeOptions(
-            config, Path(args.data_dir), listens=tuple(listens),
-            tls_listens=tuple(args.tls_listen or ()), metrics_listen=args.metrics_listen,
-            certs=Path(args.certs), redirect_http=args.redirect_http,
-            tls_reload=args.tls_reload, log_level=args.log_level,
-            config_file=Path(args.routes), config_poll=args.config_poll,
-            proxy_listens=tuple(args.proxy_listen or ())))
+        if options.workers > 1:  # a supervisor and its workers (gateway/workers.py)
+            return workers.run(options)
+        server.run(options)
     except TlsError as exc:
         print(f"registry-gateway: certificates: {exc}", file=sys.stderr)
         return 1

@@ -302,6 +302,26 @@ def guarded_sites(runner: web.BaseRunner, host: str | None, port: int,
             for sock in listening_sockets(host, port, guard)]
 
 
+def adopted_sites(runner: web.BaseRunner, sockets: tuple[socket.socket, ...],
+                  guard: ConnectionGuard, **kwargs: Any) -> list[web.SockSite]:
+    """aiohttp sites on listening sockets bound by another process (the supervisor of
+    `serve --workers`), guarded like our own (kwargs: ssl_context)."""
+    return [web.SockSite(runner, listener, backlog=BACKLOG, **kwargs)
+            for listener in adopted_sockets(sockets, guard)]
+
+
+def adopted_sockets(sockets: tuple[socket.socket, ...],
+                    guard: ConnectionGuard) -> list[socket.socket]:
+    """Listening sockets bound by another process, guarded like our own."""
+    adopted: list[socket.socket] = []
+    for sock in sockets:
+        listener = _Listener(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.guard = guard
+        listener.setblocking(False)
+        adopted.append(listener)
+    return adopted
+
+
 def quiet_accept_errors(loop: asyncio.AbstractEventLoop,
                         clock: Callable[[], float] = time.monotonic) -> None:
     """asyncio logs "socket.accept() out of system resource" (with a traceback) each

@@ -7,16 +7,74 @@ process (tests) never share counters. Labels never carry secrets or repository n
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client import Gauge as _LibraryGauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Fine around the 5 ms a stalled loop may cost a request; an idle loop stays below 1 ms.
 _LAG_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
                 2.5, 5)
+
+
+# ------------------------------------------------------------ workers (multiprocess mode)
+# `serve --workers N`: each worker writes its values to files in one directory
+# (prometheus-client's multiprocess mode) and /metrics, whichever worker answers it, adds
+# them up. Counters and histograms are summed; each gauge says how it adds up. Ignored
+# in one process.
+GaugeMode = Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
+                    "mostrecent", "livemostrecent"]
+_GAUGE_MODES: MappingProxyType[str, GaugeMode] = MappingProxyType({
+    # Facts about the shared data directory, written by whichever worker looked last.
+    "gateway_cache_bytes": "mostrecent",
+    "gateway_cache_limit_bytes": "mostrecent",
+    "gateway_pinned_bytes": "mostrecent",
+    # Work in progress: the sum over the live workers.
+    "gateway_inflight_fetches": "livesum",
+    # The running config: the oldest a live worker runs, and 0 if any refused a reload.
+    "gateway_config_last_reload_success_timestamp_seconds": "livemin",
+    "gateway_config_last_reload_successful": "livemin",
+    # Upstream quotas: what the upstream said last, to whichever worker.
+    "gateway_upstream_ratelimit_limit": "livemostrecent",
+    "gateway_upstream_ratelimit_remaining": "livemostrecent",
+    "gateway_upstream_ratelimit_window_seconds": "livemostrecent",
+})  # everything else (breaker states, back-off times, info): the highest of the live ones
+
+
+class Gauge(_LibraryGauge):
+    """prometheus-client's Gauge with the multiprocess mode its name calls for."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Iterable[str] = (),
+                 **kwargs: Any) -> None:
+        # (labels() builds each child with the parent's keywords, the mode among them.)
+        kwargs.setdefault("multiprocess_mode", _GAUGE_MODES.get(name, "livemax"))
+        super().__init__(name, documentation, labelnames, **kwargs)
+
+
+def use_multiprocess(directory: Path) -> None:
+    """Make this (forked, not yet measuring) worker write its metrics to `directory`:
+    called before the worker's `Metrics()` is built. The library picks its value class
+    from the environment at import, which in a forked worker was long ago."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def forget_process(directory: Path, pid: int) -> None:
+    """A worker ended: its live gauges no longer count (its counters still do)."""
+    mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
+
+def _multiprocess_directory() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") \
+        if getattr(values.ValueClass, "_multiprocess", False) else None
 
 
 class Metrics:
@@ -257,4 +315,9 @@ class Metrics:
             served.inc(body_bytes)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        directory = _multiprocess_directory()
+        if directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry(auto_describe=False)
+        MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)

@@ -24,8 +24,10 @@ from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
 from .contents import Contents
+from .coordinate import Coordinator, Follow, InProcess, Lead
 from .diskfull import DiskFull
 from .flight import BlobFlight, IntegrityError
+from .follow import follow
 from .index import BlobKey, Index
 from .leases import Readers
 from .ranged import Plan, reuse_redirect
@@ -75,7 +77,7 @@ class Space(Protocol):
 class Blobs:
     def __init__(self, store: BlobStore, index: Index, contents: Contents, space: Space,
                  readers: Readers, metrics: Metrics, scratch: Callable[[], Path], *,
-                 disk: DiskFull | None = None) -> None:
+                 disk: DiskFull | None = None, coordinator: Coordinator | None = None) -> None:
         self.store = store
         self.index = index
         self.contents = contents
@@ -86,6 +88,9 @@ class Blobs:
         self._local = store if isinstance(store, LocalFiles) else None
         self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
+        # Who fetches a blob other processes on this store want too (cache/coordinate.py).
+        self.coordinator: Coordinator = coordinator or InProcess()
+        self._shared = not isinstance(self.coordinator, InProcess)
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
@@ -145,6 +150,9 @@ class Blobs:
             self._count(route, "miss")  # a spool would fail again: relay, keep nothing
             return self.disk.relay(upstream, route.name, repository, digest)
         flight, started = self.fetch(upstream, route, repository, digest)
+        if started and self._shared:  # a miss only if no other worker fetches it already
+            await flight.claimed.wait()
+            started = not flight.mirrored
         self._count(route, "miss" if started else "coalesced")
         return flight, started
 
@@ -211,6 +219,37 @@ class Blobs:
 
     async def _run(self, flight: BlobFlight, upstream: Upstream, route: Route,
                    repository: str, store_key: str) -> None:
+        """Fetch the blob, or follow the process that fetches it (several workers)."""
+        try:
+            claim: Lead | Follow = await self.coordinator.claim(
+                f"blob {route.namespace} {flight.digest}")
+            flight.mirrored = isinstance(claim, Follow)
+        finally:
+            flight.claimed.set()
+        while isinstance(claim, Follow):
+            taken = await follow(flight, claim)
+            if taken is None:
+                return  # followed to its end
+            claim = taken  # its leader died before sending a byte here: fetch it now
+        try:
+            if claim.shared and await self._committed_meanwhile(flight, store_key):
+                return
+            flight.publish, flight.followed = claim.publish, claim.shared
+            claim.publish(flight)  # at once: a record a dead leader left must not stand
+            await self._fetch(flight, upstream, route, repository, store_key)
+        finally:
+            await claim.release()
+
+    async def _committed_meanwhile(self, flight: BlobFlight, store_key: str) -> bool:
+        """Another process committed the blob between our look and our lead: serve that."""
+        size = await self.store.stat(store_key)
+        if size is None or flight.final_path is None:
+            return False
+        flight.mirror(flight.final_path, size, size, True)
+        return True
+
+    async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
+                     repository: str, store_key: str) -> None:
         path = f"/v2/{repository}/blobs/{flight.digest}"
 
         reserved = 0

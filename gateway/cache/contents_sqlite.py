@@ -75,7 +75,7 @@ class SqliteContents:
 
     def __init__(self, data_dir: Path, *, clock: Callable[[], float] = time.time,
                  metrics: Metrics | None = None, flush_interval: float = 2.0,
-                 store_files: bool = True) -> None:
+                 store_files: bool = True, primary: bool = True) -> None:
         self.data_dir = Path(data_dir)
         # False: the store is remote (S3), the data directory holds none of its objects;
         # a scan of it would drop every entry, so the catalogue is trusted as it is.
@@ -96,6 +96,9 @@ class SqliteContents:
         self._scan_lock = asyncio.Lock()
         self._refs_known = asyncio.Event()
         self._failed_at = -1e9
+        # Several workers on one index: the primary reconciles when asked to; another
+        # one only after an unclean stop it found itself (a worker that was killed).
+        self._primary = primary
 
     # ------------------------------------------------------------ plumbing
 
@@ -165,6 +168,8 @@ class SqliteContents:
             if reason is not None or dead:
                 (self._state / "rescan").touch()
             self._catalogue = Catalogue(db)
+            if not self._primary and not dead and reason is None:
+                return None, False
             return reason, (self._state / "rescan").exists()
 
     async def open(self) -> None:

@@ -14,6 +14,7 @@ from ..config import Config
 from ..metrics import Metrics
 from .blobs import Blobs
 from .contents import Contents, Entry, Root
+from .coordinate import Coordinator, InProcess
 from .diskfull import DiskFull
 from .evict import Evictor
 from .index import Index
@@ -23,13 +24,19 @@ from .spool import ProcessDir
 from .store import BlobStore
 
 log = logging.getLogger("gateway.cache")
+SHARED_LOOK = 2.0  # seconds between the primary's eviction looks when workers share the disk
 
 
 class Cache:
     def __init__(self, config: Config, data_dir: Path, store: BlobStore, index: Index,
                  contents: Contents, metrics: Metrics, spool: ProcessDir,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], *, coordinator: Coordinator | None = None,
+                 primary: bool = True) -> None:
         self.config = config
+        # Workers: single flight across the processes on this data directory, and the
+        # once-per-directory work (eviction passes, sweeps) in the primary one only.
+        self.coordinator: Coordinator = coordinator or InProcess()
+        self.primary = primary
         self.store = store
         self.index = index
         self.contents = contents
@@ -42,10 +49,12 @@ class Cache:
         self.disk = DiskFull(metrics, clock)
         self.disk.make_room = self.evictor.make_room  # full disk: evict, then retry once
         self.blobs = Blobs(store, index, contents, self.evictor, self.readers, metrics,
-                           lambda: spool.path, disk=self.disk)
+                           lambda: spool.path, disk=self.disk, coordinator=self.coordinator)
         self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
-                                   disk=self.disk)
+                                   disk=self.disk, coordinator=self.coordinator)
         self.evictor.on_evicted(self._forget)
+        if not isinstance(self.coordinator, InProcess):
+            self.evictor.look_every = SHARED_LOOK
 
     def reconfigure(self, config: Config) -> None:
         """A reload swapped `config` in: new lease time, route namespaces, pins, limits.
@@ -82,8 +91,10 @@ class Cache:
         if swept:
             log.info("removed %d spool leftovers of stopped gateway processes", len(swept))
         await self.contents.open()
-        self.evictor.start()
-        self.evictor.wake()  # the limits may have shrunk since the last run
+        await self.coordinator.open(sweep=self.primary)
+        if self.primary:
+            self.evictor.start()
+            self.evictor.wake()  # the limits may have shrunk since the last run
 
     async def close(self) -> None:
         await self.evictor.close()
@@ -91,4 +102,5 @@ class Cache:
         await self.manifests.revalidating.close()
         await self.manifests.calls.close()
         await self.contents.close()
+        await self.coordinator.close()
         await asyncio.to_thread(self.spool.close)

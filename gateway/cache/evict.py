@@ -57,6 +57,9 @@ class Evictor:
         self._wake = asyncio.Event()
         self._task = Background("evictor")
         self._forgotten: list[Callable[[Entry], Awaitable[None]]] = []
+        # Seconds between looks when nothing wakes us; with workers, other processes commit
+        # bytes without waking this one, so the primary looks every few seconds.
+        self.look_every = IDLE_CHECK
 
     def reconfigure(self, config: Config) -> None:
         """New limits and route quotas (a reload): the next pass uses them, and starts now."""
@@ -107,7 +110,7 @@ class Evictor:
             await self._contents.settled()
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_CHECK)
+                await asyncio.wait_for(self._wake.wait(), self.look_every)
             self._wake.clear()
             try:
                 freed = 0

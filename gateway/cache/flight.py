@@ -60,12 +60,41 @@ class BlobFlight:
         self._pace: Pace | None = None
         self._headers: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._progress = asyncio.Event()
+        # Across processes (cache/coordinate.py): told of every step; True while readers
+        # in other processes may follow (the orphan limit then never drops the fetch).
+        self.publish: Callable[[BlobFlight], None] | None = None
+        self.followed = False
+        self.mirrored = False  # another process fetches it: this one follows
+        self.claimed = asyncio.Event()  # set once it is known which
+
+    @property
+    def headers_known(self) -> bool:
+        h = self._headers
+        return h.done() and not h.cancelled() and h.exception() is None
 
     # ------------------------------------------------------------ the pump
 
     def _notify(self) -> None:
+        if self.publish is not None:
+            self.publish(self)
         event, self._progress = self._progress, asyncio.Event()
         event.set()
+
+    def mirror(self, spool: Path, size: int | None, written: int, done: bool) -> None:
+        """The progress of a transfer another process runs into `spool` (cache/follow.py):
+        readers here follow it as if the bytes came from this process."""
+        self.spool, self.size, self.written, self.done = spool, size, written, done
+        if not self._headers.done():
+            self._headers.set_result(None)
+        self._notify()
+
+    def fail(self, exc: BaseException) -> None:
+        """A mirrored transfer ended without the blob: its readers give up."""
+        self.error = exc
+        if not self._headers.done():
+            self._headers.set_exception(exc)
+            self._headers.exception()  # retrieved: readers may all be gone
+        self._notify()
 
     async def run(self, open_upstream: Opener, commit: Callable[[Path], Awaitable[None]],
                   on_bytes: Callable[[int], None], on_resume: Callable[[], None], *,
@@ -185,7 +214,7 @@ class BlobFlight:
         self._notify()
 
     def _orphaned(self) -> bool:
-        return self.readers == 0 and self.size is not None and \
+        return self.readers == 0 and not self.followed and self.size is not None and \
             self.size - self.written > self._orphan_limit
 
     async def _write(self, fd: int, hasher: hashlib._Hash, data: bytes) -> None:

@@ -28,6 +28,7 @@ from ..singleflight import SharedCalls, SingleFlight
 from ..upstream import Upstream
 from . import policy
 from .contents import Contents
+from .coordinate import Coordinator, InProcess
 from .diskfull import DiskFull, What, is_no_space
 from .flight import IntegrityError
 from .index import Index, TagKey
@@ -55,7 +56,8 @@ class ManifestResult:
 class Manifests:
     def __init__(self, store: BlobStore, index: Index, contents: Contents, leases: Leases,
                  metrics: Metrics, clock: Callable[[], float], *,
-                 memory: int = 64 << 20, disk: DiskFull | None = None) -> None:
+                 memory: int = 64 << 20, disk: DiskFull | None = None,
+                 coordinator: Coordinator | None = None) -> None:
         self.store = store
         self.index = index
         self.contents = contents
@@ -68,6 +70,8 @@ class Manifests:
         self.calls: SharedCalls[tuple[Any, ...], ManifestResult] = SharedCalls("manifest")
         # Background revalidations (stale-while-revalidate), one per tag; closed with the cache.
         self.revalidating: SingleFlight[tuple[Any, ...], None] = SingleFlight("revalidate")
+        # One upstream call per key across the processes on this store too.
+        self.coordinator: Coordinator = coordinator or InProcess()
 
     # ------------------------------------------------------------ storage
 
@@ -217,11 +221,17 @@ class Manifests:
         await self._check_missing(route, repository, str(digest))
 
         async def fetch() -> ManifestResult:
-            with upstream.in_use():  # it may outlive the request: a reload must wait for it
-                manifest = await self._remember_missing(
-                    route, repository, str(digest),
-                    self._fetch(upstream, route, repository, str(digest), accept, digest))
-            await self._keep(route, repository, manifest)
+            async with self.coordinator.turn(
+                    f"manifest {route.namespace} {repository} {digest}") as waited:
+                if waited:  # another process had it: it may be in the store now
+                    cached = await self.local(route, str(digest))
+                    if cached is not None:
+                        return ManifestResult(cached, "COALESCED")
+                with upstream.in_use():  # it may outlive the request: a reload waits for it
+                    manifest = await self._remember_missing(
+                        route, repository, str(digest),
+                        self._fetch(upstream, route, repository, str(digest), accept, digest))
+                await self._keep(route, repository, manifest)
             return ManifestResult(manifest, "MISS")
 
         # Existence is per repository upstream, so the repository is part of the key.
@@ -243,9 +253,15 @@ class Manifests:
         await self._check_missing(route, repository, tag)
 
         async def refresh() -> ManifestResult:
-            with upstream.in_use():
-                return await self._refresh(upstream, route, repository, tag, accept, view,
-                                           usable)
+            async with self.coordinator.turn(
+                    f"tag {route.namespace} {repository} {tag} {accept or ''}") as waited:
+                if waited:  # another process had it: it may have refreshed the tag
+                    done = await self._refreshed_elsewhere(route, repository, tag, accept)
+                    if done is not None:
+                        return done
+                with upstream.in_use():
+                    return await self._refresh(upstream, route, repository, tag, accept,
+                                               view, usable)
 
         key = (route.namespace, "tag", repository, tag, accept or "")
         if usable is not None and policy.revalidate_in_background(usable, route.cache, now):
@@ -254,6 +270,23 @@ class Manifests:
                 self._revalidate(route, key, refresh)
                 return ManifestResult(cached, "STALE")
         return await self._shared(key, refresh, admit)
+
+    async def _refreshed_elsewhere(self, route: Route, repository: str, tag: str,
+                                   accept: str | None) -> ManifestResult | None:
+        """The tag as another process just stored it, if fresh (the store, not the
+        index of this process, which may hold what it knew before)."""
+        for view in dict.fromkeys((policy.WIDE, policy.view(accept))):
+            key: TagKey = (route.namespace, repository, tag, view)
+            raw = await self.store.get(tag_key(*key))
+            entry = TagEntry.decode(raw) if raw is not None else None
+            if entry is None or not policy.usable(entry, accept) or \
+                    not policy.fresh(entry, route.cache, self._clock()):
+                continue
+            cached = await self.local(route, entry.digest)
+            if cached is not None:
+                await self.index.set_tag(key, entry)
+                return ManifestResult(cached, "COALESCED")
+        return None
 
     def _revalidate(self, route: Route, key: tuple[Any, ...],
                     refresh: Callable[[], Awaitable[ManifestResult]]) -> None:
@@ -267,7 +300,8 @@ class Manifests:
                 log.info("revalidating tag %s of %s failed: %s", key[3], route.name, exc)
                 outcome = "failed"
             else:
-                outcome = {"MISS": "changed", "HIT": "unchanged"}.get(result.cache, "failed")
+                outcome = {"MISS": "changed", "HIT": "unchanged", "COALESCED": "unchanged"}.get(
+                    result.cache, "failed")
             self.metrics.revalidations.labels(route.name, outcome).inc()
 
         self.revalidating.join(key, lambda: (None, work()))

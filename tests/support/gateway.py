@@ -107,6 +107,10 @@ class Gateway:
                    "--data-dir", str(self.data_dir)]
         for host in self.listen_hosts:
             command += ["--listen", f"{host}:{self.port}"]
+        # One process unless the test asks for workers: the default (one per core) would
+        # make every test's counts, logs and injected faults span processes.
+        if "--workers" not in self.extra_args:
+            command += ["--workers", "1"]
         command += list(self.extra_args)
         environment = {k: v for k, v in os.environ.items() if k not in _PROXY_VARIABLES}
         environment.update(self.env)

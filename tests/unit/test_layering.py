@@ -31,6 +31,9 @@ MAP: dict[str, set[str]] = {
     "gateway.proxy": {"gateway.pipeline", "gateway.routing", "gateway.state", "gateway.config",
                       "gateway.errors", "gateway.metrics", "gateway.net",
                       "gateway.singleflight", "gateway.presets"},
+    # serve --workers N: the supervisor that forks, restarts and signals the workers.
+    "gateway.workers": {"gateway.server", "gateway.config", "gateway.errors", "gateway.logs",
+                        "gateway.metrics"},
     # Live config: the running Config, its reload (SIGHUP, file change), `check`.
     "gateway.reload": {"gateway.config", "gateway.errors", "gateway.metrics",
                        "gateway.tasks", "gateway.upstream_pool"},
