@@ -55,6 +55,11 @@ class LogWriter:
     def start(self) -> None:
         self._thread.start()
 
+    def line(self, line: str) -> None:
+        """Queue a ready line (the access log's, which is data rather than a log record:
+        it skips the logging module, its record, filters and handler lock)."""
+        self._lines.put(line)
+
     def stop(self) -> None:
         """Write what is queued, then end."""
         self._lines.put(None)

@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 from aiohttp import web
 
-from ..state import STATE
+from ..state import RequestState
 
 K = TypeVar("K", bound=Hashable)
 CAPACITY = 1000
@@ -90,9 +90,9 @@ class Pulls:
         # weighted add per repository when asked or when it holds PENDING names.
         self._pending: dict[tuple[str, str], int] = {}
 
-    def count(self, request: web.Request, response: web.StreamResponse) -> None:
+    def count(self, request: web.Request, response: web.StreamResponse,
+              state: RequestState | None) -> None:
         """Called as each answer's headers go out (with the common headers)."""
-        state = request.get(STATE)
         reg = state.registry if state is not None else None
         if reg is not None and reg.kind == "manifest" and request.method == "GET" and \
                 response.status == 200:

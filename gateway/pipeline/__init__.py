@@ -40,13 +40,17 @@ __all__ = ["ClientLimits", "PerConfig", "build", "forwarded_middleware",
 def build(current: Callable[[], Config], metrics: Metrics, *,
           https_port: int | None = None, logins: Logins | None = None,
           limits: ClientLimits | None = None,
-          proxied: ProxiedLookup | None = None) -> list[Middleware]:
+          proxied: ProxiedLookup | None = None,
+          access_log: Callable[[str], None] | None = None) -> list[Middleware]:
     """The stages over `current` (the running config: `Live`, or `lambda: config`).
     `logins` and `limits` (htpasswd tables and bcrypt cache; per-client buckets) are kept
     by the composition root across reloads. `proxied`: the forward proxy's lookup of the
-    connections it terminated (their requests are routed by the CONNECTed host)."""
+    connections it terminated (their requests are routed by the CONNECTed host).
+    `access_log`: where the access log's lines go (the log writer; None: as records of
+    the "gateway.access" logger)."""
     # The edge first, so the log, the routing and the rules see the real client and host.
-    stages: list[Middleware] = [observe_middleware(metrics, current, edge_step())]
+    stages: list[Middleware] = [observe_middleware(metrics, current, edge_step(),
+                                                    access_log=access_log)]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
     stages.append(admit_middleware(

@@ -68,7 +68,7 @@ class _Compiled:
 
 
 def access_step(metrics: Metrics, *, logins: Logins | None = None
-                ) -> Callable[[web.Request, Config], Awaitable[None] | None]:
+                ) -> Callable[[web.Request, RequestState], Awaitable[None] | None]:
     """The stage (run by `admit` with the request's config). It decides at once (None:
     allowed; or it raises the refusal) unless a login must be checked: then it returns
     the check to await. `logins` (built once by the composition root, which calls
@@ -80,9 +80,9 @@ def access_step(metrics: Metrics, *, logins: Logins | None = None
     # parser was a tenth of a warm manifest request); bounded, so strangers cannot grow it.
     addresses: LRUCache[str, Address | None] = LRUCache(maxsize=4096)
 
-    def access(request: web.Request, config: Config) -> Awaitable[None] | None:
+    def access(request: web.Request, state: RequestState) -> Awaitable[None] | None:
+        config = state.config
         policy = compiled.policy(config)
-        state = request[STATE]
         reg = state.registry
         if reg is not None and policy.free is not None:
             free = policy.free.get(reg.route.name)

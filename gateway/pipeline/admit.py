@@ -12,23 +12,22 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from ..config import Config
-from ..state import STATE
+from ..state import STATE, RequestState
 
-Step = Callable[[web.Request, Config], None]
+Step = Callable[[web.Request, RequestState], None]
 # Decides at once (None) or returns what is left to await (a login to check).
-MaybeAsyncStep = Callable[[web.Request, Config], Awaitable[None] | None]
+MaybeAsyncStep = Callable[[web.Request, RequestState], Awaitable[None] | None]
 
 
 def admit_middleware(resolve: Step, access: MaybeAsyncStep, limit: Step) -> Middleware:
     @web.middleware
     async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        config = request[STATE].config
-        resolve(request, config)
-        pending = access(request, config)
+        state = request[STATE]  # with the request's config
+        resolve(request, state)
+        pending = access(request, state)
         if pending is not None:
             await pending
-        limit(request, config)
+        limit(request, state)
         return await handler(request)
 
     return admit

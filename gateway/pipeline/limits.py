@@ -21,7 +21,7 @@ from ..config import Config, Limits, Route
 from ..errors import RegistryError
 from ..metrics import Metrics
 from ..net import NetworkSet
-from ..state import STATE, AdmitMiss, Pace, RequestState
+from ..state import AdmitMiss, Pace, RequestState
 
 Sleep = Callable[[float], Awaitable[None]]
 _EXEMPT_MEMO = 4096  # addresses whose exemption is remembered per config
@@ -137,7 +137,8 @@ def _miss_gate(limits: ClientLimits, metrics: Metrics, state: RequestState, addr
     return admit
 
 
-def limits_step(limits: ClientLimits, metrics: Metrics) -> Callable[[web.Request, Config], None]:
+def limits_step(limits: ClientLimits,
+                metrics: Metrics) -> Callable[[web.Request, RequestState], None]:
     """The stage (run by `admit` with the request's config): refuses (raises) or sets
     the client's pace and miss budget on the request state."""
     compiled: list[tuple[Config, _Rules]] = []
@@ -152,15 +153,14 @@ def limits_step(limits: ClientLimits, metrics: Metrics) -> Callable[[web.Request
                                            idle))]
         return compiled[0][1]
 
-    def limit(request: web.Request, config: Config) -> None:
-        state = request[STATE]
+    def limit(request: web.Request, state: RequestState) -> None:
         if request.body_exists:
             # A read-only mirror reads no bodies: refused from the headers, unread.
             metrics.refusals.labels("-", "body").inc()
             state.rule = "limits.body"
             raise RegistryError("UNSUPPORTED", "this registry mirror is read-only and "
                                 "takes no request bodies", 413)
-        found = rules(config)
+        found = rules(state.config)
         if found.idle:
             return
         address = found.client(request.remote or "-", state.user)

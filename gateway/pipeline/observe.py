@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import json
 import logging
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -46,15 +45,17 @@ def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
 
 
 def observe_middleware(metrics: Metrics, current: Callable[[], Config],
-                       edge: Callable[[web.Request, Config], web.Request] | None = None
-                       ) -> Middleware:
+                       edge: Callable[[web.Request, Config], web.Request] | None = None, *,
+                       access_log: Callable[[str], None] | None = None) -> Middleware:
     """The outer stage. `current()` (the running config) is read once per request and
     kept as `RequestState.config` for every later stage; `edge` (edge.py) then sees the
-    request first, so the log and the rules see the client a trusted proxy names."""
-    # Request ids: unique per process start, cheaper than a uuid4 per request.
+    request first, so the log and the rules see the client a trusted proxy names.
+    `access_log`: where the access log's lines go (the log writer, logs.py); without
+    it they are records of the "gateway.access" logger. Request ids are unique per
+    process start, cheaper than a uuid4 per request."""
     id_prefix = f"{secrets.token_hex(4)}-"
     id_counter = itertools.count(1)
-    records = _AccessRecords()
+    records = _AccessLog(access_log)
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -75,14 +76,11 @@ def observe_middleware(metrics: Metrics, current: Callable[[], Config],
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = _HTTP_CODES.get(exc.status, "UNKNOWN")
-            response = render(RegistryError(code, exc.reason or "error", exc.status,
-                                            headers={k: v for k, v in exc.headers.items()
-                                                     if k in ("Allow", "Retry-After")}))
+            response = render(_as_registry_error(exc))
         except (asyncio.CancelledError, ConnectionError) as exc:
             # The client went away (or a failed transfer was cut on purpose): nothing to
             # answer, and nothing for aiohttp to log as an error.
-            _log(request, metrics, records, None, started, aborted=True)
+            _log(request, state, metrics, records, None, started, aborted=True)
             if isinstance(exc, ConnectionError):
                 raise asyncio.CancelledError from None
             raise
@@ -97,25 +95,31 @@ def observe_middleware(metrics: Metrics, current: Callable[[], Config],
                 await response.prepare(request)
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
-            _log(request, metrics, records, response, started, aborted=True)
+            _log(request, state, metrics, records, response, started, aborted=True)
             if isinstance(exc, ConnectionError):
                 raise asyncio.CancelledError from None
             raise
-        _log(request, metrics, records, response, started)
+        _log(request, state, metrics, records, response, started)
         return response
 
     return observe
 
 
-def _log(request: web.Request, metrics: Metrics, records: _AccessRecords,
+def _as_registry_error(exc: web.HTTPException) -> RegistryError:
+    """aiohttp's own errors (a 404 of the router, a 405) as OCI errors."""
+    return RegistryError(_HTTP_CODES.get(exc.status, "UNKNOWN"), exc.reason or "error",
+                         exc.status, headers={k: v for k, v in exc.headers.items()
+                                              if k in ("Allow", "Retry-After")})
+
+
+def _log(request: web.Request, state: RequestState, metrics: Metrics, records: _AccessLog,
          response: web.StreamResponse | None, started: float, *, aborted: bool = False
          ) -> None:
     duration = time.monotonic() - started
-    state = request[STATE]
     reg = state.registry
     route = reg.route.name if reg is not None else "-"
     status = response.status if response is not None else 499
-    sent = _body_bytes(request, response, aborted)
+    sent = _body_bytes(request, state, response, aborted)
     cache = response.headers.get("X-Cache", "-") if response is not None else state.cache or "-"
     metrics.observe_request(route, _kind(request, reg), request.method, status, duration, sent)
     if not access_log.isEnabledFor(logging.INFO):
@@ -143,22 +147,32 @@ def _log(request: web.Request, metrics: Metrics, records: _AccessRecords,
         record["error"] = state.error
     if aborted:
         record["aborted"] = True
-    access_log.handle(records(json.dumps(record), now))
+    records.write(json.dumps(record), now)
 
 
-class _AccessRecords:
-    """Makes the access log's records. `LogRecord()` (what Logger.info() builds, after
-    walking the stack for the caller) looks up the thread, the process, the time and
-    more, which was a tenth of a cached manifest's CPU. Here each record is a copy of
-    one made once (again if the process is another: a forked worker), with the line and
-    the time set. Records are made on the event loop's thread only."""
+class _AccessLog:
+    """Writes the access log's lines: to `sink` (the log writer's queue: the line is
+    data, not a log record), or as records of the "gateway.access" logger (an app
+    without the server's logging, e.g. under test). For those, `LogRecord()` (what
+    Logger.info() builds, after walking the stack for the caller) looks up the thread,
+    the process, the time and more, a tenth of a cached manifest's CPU: here each record
+    is a copy of one made at the first request, with the line and the time set. Records
+    are made on the event loop's thread, in the process that serves (a worker of `serve
+    --workers` builds its app after the fork), so the thread and process stay right."""
 
-    def __init__(self) -> None:
-        self._template: dict[str, object] = {}
+    def __init__(self, sink: Callable[[str], None] | None) -> None:
+        self._sink = sink
+        self._template: dict[str, object] | None = None
 
-    def __call__(self, line: str, created: float) -> logging.LogRecord:
+    def write(self, line: str, created: float) -> None:
+        if self._sink is not None:
+            self._sink(line)
+        else:
+            access_log.handle(self._record(line, created))
+
+    def _record(self, line: str, created: float) -> logging.LogRecord:
         template = self._template
-        if template.get("process") != os.getpid():
+        if template is None:
             template = self._template = logging.LogRecord(
                 access_log.name, logging.INFO, __file__, 0, "", None, None).__dict__
         record = logging.LogRecord.__new__(logging.LogRecord)
@@ -168,12 +182,12 @@ class _AccessRecords:
         return record
 
 
-def _body_bytes(request: web.Request, response: web.StreamResponse | None,
-                aborted: bool) -> int:
+def _body_bytes(request: web.Request, state: RequestState,
+                response: web.StreamResponse | None, aborted: bool) -> int:
     """Body bytes sent: what metrics and the log call "bytes" (headers are not counted)."""
     if request.method == "HEAD":
         return 0
-    counted = request[STATE].body_bytes
+    counted = state.body_bytes
     if counted is not None:
         return counted
     if response is None:
@@ -183,7 +197,8 @@ def _body_bytes(request: web.Request, response: web.StreamResponse | None,
     return response.body_length  # an aborted file transfer: headers included, roughly
 
 
-Prepared = Callable[[web.Request, web.StreamResponse], None]
+# Sees each answer as its headers go out (with the request's state: None before observe).
+Prepared = Callable[[web.Request, web.StreamResponse, RequestState | None], None]
 
 
 def on_prepare(*also: Prepared) -> Callable[[web.Request, web.StreamResponse],
@@ -192,18 +207,19 @@ def on_prepare(*also: Prepared) -> Callable[[web.Request, web.StreamResponse],
     (plain functions: a receiver each would be another coroutine per answer)."""
 
     async def prepared(request: web.Request, response: web.StreamResponse) -> None:
-        add_common_headers(request, response)
+        state = request.get(STATE)
+        add_common_headers(request, response, state)
         for hook in also:
-            hook(request, response)
+            hook(request, response, state)
 
     return prepared
 
 
-def add_common_headers(request: web.Request, response: web.StreamResponse) -> None:
+def add_common_headers(request: web.Request, response: web.StreamResponse,
+                       state: RequestState | None) -> None:
     """Headers every answer carries, errors included."""
     response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
     response.headers.setdefault("X-Cache", "-")
-    state = request.get(STATE)
     if state is not None:
         response.headers.setdefault(REQUEST_ID, state.id)
     reg = state.registry if state is not None else None

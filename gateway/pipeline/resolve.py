@@ -12,11 +12,10 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from ..config import Config
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
 from ..routing import Router
-from ..state import STATE, Kind, ProxiedLookup, RegistryRequest
+from ..state import Kind, ProxiedLookup, RegistryRequest, RequestState
 from .snapshot import PerConfig
 
 READ_ONLY = ("GET", "HEAD")
@@ -58,12 +57,12 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router, *,
 
 
 def resolve_step(routers: PerConfig[Router], proxied: ProxiedLookup | None = None
-                 ) -> Callable[[web.Request, Config], None]:
+                 ) -> Callable[[web.Request, RequestState], None]:
     """The stage (run by `admit`): `routers.of(config)` is the Router of the request's
     config, compiled once per config. `proxied`: the forward proxy's lookup of
     terminated CONNECTs (None: no proxy)."""
 
-    def resolve(request: web.Request, config: Config) -> None:
+    def resolve(request: web.Request, state: RequestState) -> None:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
         if request.method not in READ_ONLY:
             raise RegistryError("UNSUPPORTED", f"{request.method} is not allowed: this registry "
@@ -71,10 +70,10 @@ def resolve_step(routers: PerConfig[Router], proxied: ProxiedLookup | None = Non
         path = request.path
         through = proxied(request) if proxied is not None else None
         if through is not None:
-            request[STATE].user = through.user  # logged in to the proxy: Proxy-Authorization
+            state.user = through.user  # logged in to the proxy: Proxy-Authorization
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
-            request[STATE].registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), routers.of(config),
+            state.registry = parse(request.host, path[len(V2_PREFIX):],
+                                            request.query.get("ns"), routers.of(state.config),
                                             proxied=through.host if through else None)
 
     return resolve

@@ -50,7 +50,8 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                config_file: Path | None = None,
                watch_interval: float = WATCH_INTERVAL,
                limits: pipeline.ClientLimits | None = None,
-               worker: Worker | None = None) -> web.Application:
+               worker: Worker | None = None,
+               access_log: Callable[[str], None] | None = None) -> web.Application:
     """The gateway as one aiohttp app. `https_port`: plain HTTP is redirected there.
     `clock` (wall seconds) drives every TTL. `config_file`: reloaded on SIGHUP and when it
     changes (looked at every `watch_interval` s; 0: never). `limits`: the buckets.
@@ -66,7 +67,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
     app = web.Application(middlewares=pipeline.build(
         live, metrics, https_port=https_port, logins=logins, limits=limits,
-        proxied=forward.connections.lookup), client_max_size=1 << 20)
+        proxied=forward.connections.lookup, access_log=access_log), client_max_size=1 << 20)
     current: Callable[[], Config] = live  # admin's view of the running config
     app[CURRENT] = current
     app[LIVE] = live
@@ -76,7 +77,6 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     pins = PinKeeper(config, cache, upstreams, metrics)
     reloader = Reloader(live, upstreams, metrics, source=config_file, interval=watch_interval)
     app[RELOADER] = reloader
-    # The reload hooks of the parts built here; ACCESS/LIMITS add theirs the same way.
     live.subscribe(lambda _old, new: cache.reconfigure(new))
     live.subscribe(lambda _old, new: pins.reconfigure(new))
     live.watch_files(secret_files)

@@ -71,7 +71,7 @@ def _with_certificates(app: web.Application, certificates: TlsCertificates) -> N
     app.cleanup_ctx.insert(0, watch)
 
 
-async def _serve(options: ServeOptions) -> None:
+async def _serve(options: ServeOptions, access_log: Callable[[str], None]) -> None:
     certificates = (TlsCertificates(options.certs, reload_interval=options.tls_reload)
                     if options.tls_listens else None)
     https_port = options.tls_listens[0][1] if certificates and options.redirect_http else None
@@ -79,7 +79,7 @@ async def _serve(options: ServeOptions) -> None:
     app = create_app(options.config, options.data_dir,
                      serve_metrics=options.metrics_listen is None, https_port=https_port,
                      config_file=options.config_file, watch_interval=options.config_poll,
-                     worker=worker)
+                     worker=worker, access_log=access_log)
     if certificates is not None:
         _with_certificates(app, certificates)
     if worker is not None:
@@ -201,6 +201,6 @@ def run(options: ServeOptions) -> None:
     """Serve until SIGINT or SIGTERM. Raises TlsError when certs/ holds no certificate."""
     listener = start_logging(options.log_level)
     try:
-        asyncio.run(_serve(options))
+        asyncio.run(_serve(options, listener.line))
     finally:
         listener.stop()
