@@ -73,6 +73,7 @@ class RequestState:
     user: str | None = None  # who logged in (a name, never a secret); None: anonymous
     rule: str | None = None  # the access or limits rule that allowed or refused the request
     pace: Pace | None = None  # set by the limits stage when a byte rate applies to the client
+    pace_piece: int = 256 << 10  # bytes sent per `pace` call: the rate holds to within one
     admit_miss: AdmitMiss | None = None  # set by the limits stage: the client's miss budget
 
 

@@ -37,9 +37,8 @@ from ..upstream import Upstream
 Span = tuple[int, int]  # [start, end)
 # A paced client gets its bytes in pieces this big: the rate holds to within one piece.
 PACED_PIECE = 64 << 10
-# A paced client on plain HTTP still gets sendfile, in pieces this big (one system call
-# and one bucket check each; the rate holds to within one piece).
-PACED_SENDFILE = 256 << 10
+# A paced client on plain HTTP still gets sendfile, in pieces of `state.pace_piece` (one
+# system call and one bucket check each; the rate holds to within one piece).
 
 
 def headers(reg: RegistryRequest, cache: str, **extra: str) -> CIMultiDict[str]:
@@ -125,7 +124,8 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
     """A committed local blob: sendfile on plain HTTP (in paced pieces for a client with a
     byte rate), 1 MiB reads under TLS (Python's loop.sendfile falls back to 256 KiB writes
     there: 30-44 MB/s on a 1 GiB blob)."""
-    pace = request[STATE].pace
+    state = request[STATE]
+    pace, piece = state.pace, state.pace_piece
     with file:
         span = byte_range(request, size)
         start, end = span if span is not None else (0, size)
@@ -135,15 +135,15 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
                 await _sendfile(request, file, start, end - start)
             elif _plain(request):  # paced: still sendfile, a piece at a time
                 assert pace is not None
-                for at in range(start, end, PACED_SENDFILE):
-                    count = min(PACED_SENDFILE, end - at)
+                for at in range(start, end, piece):
+                    count = min(piece, end - at)
                     await pace(count)
                     await _sendfile(request, file, at, count)
             else:
                 async with contextlib.aclosing(read_span(file.fileno(), start, end - start)) as r:
                     async for chunk in r:
                         await _write(resp, chunk, pace)
-        request[STATE].body_bytes = end - start
+        state.body_bytes = end - start
         await resp.write_eof()
         return resp
 

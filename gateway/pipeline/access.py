@@ -94,10 +94,12 @@ def access_step(metrics: Metrics, *, logins: Logins | None = None
         if address is None and remote not in addresses:  # not seen (or not an address)
             address = addresses[remote] = parse_address(remote)
         verdict = policy.screen(address, request.path)
-        if verdict is not None:
-            _decide(state, verdict, metrics)
-            return None
-        return _check(request, config, policy, address, logins, metrics)
+        if verdict is None:
+            if policy.logins:  # a login to check first (bcrypt, in a thread)
+                return _check(request, config, policy, address, logins, metrics)
+            verdict = _on_route(request, state, policy, address)
+        _decide(state, verdict, metrics)
+        return None
 
     return access
 
@@ -120,15 +122,19 @@ async def _check(request: web.Request, config: Config, policy: Policy,
     reg = state.registry
     route = reg.route.name if reg is not None else "-"
     # A login to the forward proxy (set by resolve) counts for its tunnel's requests.
-    user = state.user or await _login(request, config, logins, metrics, route)
-    state.user = user
+    state.user = state.user or await _login(request, config, logins, metrics, route)
+    _decide(state, _on_route(request, state, policy, address), metrics)
+
+
+def _on_route(request: web.Request, state: RequestState, policy: Policy,
+              address: Address | None) -> Verdict:
+    """The verdict past the address alone, for `state.user` (None: anonymous)."""
+    reg = state.registry
     if reg is not None:
-        verdict = policy.pull(address, reg.route, reg.repository, user)
-    elif request.path in BASE_PATHS:
-        verdict = policy.base(address, request.host, user)
-    else:
-        verdict = Verdict("access.allow")  # not an API path: a 404 follows
-    _decide(state, verdict, metrics)
+        return policy.pull(address, reg.route, reg.repository, state.user)
+    if request.path in BASE_PATHS:
+        return policy.base(address, request.host, state.user)
+    return Verdict("access.allow")  # not an API path: a 404 follows
 
 
 async def _login(request: web.Request, config: Config, logins: Logins, metrics: Metrics,

@@ -18,6 +18,7 @@ from ..config.access import EVERYONE
 from ..net import Address, Network, NetworkSet
 from ..routing import Router
 
+_MEMO = 4096  # addresses (and pulls) whose verdict a Policy remembers; then it starts over
 OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # load balancers' checks: open to all
 
 
@@ -108,6 +109,11 @@ class Policy:
         self._base_anonymous = everyone
         self._router = Router(config)  # which route a Host picks, for /v2/
         self.free = self._free(config)
+        # Verdicts are pure functions of their inputs: remembered, so a client's next
+        # request costs two dict lookups, not network searches and glob matches. Bounded
+        # (a stranger at many addresses only makes them start over).
+        self._screened: dict[Address | str | None, tuple[Verdict | None, Verdict | None]] = {}
+        self._pulled: dict[tuple[str, Address | str | None, str, str | None], Verdict] = {}
 
     def _free(self, config: Config) -> dict[str, Verdict] | None:
         """Per route, the verdict on every registry call when no rule can refuse one (no
@@ -131,24 +137,47 @@ class Policy:
         None when the request goes on to `pull` or `base`."""
         if path in OPEN_PATHS:
             return Verdict("open")
-        if address in self._deny:
-            network = _first_match(self._deny.networks, address)
-            return Verdict(f"access.deny {network}", 403, "denied_address",
-                           f"requests from {address} are refused by this gateway")
+        screened = self._screened.get(address)
+        if screened is None:
+            if len(self._screened) >= _MEMO:
+                self._screened.clear()
+            screened = self._screened[address] = self._by_address(address)
+        denied, refused = screened
+        if denied is not None:
+            return denied
         if is_admin_path(path):
             if address in self._admin:
                 return Verdict("access.admin")
             return Verdict("access.admin", 403, "admin_only",
                            f"{path} is for operators: {address} is not in access.admin")
+        return refused
+
+    def _by_address(self, address: Address | str | None) -> tuple[Verdict | None,
+                                                                   Verdict | None]:
+        """(the deny verdict, the allow list's refusal) of an address, or None each."""
+        if address in self._deny:
+            network = _first_match(self._deny.networks, address)
+            return Verdict(f"access.deny {network}", 403, "denied_address",
+                           f"requests from {address} are refused by this gateway"), None
         if self._allow is not None and address not in self._allow:
-            return Verdict("access.allow", 403, "denied_address",
-                           f"{address} may not use this registry gateway")
-        return None
+            return None, Verdict("access.allow", 403, "denied_address",
+                                 f"{address} may not use this registry gateway")
+        return None, None
 
     def pull(self, address: Address | str | None, route: Route, repository: str,
              user: str | None) -> Verdict:
         """A registry call on `route` for `repository` by `user` (None: anonymous), from
         an address `screen` let through."""
+        key = (route.name, address, repository, user)
+        verdict = self._pulled.get(key)
+        if verdict is None:
+            if len(self._pulled) >= _MEMO:
+                self._pulled.clear()
+            verdict = self._pulled[key] = self._pull(address, route, repository, user)
+        return verdict
+
+    def _pull(self, address: Address | str | None, route: Route, repository: str,
+              user: str | None) -> Verdict:
         rules = self._routes[route.name]
         if user is not None:
             verdict = Verdict("access.users")
