@@ -73,10 +73,10 @@ def ca_dir(tmp_path: Path) -> Path:
 
 
 def start_proxied(start_gateway: Callable[..., Gateway], routes: dict[str, Any],
-                  ca: Path | None, **kwargs: Any) -> Proxied:
+                  ca: Path | None, *, workers: int = 1, **kwargs: Any) -> Proxied:
     port = free_port()
-    gateway = start_gateway(routes, extra_args=("--proxy-listen", f"127.0.0.1:{port}"),
-                            **kwargs)
+    gateway = start_gateway(routes, extra_args=("--proxy-listen", f"127.0.0.1:{port}",
+                                                "--workers", str(workers)), **kwargs)
     wait_for(lambda: _accepts(port), what="proxy listener", process=gateway.process)
     return Proxied(gateway, port, ca)
 
@@ -187,6 +187,33 @@ async def test_sixteen_concurrent_proxied_pulls_cost_one_upstream_download(
     bodies = await asyncio.gather(*(one() for _ in range(16)))
 
     assert all(body == layer.data for body in bodies)
+    assert len(hub.proxy.blob_requests(repository, digest=layer.digest)) == 1
+
+
+async def test_with_workers_every_worker_proxies_and_one_download_is_made(
+        start_gateway: Callable[..., Gateway], upstreams: tuple[Upstream, Upstream],
+        ca_dir: Path) -> None:
+    """`--workers 2 --proxy-listen`: the supervisor binds the proxy's sockets for both
+    workers, CONNECTs land on both, and single flight holds across them."""
+    hub, ghcr = upstreams
+    proxied = start_proxied(start_gateway, proxy_routes(hub, ghcr, ca=str(ca_dir)),
+                            ca_dir / "ca.crt", workers=2)
+    repository = unique_repository("library")
+    image = hub.push(repository, make_image(layer_sizes=(4 << 20,)))
+    layer = image.layers[0]
+    hub.proxy.throttle_bytes_per_second = 8 << 20
+
+    async def one() -> tuple[bytes, str]:
+        async with aiohttp.ClientSession(trust_env=False) as session:
+            status, data, headers = await fetch(
+                session, proxied, f"https://{HUB}/v2/{repository}/blobs/{layer.digest}")
+            assert status == 200
+            return data, headers.get("X-Gateway-Worker", "")
+
+    answers = await asyncio.gather(*(one() for _ in range(16)))
+
+    assert all(data == layer.data for data, _ in answers)
+    assert len({worker for _, worker in answers} - {""}) == 2, "both workers answered"
     assert len(hub.proxy.blob_requests(repository, digest=layer.digest)) == 1
 
 
