@@ -24,7 +24,7 @@ from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
 from .contents import Contents
-from .coordinate import Coordinator, Follow, InProcess, Lead
+from .coordinate import Coordinator, Follow, InProcess, Lead, Sourced
 from .diskfull import DiskFull
 from .flight import BlobFlight, IntegrityError
 from .follow import follow
@@ -223,7 +223,9 @@ class Blobs:
         try:
             claim: Lead | Follow = await self.coordinator.claim(
                 f"blob {route.namespace} {flight.digest}")
-            flight.mirrored = isinstance(claim, Follow)
+            # Another worker or another replica fetches it: a coalesced GET here.
+            flight.mirrored = isinstance(claim, Follow) or (
+                isinstance(claim, Sourced) and not claim.leading)
         finally:
             flight.claimed.set()
         while isinstance(claim, Follow):
@@ -236,7 +238,7 @@ class Blobs:
                 return
             flight.publish, flight.followed = claim.publish, claim.shared
             claim.publish(flight)  # at once: a record a dead leader left must not stand
-            await self._fetch(flight, upstream, route, repository, store_key)
+            await self._fetch(flight, upstream, route, repository, store_key, claim)
         finally:
             await claim.release()
 
@@ -248,10 +250,24 @@ class Blobs:
         flight.mirror(flight.final_path, size, size, True)
         return True
 
-    async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
-                     repository: str, store_key: str) -> None:
-        path = f"/v2/{repository}/blobs/{flight.digest}"
+    def _upstream_bytes(self, route: Route, remote: Sourced | None) -> Callable[[int], None]:
+        """Counts the bytes that came from the upstream (not from another replica)."""
+        count: Callable[[int], None] = self.metrics.upstream_bytes.labels(route.name).inc
+        if remote is None:
+            return count
 
+        def on_bytes(n: int) -> None:
+            if remote.leading:
+                count(n)
+
+        return on_bytes
+
+    async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
+                     repository: str, store_key: str, claim: Lead) -> None:
+        path = f"/v2/{repository}/blobs/{flight.digest}"
+        # Another replica fetches it (redis:): its bytes, verified here too; the store
+        # and the upstream are this replica's business only if it takes the lead over.
+        remote = claim if isinstance(claim, Sourced) and not claim.leading else None
         reserved = 0
 
         async def open_upstream(headers: dict[str, str]) -> aiohttp.ClientResponse:
@@ -269,22 +285,28 @@ class Blobs:
             StreamedUpload(flight, self.store.upload(store_key))
 
         async def commit(spool: Path) -> None:
+            if remote is not None and not remote.leading and self._local is None:
+                return  # the leading replica keeps it in the shared store
             await self._commit(store_key, spool, flight.written, streamed)
             await self.index.set_blob((route.namespace, str(flight.digest)), flight.written)
             await self.contents.add_blob(route.namespace, str(flight.digest), flight.written)
 
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
-        if streamed is not None:
+        if streamed is not None and remote is None:
             streamed.start()
         try:
-            plan = self._plan(upstream, route, path, open_upstream)
+            plan = self._plan(upstream, route, path, open_upstream) if remote is None else None
+            # Taking over: the upload begins, from the spool's first byte.
+            source = remote.source(route.namespace, str(flight.digest), open_upstream,
+                                   streamed.start if streamed else lambda: None
+                                   ) if remote is not None else open_upstream
             # Held: a reload that replaced this route closes its client only after us (the
             # request that began the flight holds it until this task runs).
             with upstream.in_use():
                 # With parts, every request (the first too) learns or reuses the redirect.
-                await flight.run(plan.open_part if plan else open_upstream, commit,
-                                 on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
+                await flight.run(plan.open_part if plan else source, commit,
+                                 on_bytes=self._upstream_bytes(route, remote),
                                  on_resume=self.metrics.resumed.labels(route.name).inc,
                                  plan=plan, pace=upstream.pace)
             if isinstance(flight.error, IntegrityError):
