@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
-from tests.support.pulls import fetch
+from tests.support.pulls import fetch, pull_image
 from tests.support.redis import RedisServer, run_redis
 from tests.support.seaweed import SeaweedFS, run_seaweed
 from tests.support.transfers import Transfer, client_tasks, resumes, stream_get
@@ -244,3 +244,33 @@ async def test_without_redis_replicas_serve_correct_bytes_and_coordinate_again_a
         assert got.received == size and got.digest == after
     assert blob_gets(upstream, repository, after) == 1, "coordination did not resume"
     assert stored_blobs_are_intact(seaweed, routes) >= 1
+
+
+async def test_the_size_cap_holds_for_the_bucket_the_replicas_share(
+        seaweed: SeaweedFS, redis_server: RedisServer,
+        start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway]) -> None:
+    """Each replica commits less than the cap, all of them together twice as much: the
+    bucket still comes down under the cap (each catalogue alone would keep all of it)."""
+    upstream = start_upstream("docker.io")
+    images = [make_image(layer_sizes=(1 << 20,), seed=170 + i) for i in range(6)]
+    repositories = [unique_repository("replicas") for _ in images]
+    for repository, image in zip(repositories, images, strict=True):
+        upstream.push(repository, image, tags=("v1",))
+    routes = replica_routes(upstream, seaweed, redis_server)
+    cap = 3 << 20
+    routes["cache"] = {"max_size": cap, "lease": "0s"}
+    replicas = start_replicas(start_gateway, routes)
+    async with aiohttp.ClientSession() as session:
+        for number, (repository, image) in enumerate(zip(repositories, images, strict=True)):
+            await pull_image(session, replicas[number % REPLICAS].url(), repository, "v1",
+                             image)
+
+    def blob_bytes() -> int:
+        return sum(size for key, size in seaweed.keys(routes["storage"]["prefix"] + "/").items()
+                   if "/blobs/" in key)
+
+    await wait_until(lambda: blob_bytes() <= cap, what="the bucket evicted down to the cap",
+                     timeout=30)
+    stored_blobs_are_intact(seaweed, routes)
+    async with aiohttp.ClientSession() as session:  # what went is fetched again, verified
+        await pull_image(session, replicas[0].url(), repositories[0], "v1", images[0])
