@@ -27,6 +27,7 @@ import redis.exceptions
 from yarl import URL
 
 from ..config.redis import RedisSettings
+from ..metrics import Metrics
 from .coordinate import Coordinator, Follow, Lead
 from .replica_auth import FLIGHT_PATH, HEADER, sign, verify
 
@@ -66,8 +67,10 @@ class Holder:
 class RedisCoordinator:
     """Implements Coordinator across replicas; `inner` coordinates this host's processes."""
 
-    def __init__(self, settings: RedisSettings, inner: Coordinator, advertise: URL) -> None:
+    def __init__(self, settings: RedisSettings, inner: Coordinator, advertise: URL,
+                 metrics: Metrics) -> None:
         assert settings.url is not None
+        self.claims = metrics.replica_claims
         self.settings = settings
         self.inner = inner
         self.advertise = str(advertise).rstrip("/")
@@ -207,16 +210,18 @@ class RedisCoordinator:
 
     async def claim(self, key: str) -> Lead | Follow:
         local = await self.inner.claim(key)
-        if isinstance(local, Follow) or not self.available():
-            return local  # another process of this host leads (or no Redis): as before
-        ours, theirs = await self.acquire(key)
-        if ours is None and theirs is None:
+        if isinstance(local, Follow):
+            return local  # another process of this host leads: as without Redis
+        ours, theirs = await self.acquire(key) if self.available() else (None, None)
+        if ours is None and theirs is None:  # no Redis: this host decides alone
+            self.claims.labels("local").inc()
             return local
         from .replica_source import ReplicaLead  # it builds on this module
 
         holder = ours if ours is not None else theirs
         assert holder is not None
         lead = ReplicaLead(self, key, local, holder, leading=ours is not None)
+        self.claims.labels("lead" if ours is not None else "follow").inc()
         if ours is not None:
             lead.start_heartbeat()
         return lead

@@ -67,6 +67,7 @@ class ReplicaLead:
                 await self._look_again()
                 if self.leading:
                     self.took_over = True
+                    self.coordinator.claims.labels("takeover").inc()
                     log.info("redis: took over the fetch of %s from a replica that stopped",
                              digest)
                     on_takeover()

@@ -157,7 +157,7 @@ def _build_cache(config: Config, data_dir: Path, metrics: Metrics,
     from ..cache.usage_redis import ReplicaUsage
 
     advertise = config.redis.advertise or URL(internal_url or "http://127.0.0.1:5000")
-    replicas = RedisCoordinator(config.redis, coordinator, advertise)
+    replicas = RedisCoordinator(config.redis, coordinator, advertise, metrics)
     cache = Cache(config, data_dir, store,
                   RedisIndex(config.redis.prefix, lambda: replicas.client, clock), contents,
                   metrics, spool, clock, coordinator=replicas, primary=primary)

@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
@@ -74,6 +75,19 @@ def push_random_blob(upstream: Upstream, repository: str, size: int) -> str:
     digest = sha256_digest(data)
     upstream.registry.client().push_blob(repository, data, digest)  # not through the proxy
     return digest
+
+
+async def claims(session: aiohttp.ClientSession, replicas: list[Gateway]) -> Counter[str]:
+    """gateway_replica_claims_total by outcome, summed over `replicas`."""
+    found: Counter[str] = Counter()
+    for replica in replicas:
+        async with session.get(f"{replica.url()}/metrics") as resp:
+            text = await resp.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "gateway_replica_claims_total":
+                    found[sample.labels["outcome"]] += int(sample.value)
+    return found
 
 
 def stored_blobs_are_intact(seaweed: SeaweedFS, routes: dict[str, Any]) -> int:
@@ -207,6 +221,8 @@ async def test_a_killed_leader_is_taken_over_and_nothing_corrupt_is_stored(
         # The killed replica's client tries again (its load balancer sends it elsewhere).
         again = await stream_get(session, others[0].url() + path)
         assert again.clean and again.digest == digest and again.received == size
+        seen = await claims(session, others)
+        assert seen["takeover"] == 1 and seen["follow"] >= 2, seen
     assert sent() <= 2 * size, f"the upstream sent {sent()} bytes of a {size}-byte blob"
     await wait_until(lambda: stored_blobs_are_intact(seaweed, routes) == 1,
                      what="the blob committed whole", timeout=30)
@@ -236,6 +252,8 @@ async def test_without_redis_replicas_serve_correct_bytes_and_coordinate_again_a
         assert got.received == size and got.digest == during
     # Each replica fetched for itself at most once: its own single flight held.
     assert 1 <= blob_gets(upstream, repository, during) <= REPLICAS
+    async with aiohttp.ClientSession() as session:
+        assert (await claims(session, replicas))["local"] == REPLICAS
 
     redis_server.start()  # the same port: the replicas reconnect by themselves
     await asyncio.sleep(1.5)  # past the replicas' second without Redis
