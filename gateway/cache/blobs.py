@@ -26,7 +26,7 @@ from ..upstream import Upstream
 from .contents import Contents
 from .coordinate import Coordinator, Follow, InProcess, Lead, Sourced
 from .diskfull import DiskFull
-from .flight import BlobFlight, IntegrityError
+from .flight import BlobFlight, FetchAborted, IntegrityError
 from .follow import follow
 from .index import BlobKey, Index
 from .leases import Readers
@@ -35,6 +35,11 @@ from .relay import Relay
 from .s3_stream import StreamedUpload
 from .store import BlobStore, LocalFiles, SizedReads, StoredBody, blob_key
 from .transfer import Opener, blob_length
+
+
+class StoredMeanwhile(FetchAborted):
+    """Another process committed the blob while this one was about to fetch it; the
+    readers of this flight read the store instead (counted once, as what they were)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +158,19 @@ class Blobs:
         if started and self._shared:  # a miss only if no other worker fetches it already
             await flight.claimed.wait()
             started = not flight.mirrored
+            if isinstance(flight.error, StoredMeanwhile):
+                found = await self._open(route, digest, byte_range)
+                if found is not None:
+                    await self.served(route, digest, found.size)
+                    return found
         self._count(route, "miss" if started else "coalesced")
         return flight, started
+
+    async def committed(self, route: Route, digest: Digest, byte_range: str | None = None
+                        ) -> OpenBlob | CachedBlob | None:
+        """The committed blob, opened as `get()` opens it; counted by nobody (for a reader
+        of a flight that ended StoredMeanwhile: it was counted when it joined)."""
+        return await self._open(route, digest, byte_range)
 
     async def served(self, route: Route, digest: Digest, size: int) -> None:
         """A committed blob is being served (or redirected to): a hit, an access."""
@@ -226,8 +242,17 @@ class Blobs:
             # Another worker or another replica fetches it: a coalesced GET here.
             flight.mirrored = isinstance(claim, Follow) or (
                 isinstance(claim, Sourced) and not claim.leading)
+            if not isinstance(claim, Follow) and not flight.mirrored and claim.shared and \
+                    self._local is None and await self.store.stat(store_key) is not None:
+                # Committed by another between our look and our lead: no spool holds
+                # it here, so its readers read the store (api/blobs.py).
+                flight.fail(StoredMeanwhile(f"blob {flight.digest} is stored now"))
         finally:
             flight.claimed.set()
+        if isinstance(flight.error, StoredMeanwhile):
+            assert not isinstance(claim, Follow)
+            await claim.release()
+            return
         while isinstance(claim, Follow):
             taken = await follow(flight, claim)
             if taken is None:

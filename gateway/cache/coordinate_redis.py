@@ -47,7 +47,7 @@ _DELETE = """if redis.call('get', KEYS[1]) == ARGV[1] then
 class Holder:
     """A lease's value: who leads a key, and where other replicas read its bytes."""
 
-    token: int  # the fencing token: grows with every lease, never reused
+    token: int  # the fencing token: grows with every lease (INCR; while Redis keeps it)
     url: str  # the leader's base URL for the internal endpoint
 
     def encode(self) -> str:

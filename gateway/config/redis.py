@@ -116,7 +116,8 @@ def resolve_redis(settings: RedisSettings, env: Mapping[str, str]) -> RedisSetti
     return replace(settings, password=password, secret=secret)
 
 
-def redis_files(settings: RedisSettings) -> list[str]:
-    """The files `redis:` reads its secrets from: a changed one is a reload."""
-    return [ref.value for ref in (settings.password_ref, settings.secret_ref)
-            if ref is not None and ref.source == "file"]
+def check_reload(old: RedisSettings, new: RedisSettings, source: str) -> None:
+    """Refuse a reload that changes `redis:`: the coordinator is built once, at start."""
+    if old != new:
+        raise ConfigError("redis: a change takes a restart (the running config stays)",
+                          file=source)

@@ -25,6 +25,7 @@ from ..cache.coordinate import Coordinator, InProcess
 from ..cache.coordinate_files import FileCoordinator
 from ..cache.pinning import PinKeeper
 from ..config import Config, Route
+from ..config import redis as redis_config
 from ..config.storage import check_reload
 from ..looplag import LoopLag
 from ..metrics import Metrics
@@ -148,6 +149,11 @@ def _build_cache(config: Config, data_dir: Path, metrics: Metrics,
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics, store_files=not remote,
                               primary=primary)
     coordinator: Coordinator = FileCoordinator(data_dir) if worker is not None else InProcess()
+
+    async def keep_redis(new: Config) -> None:  # built once: a change would not apply
+        redis_config.check_reload(config.redis, new.redis, new.source)
+
+    live.check_before_swap(keep_redis)
     if not config.redis.enabled:
         return Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool,
                      clock, coordinator=coordinator, primary=primary), remote

@@ -97,3 +97,13 @@ def test_a_lease_value_round_trips_and_junk_is_nobody() -> None:
 
 def test_the_access_stage_guards_the_endpoint_the_replicas_serve() -> None:
     assert ACCESS_PREFIX == INTERNAL_PREFIX and FLIGHT_PATH.startswith(INTERNAL_PREFIX)
+
+
+def test_a_reload_that_changes_redis_is_refused() -> None:
+    from gateway.config.redis import check_reload
+
+    old = load("redis: redis://127.0.0.1:6379/0").redis
+    check_reload(old, load("redis: redis://127.0.0.1:6379/0").redis, "routes.yaml")
+    for new in ("redis: redis://127.0.0.1:6380/0", ""):
+        with pytest.raises(ConfigError, match="takes a restart"):
+            check_reload(old, load(new).redis, "routes.yaml")
