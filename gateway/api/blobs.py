@@ -329,8 +329,11 @@ async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
     if size is None:
         flight = cache.blobs.inflight(reg.route, digest)
         if flight is not None:
-            await flight.wait_headers()
-            status, size = "COALESCED", flight.size
+            try:
+                await flight.wait_headers()
+                status, size = "COALESCED", flight.size
+            except StoredMeanwhile:  # committed by another replica: the store knows
+                size = await cache.blobs.cached_size(reg.route, digest)
         else:
             admit = request[STATE].admit_miss
             if admit is not None:
