@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Protocol
 
 from aiohttp import web
 
+from ..cache import FetchAborted
 from ..cache.store import blob_key
 from ..errors import RegistryError
 from ..reference import parse_digest
@@ -51,13 +52,29 @@ async def flight(request: web.Request) -> web.StreamResponse:
     if running is not None and str(leases.held.get(key, "")) == fence:
         with running.attached():
             await running.wait_headers()  # the upstream's error is the follower's too
-            size = running.size
-            return await _send(request, start, size, running.stream(start))
+            chunks = running.stream(start)
+            try:  # opens the spool: gone if the blob was committed (S3) just now
+                first = await anext(chunks, b"")
+            except FetchAborted:
+                await chunks.aclose()
+            else:
+                return await _send(request, start, running.size, _after(first, chunks))
     stored = await cache.store.stat(blob_key(namespace, digest))
     if stored is None:
         raise RegistryError("BLOB_UNKNOWN", "not in flight here, not stored", 404)
     return await _send(request, start, stored,
                        cache.store.read(blob_key(namespace, digest), start, stored))
+
+
+async def _after(first: bytes, rest: AsyncGenerator[bytes, None]) -> AsyncIterator[bytes]:
+    """`first`, then the rest of the stream it came from."""
+    try:
+        if first:
+            yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()
 
 
 async def _send(request: web.Request, start: int, size: int | None,
