@@ -36,6 +36,10 @@ from .s3_stream import StreamedUpload
 from .store import BlobStore, LocalFiles, SizedReads, StoredBody, blob_key
 from .transfer import Opener, blob_length
 
+# Seconds a verified spool outlives its flight when the store has no local files: a
+# reader that joined the flight opens it within moments (then the name may go).
+SPOOL_GRACE = 30.0
+
 
 class StoredMeanwhile(FetchAborted):
     """Another process committed the blob while this one was about to fetch it; the
@@ -96,6 +100,10 @@ class Blobs:
         # Who fetches a blob other processes on this store want too (cache/coordinate.py).
         self.coordinator: Coordinator = coordinator or InProcess()
         self._shared = not isinstance(self.coordinator, InProcess)
+        # Spools of verified blobs in a store without local files, kept a while for the
+        # readers that joined their flight but have not opened the spool yet (owned here;
+        # what is left at shutdown goes with the process's spool directory).
+        self._keeping: set[asyncio.Task[None]] = set()
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
@@ -275,6 +283,15 @@ class Blobs:
         flight.mirror(flight.final_path, size, size, True)
         return True
 
+    def _drop_later(self, spool: Path) -> None:
+        async def drop() -> None:
+            await asyncio.sleep(SPOOL_GRACE)
+            await asyncio.to_thread(spool.unlink, True)
+
+        task = asyncio.get_running_loop().create_task(drop(), name=f"drop {spool.name}")
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
+
     def _upstream_bytes(self, route: Route, remote: Sourced | None) -> Callable[[int], None]:
         """Counts the bytes that came from the upstream (not from another replica)."""
         count: Callable[[int], None] = self.metrics.upstream_bytes.labels(route.name).inc
@@ -339,7 +356,10 @@ class Blobs:
         finally:
             if streamed is not None:  # not committed (failed, abandoned): drop the parts
                 await streamed.abort()
-                await asyncio.to_thread(flight.spool.unlink, True)
+                if flight.done:  # no local file to reopen: late readers need the spool
+                    self._drop_later(flight.spool)
+                else:
+                    await asyncio.to_thread(flight.spool.unlink, True)
             gauge.dec()
             self.space.release(reserved)
             self.space.wake()
