@@ -148,6 +148,7 @@ class Metrics:
         self._add_tls_collectors(r)
         self._add_status_collectors(r)
         self._add_proxy_collectors(r)
+        self._add_replica_collectors(r)
 
     def _add_disk_collectors(self, r: CollectorRegistry) -> None:
         """The size cap's collectors: usage, limit, evictions, pins, the index."""
@@ -233,6 +234,15 @@ class Metrics:
         self.proxy_leaves = Counter(
             "gateway_proxy_leaf_certificates", "Leaf certificates minted for intercepted "
             "registry hosts", registry=r)
+
+    def _add_replica_collectors(self, r: CollectorRegistry) -> None:
+        """Replicas (`redis:`, cache/coordinate_redis.py): how this process's blob fetches
+        were coordinated across replicas."""
+        self.replica_claims = Counter(
+            "gateway_replica_claims", "Blob fetches by how replicas agreed on them: lead "
+            "(this replica fetched), follow (streamed from another replica), takeover (the "
+            "leader stopped; this replica took its lease), local (Redis unreachable: this "
+            "replica fetched on its own)", ["outcome"], registry=r)
 
     def _add_quota_collectors(self, r: CollectorRegistry) -> None:
         """Upstream quotas: rate-limit headers per account, 429s by kind, the pool's state.

@@ -28,6 +28,7 @@ from ..cache import (
     SizedReads,
     read_span,
 )
+from ..cache.blobs import StoredMeanwhile
 from ..cache.store import blob_key
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
@@ -297,14 +298,27 @@ async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
             found.close()  # the GET's body, unread
             return resp
     if not isinstance(found, tuple):
-        # Being read: eviction leaves it alone until the client has it.
-        with cache.readers.reading(reg.route.namespace, str(reg.digest)):
-            if isinstance(found, OpenBlob):  # the common warm GET: one thread hop
-                return await _send_file(request, reg, found.file, found.size)
-            return await _send_stored(request, reg, cache, found)
+        return await _send_committed(request, reg, cache, found)
     flight, started = found
-    with flight.attached():
-        return await _follow(request, reg, flight, "MISS" if started else "COALESCED")
+    try:
+        with flight.attached():
+            return await _follow(request, reg, flight, "MISS" if started else "COALESCED")
+    except StoredMeanwhile:  # another replica committed it as this one was to fetch it
+        again = await cache.blobs.committed(reg.route, reg.digest, store_range(request)
+                                            if isinstance(cache.store, SizedReads) else None)
+        if again is None:
+            raise RegistryError("UNAVAILABLE", "the blob is being stored: try again",
+                                503) from None
+        return await _send_committed(request, reg, cache, again)
+
+
+async def _send_committed(request: web.Request, reg: RegistryRequest, cache: Cache,
+                          found: OpenBlob | CachedBlob) -> web.StreamResponse:
+    # Being read: eviction leaves it alone until the client has it.
+    with cache.readers.reading(reg.route.namespace, str(reg.digest)):
+        if isinstance(found, OpenBlob):  # the common warm GET: one thread hop
+            return await _send_file(request, reg, found.file, found.size)
+        return await _send_stored(request, reg, cache, found)
 
 
 async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
@@ -315,8 +329,11 @@ async def blob_head(request: web.Request, reg: RegistryRequest, cache: Cache,
     if size is None:
         flight = cache.blobs.inflight(reg.route, digest)
         if flight is not None:
-            await flight.wait_headers()
-            status, size = "COALESCED", flight.size
+            try:
+                await flight.wait_headers()
+                status, size = "COALESCED", flight.size
+            except StoredMeanwhile:  # committed by another replica: the store knows
+                size = await cache.blobs.cached_size(reg.route, digest)
         else:
             admit = request[STATE].admit_miss
             if admit is not None:

@@ -24,9 +24,9 @@ from ..reference import Digest
 from ..singleflight import SingleFlight
 from ..upstream import Upstream
 from .contents import Contents
-from .coordinate import Coordinator, Follow, InProcess, Lead
+from .coordinate import Coordinator, Follow, InProcess, Lead, Sourced
 from .diskfull import DiskFull
-from .flight import BlobFlight, IntegrityError
+from .flight import BlobFlight, FetchAborted, IntegrityError
 from .follow import follow
 from .index import BlobKey, Index
 from .leases import Readers
@@ -35,6 +35,15 @@ from .relay import Relay
 from .s3_stream import StreamedUpload
 from .store import BlobStore, LocalFiles, SizedReads, StoredBody, blob_key
 from .transfer import Opener, blob_length
+
+# Seconds a verified spool outlives its flight when the store has no local files: a
+# reader that joined the flight opens it within moments (then the name may go).
+SPOOL_GRACE = 30.0
+
+
+class StoredMeanwhile(FetchAborted):
+    """Another process committed the blob while this one was about to fetch it; the
+    readers of this flight read the store instead (counted once, as what they were)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +100,10 @@ class Blobs:
         # Who fetches a blob other processes on this store want too (cache/coordinate.py).
         self.coordinator: Coordinator = coordinator or InProcess()
         self._shared = not isinstance(self.coordinator, InProcess)
+        # Spools of verified blobs in a store without local files, kept a while for the
+        # readers that joined their flight but have not opened the spool yet (owned here;
+        # what is left at shutdown goes with the process's spool directory).
+        self._keeping: set[asyncio.Task[None]] = set()
 
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
@@ -153,8 +166,19 @@ class Blobs:
         if started and self._shared:  # a miss only if no other worker fetches it already
             await flight.claimed.wait()
             started = not flight.mirrored
+            if isinstance(flight.error, StoredMeanwhile):
+                found = await self._open(route, digest, byte_range)
+                if found is not None:
+                    await self.served(route, digest, found.size)
+                    return found
         self._count(route, "miss" if started else "coalesced")
         return flight, started
+
+    async def committed(self, route: Route, digest: Digest, byte_range: str | None = None
+                        ) -> OpenBlob | CachedBlob | None:
+        """The committed blob, opened as `get()` opens it; counted by nobody (for a reader
+        of a flight that ended StoredMeanwhile: it was counted when it joined)."""
+        return await self._open(route, digest, byte_range)
 
     async def served(self, route: Route, digest: Digest, size: int) -> None:
         """A committed blob is being served (or redirected to): a hit, an access."""
@@ -223,9 +247,20 @@ class Blobs:
         try:
             claim: Lead | Follow = await self.coordinator.claim(
                 f"blob {route.namespace} {flight.digest}")
-            flight.mirrored = isinstance(claim, Follow)
+            # Another worker or another replica fetches it: a coalesced GET here.
+            flight.mirrored = isinstance(claim, Follow) or (
+                isinstance(claim, Sourced) and not claim.leading)
+            if not isinstance(claim, Follow) and not flight.mirrored and claim.shared and \
+                    self._local is None and await self.store.stat(store_key) is not None:
+                # Committed by another between our look and our lead: no spool holds
+                # it here, so its readers read the store (api/blobs.py).
+                flight.fail(StoredMeanwhile(f"blob {flight.digest} is stored now"))
         finally:
             flight.claimed.set()
+        if isinstance(flight.error, StoredMeanwhile):
+            assert not isinstance(claim, Follow)
+            await claim.release()
+            return
         while isinstance(claim, Follow):
             taken = await follow(flight, claim)
             if taken is None:
@@ -236,7 +271,7 @@ class Blobs:
                 return
             flight.publish, flight.followed = claim.publish, claim.shared
             claim.publish(flight)  # at once: a record a dead leader left must not stand
-            await self._fetch(flight, upstream, route, repository, store_key)
+            await self._fetch(flight, upstream, route, repository, store_key, claim)
         finally:
             await claim.release()
 
@@ -248,10 +283,33 @@ class Blobs:
         flight.mirror(flight.final_path, size, size, True)
         return True
 
-    async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
-                     repository: str, store_key: str) -> None:
-        path = f"/v2/{repository}/blobs/{flight.digest}"
+    def _drop_later(self, spool: Path) -> None:
+        async def drop() -> None:
+            await asyncio.sleep(SPOOL_GRACE)
+            await asyncio.to_thread(spool.unlink, True)
 
+        task = asyncio.get_running_loop().create_task(drop(), name=f"drop {spool.name}")
+        self._keeping.add(task)
+        task.add_done_callback(self._keeping.discard)
+
+    def _upstream_bytes(self, route: Route, remote: Sourced | None) -> Callable[[int], None]:
+        """Counts the bytes that came from the upstream (not from another replica)."""
+        count: Callable[[int], None] = self.metrics.upstream_bytes.labels(route.name).inc
+        if remote is None:
+            return count
+
+        def on_bytes(n: int) -> None:
+            if remote.leading:
+                count(n)
+
+        return on_bytes
+
+    async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
+                     repository: str, store_key: str, claim: Lead) -> None:
+        path = f"/v2/{repository}/blobs/{flight.digest}"
+        # Another replica fetches it (redis:): its bytes, verified here too; the store
+        # and the upstream are this replica's business only if it takes the lead over.
+        remote = claim if isinstance(claim, Sourced) and not claim.leading else None
         reserved = 0
 
         async def open_upstream(headers: dict[str, str]) -> aiohttp.ClientResponse:
@@ -269,22 +327,28 @@ class Blobs:
             StreamedUpload(flight, self.store.upload(store_key))
 
         async def commit(spool: Path) -> None:
+            if remote is not None and not remote.leading and self._local is None:
+                return  # the leading replica keeps it in the shared store
             await self._commit(store_key, spool, flight.written, streamed)
             await self.index.set_blob((route.namespace, str(flight.digest)), flight.written)
             await self.contents.add_blob(route.namespace, str(flight.digest), flight.written)
 
         gauge = self.metrics.inflight.labels(route.name)
         gauge.inc()
-        if streamed is not None:
+        if streamed is not None and remote is None:
             streamed.start()
         try:
-            plan = self._plan(upstream, route, path, open_upstream)
+            plan = self._plan(upstream, route, path, open_upstream) if remote is None else None
+            # Taking over: the upload begins, from the spool's first byte.
+            source = remote.source(route.namespace, str(flight.digest), open_upstream,
+                                   streamed.start if streamed else lambda: None
+                                   ) if remote is not None else open_upstream
             # Held: a reload that replaced this route closes its client only after us (the
             # request that began the flight holds it until this task runs).
             with upstream.in_use():
                 # With parts, every request (the first too) learns or reuses the redirect.
-                await flight.run(plan.open_part if plan else open_upstream, commit,
-                                 on_bytes=self.metrics.upstream_bytes.labels(route.name).inc,
+                await flight.run(plan.open_part if plan else source, commit,
+                                 on_bytes=self._upstream_bytes(route, remote),
                                  on_resume=self.metrics.resumed.labels(route.name).inc,
                                  plan=plan, pace=upstream.pace)
             if isinstance(flight.error, IntegrityError):
@@ -292,7 +356,10 @@ class Blobs:
         finally:
             if streamed is not None:  # not committed (failed, abandoned): drop the parts
                 await streamed.abort()
-                await asyncio.to_thread(flight.spool.unlink, True)
+                if flight.done:  # no local file to reopen: late readers need the spool
+                    self._drop_later(flight.spool)
+                else:
+                    await asyncio.to_thread(flight.spool.unlink, True)
             gauge.dec()
             self.space.release(reserved)
             self.space.wake()

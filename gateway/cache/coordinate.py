@@ -9,11 +9,14 @@ never decides what is kept (only a verified, committed object ever is).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from .transfer import Opener
 
 # The states of a transfer as its followers see them.
 STARTING, STREAMING, VERIFIED, FAILED = 0, 1, 2, 3
@@ -54,6 +57,18 @@ class Lead(Protocol):
 
     async def release(self) -> None:
         """The transfer ended (its last state published): let the next one lead."""
+
+
+@runtime_checkable
+class Sourced(Protocol):
+    """A Lead whose bytes may come from another replica (cache/replica_source.py):
+    `leading` False while another replica fetches; `source()` gives the opener of the
+    bytes (the leader's, then `upstream` if this one takes over: `on_takeover()`)."""
+
+    leading: bool
+
+    def source(self, namespace: str, digest: str, upstream: Opener,
+               on_takeover: Callable[[], None]) -> Opener: ...
 
 
 @runtime_checkable

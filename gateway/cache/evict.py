@@ -60,6 +60,9 @@ class Evictor:
         # Seconds between looks when nothing wakes us; with workers, other processes commit
         # bytes without waking this one, so the primary looks every few seconds.
         self.look_every = IDLE_CHECK
+        # Replicas on one bucket (`redis:`): what the others' catalogues hold, told what
+        # this one holds (cache/usage_redis.py); the cap bounds the sum.
+        self.elsewhere: Callable[[int], Awaitable[int]] | None = None
 
     def reconfigure(self, config: Config) -> None:
         """New limits and route quotas (a reload): the next pass uses them, and starts now."""
@@ -152,8 +155,10 @@ class Evictor:
         if not isinstance(self._store, LocalFiles):
             # The objects are not on this disk (S3): only max_size bounds them; min_free
             # of the local disk (the spool) is no reason to delete from the bucket.
-            return (limits.max_size, "size") if limits.max_size is not None else \
-                (1 << 62, "size")
+            if limits.max_size is None:
+                return 1 << 62, "size"
+            others = await self.elsewhere(used) if self.elsewhere is not None else 0
+            return max(limits.max_size - others, 0), "size"
         disk = await asyncio.to_thread(os.statvfs, self._data_dir)
         total, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
         by_free = used + free - limits.min_free.of(total)

@@ -31,6 +31,7 @@ from .forward_proxy import ForwardProxySettings
 from .limits import Limits
 from .model import CacheLimits, CachePolicy, Config, Route, UpstreamSettings
 from .pins import pins
+from .redis import redis_section
 from .resilience import layered
 from .schema import Key, build, check_keys, keys_of, parse_keys
 from .secrets import resolve_secrets
@@ -147,6 +148,7 @@ SECTIONS: Mapping[str, Section] = {
     "limits": settings_section(Limits, "limits"),
     "storage": Section(storage_section, "storage"),
     "forward_proxy": settings_section(ForwardProxySettings, "forward_proxy"),
+    "redis": Section(redis_section, "redis"),
 }
 
 

@@ -21,6 +21,7 @@ from .access import AccessSettings, RepositoryRules, repository_rules, route_ano
 from .document import Location, Place
 from .forward_proxy import ForwardProxySettings
 from .limits import Limits, RouteLimits, route_limits
+from .redis import RedisSettings
 from .resilience import BreakerSettings, Retries, Timeouts
 from .schema import check_keys, yaml_key
 from .storage import StorageSettings
@@ -283,6 +284,7 @@ class Config:
     storage: StorageSettings = field(default_factory=StorageSettings)  # config/storage.py
     # `serve --proxy-listen` (config/forward_proxy.py, gateway/proxy/).
     forward_proxy: ForwardProxySettings = field(default_factory=ForwardProxySettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)  # config/redis.py: replicas
 
     def route(self, name: str) -> Route:
         for route in self.routes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .model import Config, Credentials, CredentialsRef, Route, SecretRef
+from .redis import resolve_redis
 from .storage import resolve_storage
 
 
@@ -22,7 +23,8 @@ def resolve_secrets(config: Config, env: Mapping[str, str] | None = None) -> Con
     `env` defaults to os.environ. Reads secret files: not for the event loop."""
     env = os.environ if env is None else env
     return replace(config, routes=tuple(_resolve_route(route, env) for route in config.routes),
-                   storage=resolve_storage(config.storage, env))
+                   storage=resolve_storage(config.storage, env),
+                   redis=resolve_redis(config.redis, env))
 
 
 def resolve_secret(ref: SecretRef, env: Mapping[str, str]) -> str:

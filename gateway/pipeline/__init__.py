@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from ..config import Config
@@ -41,19 +42,22 @@ def build(current: Callable[[], Config], metrics: Metrics, *,
           https_port: int | None = None, logins: Logins | None = None,
           limits: ClientLimits | None = None,
           proxied: ProxiedLookup | None = None,
-          access_log: Callable[[str], None] | None = None) -> list[Middleware]:
+          access_log: Callable[[str], None] | None = None,
+          internal: Callable[[web.Request], bool] | None = None) -> list[Middleware]:
     """The stages over `current` (the running config: `Live`, or `lambda: config`).
     `logins` and `limits` (htpasswd tables and bcrypt cache; per-client buckets) are kept
     by the composition root across reloads. `proxied`: the forward proxy's lookup of the
     connections it terminated (their requests are routed by the CONNECTed host).
     `access_log`: where the access log's lines go (the log writer; None: as records of
-    the "gateway.access" logger)."""
+    the "gateway.access" logger). `internal`: is a request to /_gateway/internal/ signed
+    by a replica (`redis:`; None: every such request is refused)."""
     # The edge first, so the log, the routing and the rules see the real client and host.
     stages: list[Middleware] = [observe_middleware(metrics, current, edge_step(),
                                                     access_log=access_log)]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
     stages.append(admit_middleware(
-        resolve_step(PerConfig(Router), proxied), access_step(metrics, logins=logins),
+        resolve_step(PerConfig(Router), proxied),
+        access_step(metrics, logins=logins, internal=internal),
         limits_step(limits or ClientLimits(), metrics)))
     return stages

@@ -67,7 +67,12 @@ class _Compiled:
         return self._policy
 
 
-def access_step(metrics: Metrics, *, logins: Logins | None = None
+# Replicas' own endpoint (cache/replica_auth.py): for a request a replica signed only.
+INTERNAL_PREFIX = "/_gateway/internal/"
+
+
+def access_step(metrics: Metrics, *, logins: Logins | None = None,
+                internal: Callable[[web.Request], bool] | None = None
                 ) -> Callable[[web.Request, RequestState], Awaitable[None] | None]:
     """The stage (run by `admit` with the request's config). It decides at once (None:
     allowed; or it raises the refusal) unless a login must be checked: then it returns
@@ -89,6 +94,12 @@ def access_step(metrics: Metrics, *, logins: Logins | None = None
             if free is not None:  # no rule could refuse it: address and login unread
                 state.rule = free.rule
                 return None
+        if request.path.startswith(INTERNAL_PREFIX):  # whatever the address: the HMAC
+            signed = internal is not None and internal(request)
+            _decide(state, Verdict("redis.secret") if signed else Verdict(
+                "redis.secret", 403, "not_a_replica",
+                f"{request.path[:100]} is for the gateway's replicas only"), metrics)
+            return None
         remote = request.remote or ""
         address = addresses.get(remote)
         if address is None and remote not in addresses:  # not seen (or not an address)

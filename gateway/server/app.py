@@ -15,13 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from yarl import URL
 
 from .. import admin, api, pipeline, proxy
+from ..api import internal as replica_flights
 from ..cache import BlobStore, Cache, FsStore, MemoryIndex, ProcessDir
 from ..cache.contents_sqlite import SqliteContents
+from ..cache.coordinate import Coordinator, InProcess
 from ..cache.coordinate_files import FileCoordinator
 from ..cache.pinning import PinKeeper
 from ..config import Config, Route
+from ..config import redis as redis_config
 from ..config.storage import check_reload
 from ..looplag import LoopLag
 from ..metrics import Metrics
@@ -51,32 +55,32 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
                watch_interval: float = WATCH_INTERVAL,
                limits: pipeline.ClientLimits | None = None,
                worker: Worker | None = None,
-               access_log: Callable[[str], None] | None = None) -> web.Application:
-    """The gateway as one aiohttp app. `https_port`: plain HTTP is redirected there.
-    `clock` (wall seconds) drives every TTL. `config_file`: reloaded on SIGHUP and when it
-    changes (looked at every `watch_interval` s; 0: never). `limits`: the buckets.
-    `worker`: one of several processes on this data directory (workers.py)."""
+               access_log: Callable[[str], None] | None = None,
+               internal_url: str | None = None) -> web.Application:
+    """The gateway as one aiohttp app. `https_port`: plain HTTP is redirected there. `clock`
+    (wall seconds) drives every TTL. `config_file`: reloaded on SIGHUP and when it changes
+    (looked at every `watch_interval` s; 0: never). `limits`: the buckets. `worker`: one of
+    several processes on this data directory. `internal_url`: other replicas reach us there."""
     metrics = Metrics()
     live = Live(config)
-    primary = worker is None or worker.index == 0
-    cache, remote = _build_cache(config, Path(data_dir), metrics, clock, live, worker, primary)
+    cache, remote = _build_cache(config, Path(data_dir), metrics, clock, live, worker,
+                                 internal_url)
     limits = limits or pipeline.ClientLimits()
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
-
     # Logins outlive config swaps; the forward proxy's connections use them and this app.
     forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
     app = web.Application(middlewares=pipeline.build(
         live, metrics, https_port=https_port, logins=logins, limits=limits,
-        proxied=forward.connections.lookup, access_log=access_log), client_max_size=1 << 20)
+        proxied=forward.connections.lookup, access_log=access_log,
+        internal=_replica_check(cache)), client_max_size=1 << 20)
     current: Callable[[], Config] = live  # admin's view of the running config
     app[CURRENT] = current
     app[LIVE] = live
     app[METRICS] = metrics
     app[api.SERVICES] = api.Services(cache, upstreams)
-
     pins = PinKeeper(config, cache, upstreams, metrics)
-    reloader = Reloader(live, upstreams, metrics, source=config_file, interval=watch_interval)
-    app[RELOADER] = reloader
+    app[RELOADER] = reloader = Reloader(live, upstreams, metrics, source=config_file,
+                                        interval=watch_interval)
     live.subscribe(lambda _old, new: cache.reconfigure(new))
     live.subscribe(lambda _old, new: pins.reconfigure(new))
     live.watch_files(secret_files)
@@ -91,7 +95,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await cache.open()
         await upstreams.start(config.routes)
-        if primary:  # pinned images are fetched once per data directory
+        if cache.primary:  # pinned images are fetched once per data directory
             pins.start()
         await reloader.start()
         yield
@@ -135,17 +139,52 @@ def _add_status(app: web.Application, live: Live, cache: Cache,
 
 def _build_cache(config: Config, data_dir: Path, metrics: Metrics,
                  clock: Callable[[], float], live: Live, worker: Worker | None,
-                 primary: bool) -> tuple[Cache, S3Store | None]:
+                 internal_url: str | None) -> tuple[Cache, S3Store | None]:
     """The store (`storage:`), the sqlite catalogue; with workers, single flight across
-    them and the once-per-data-directory work in the primary one."""
+    them and the once-per-data-directory work in the primary one; with `redis:`, single
+    flight across replicas over that."""
+    primary = worker is None or worker.index == 0
     spool = ProcessDir(data_dir / ".spool")
     store, remote = _store(config, data_dir, spool, live)
     contents = SqliteContents(data_dir, clock=clock, metrics=metrics, store_files=not remote,
                               primary=primary)
-    cache = Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool, clock,
-                  coordinator=FileCoordinator(data_dir) if worker is not None else None,
-                  primary=primary)
+    coordinator: Coordinator = FileCoordinator(data_dir) if worker is not None else InProcess()
+
+    async def keep_redis(new: Config) -> None:  # built once: a change would not apply
+        redis_config.check_reload(config.redis, new.redis, new.source)
+
+    live.check_before_swap(keep_redis)
+    if not config.redis.enabled:
+        return Cache(config, data_dir, store, MemoryIndex(clock), contents, metrics, spool,
+                     clock, coordinator=coordinator, primary=primary), remote
+    # Replicas: redis loads only here.
+    from ..cache.coordinate_redis import RedisCoordinator
+    from ..cache.index_redis import RedisIndex
+    from ..cache.usage_redis import ReplicaUsage
+
+    advertise = config.redis.advertise or URL(internal_url or "http://127.0.0.1:5000")
+    replicas = RedisCoordinator(config.redis, coordinator, advertise, metrics)
+    cache = Cache(config, data_dir, store,
+                  RedisIndex(config.redis.prefix, lambda: replicas.client, clock), contents,
+                  metrics, spool, clock, coordinator=replicas, primary=primary)
+    if remote is not None:  # the cap bounds the whole bucket
+        cache.evictor.elsewhere = ReplicaUsage(config.redis.prefix, replicas.advertise,
+                                               lambda: replicas.client)
     return cache, remote
+
+
+def _replica_check(cache: Cache) -> Callable[[web.Request], bool] | None:
+    """Whether a request to /_gateway/internal/ is signed by a replica (`redis:`)."""
+    coordinator = cache.coordinator
+    verify = getattr(coordinator, "verify", None)
+    if verify is None:
+        return None
+
+    def check(request: web.Request) -> bool:
+        return bool(verify(request.method, request.path_qs,
+                           request.headers.get("X-Gateway-Replica")))
+
+    return check
 
 
 def _store(config: Config, data_dir: Path, spool: ProcessDir,
@@ -207,6 +246,7 @@ def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
     app.on_response_prepare.append(pipeline.on_prepare(pulls.count))
     router = app.router
     proxy.add_routes(app, forward)  # /_gateway/ca.crt, and the CA loaded at start
+    replica_flights.add_routes(app)  # replicas' flights (refused unless a replica signed)
     for path in ("/v2", "/v2/"):
         router.add_get(path, api.base, allow_head=False)
         router.add_route("HEAD", path, api.base)

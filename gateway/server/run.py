@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,8 @@ async def _serve(options: ServeOptions, access_log: Callable[[str], None]) -> No
     app = create_app(options.config, options.data_dir,
                      serve_metrics=options.metrics_listen is None, https_port=https_port,
                      config_file=options.config_file, watch_interval=options.config_poll,
-                     worker=worker, access_log=access_log)
+                     worker=worker, access_log=access_log,
+                     internal_url=_internal_url(options))
     if certificates is not None:
         _with_certificates(app, certificates)
     if worker is not None:
@@ -157,6 +159,17 @@ def _sites(options: ServeOptions, runner: web.AppRunner, guard: listen.Connectio
     for host, port in options.tls_listens:
         sites += listen.guarded_sites(runner, host, port, guard, **tls)
     return sites
+
+
+def _internal_url(options: ServeOptions) -> str | None:
+    """Where other replicas reach this one if `redis.advertise` does not say: the first
+    plain listener (a wildcard address: this host's name)."""
+    if not options.listens:
+        return None
+    host, port = options.listens[0]
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
 
 
 def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:

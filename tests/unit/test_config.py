@@ -666,7 +666,7 @@ def test_top_level_keys_are_the_sections() -> None:
     error = config_error("routes: {ghcr.io: {}}\nbogus: 1")
     assert _listed_keys(error) == set(SECTIONS) == {
         "base_domains", "default_route", "defaults", "routes", "trusted_proxies", "cache",
-        "pins", "access", "limits", "storage", "forward_proxy"}
+        "pins", "access", "limits", "storage", "forward_proxy", "redis"}
 
 
 def test_a_settings_section_is_parsed_from_its_fields() -> None:
