@@ -1,6 +1,6 @@
-"""Blob GET and HEAD: send a committed blob (sendfile on plain HTTP, 1 MiB reads under
-TLS, or the store's stream), follow its in-flight fetch, or (disk full) relay it from the
-upstream; one byte range at most.
+"""Blob GET and HEAD: send a committed blob (a small one from memory, sendfile on plain
+HTTP, 1 MiB reads under TLS, or the store's stream), follow its in-flight fetch, or (disk
+full) relay it from the upstream; one byte range at most.
 
 Never lets a client see a clean end of a body that failed verification.
 """
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,14 +21,13 @@ from ..cache import (
     Cache,
     CachedBlob,
     FetchAborted,
+    MemoryBlob,
     NoSpace,
     OpenBlob,
-    Redirecting,
     Relay,
-    SizedReads,
     read_span,
 )
-from ..cache.store import blob_key
+from ..cache.store import Redirecting, blob_key
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, Pace, RegistryRequest
@@ -148,6 +147,18 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
         return resp
 
 
+def _send_memory(request: web.Request, reg: RegistryRequest, found: MemoryBlob) -> web.Response:
+    """A small committed blob kept in memory: one answer, as a cached manifest's is (the
+    observe stage sends it, and counts its length as the body's bytes)."""
+    data = found.data
+    span = byte_range(request, len(data))
+    out = _blob_headers(reg, "HIT")
+    if span is None:
+        return web.Response(body=data, headers=out)
+    out["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{len(data)}"
+    return web.Response(status=206, body=data[span[0]:span[1]], headers=out)
+
+
 def store_range(request: web.Request) -> str | None:
     """The client's one byte range as a store's GET asks for it, before the size is known
     (the answer tells it); None for the whole blob. `byte_range` judges it once the size
@@ -262,9 +273,9 @@ async def _redirect(request: web.Request, reg: RegistryRequest, cache: Cache,
                     size: int | None) -> web.Response | None:
     """A 307 to the store's presigned URL for a committed blob of `size` bytes, if the
     store redirects blobs that large; None: serve it here."""
-    store = cache.store
-    if size is None or not isinstance(store, Redirecting):
+    if size is None or not cache.blobs.redirecting:
         return None
+    store = cast(Redirecting, cache.store)
     url = await store.redirect_url(blob_key(reg.route.namespace, reg.digest), size)
     if url is None:
         return None
@@ -278,27 +289,33 @@ async def _redirect(request: web.Request, reg: RegistryRequest, cache: Cache,
 
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    redirecting = isinstance(cache.store, Redirecting)
+    blobs, digest, state = cache.blobs, reg.digest, request[STATE]
+    redirecting = blobs.redirecting
     if redirecting:  # if the index knows the size, no store request at all
-        size = await cache.blobs.known_size(reg.route, reg.digest)
+        size = await blobs.known_size(reg.route, digest)
         resp = await _redirect(request, reg, cache, size)
         if resp is not None:
             assert size is not None
-            await cache.blobs.served(reg.route, reg.digest, size)
+            await blobs.served(reg.route, digest, size)
             return resp
-    found = await cache.blobs.get(
-        upstream, reg.route, reg.repository, reg.digest, admit=request[STATE].admit_miss,
-        byte_range=store_range(request) if isinstance(cache.store, SizedReads) else None)
+    found = await blobs.get(upstream, reg.route, reg.repository, digest,
+                            admit=state.admit_miss,
+                            byte_range=store_range(request) if blobs.sized_reads else None)
+    if isinstance(found, MemoryBlob) and not redirecting:  # the common warm config GET
+        return _send_memory(request, reg, found)
     if isinstance(found, Relay):
         return await _relay(request, reg, found, "MISS")
-    if redirecting and isinstance(found, CachedBlob):  # counted as a hit by get()
+    if redirecting and isinstance(found, (CachedBlob, MemoryBlob)):  # a hit, by get()
         resp = await _redirect(request, reg, cache, found.size)
         if resp is not None:
-            found.close()  # the GET's body, unread
+            if isinstance(found, CachedBlob):
+                found.close()  # the GET's body, unread
             return resp
+    if isinstance(found, MemoryBlob):  # the bytes are here: nothing a deletion could cut
+        return _send_memory(request, reg, found)
     if not isinstance(found, tuple):
         # Being read: eviction leaves it alone until the client has it.
-        with cache.readers.reading(reg.route.namespace, str(reg.digest)):
+        with cache.readers.reading(reg.route.namespace, str(digest)):
             if isinstance(found, OpenBlob):  # the common warm GET: one thread hop
                 return await _send_file(request, reg, found.file, found.size)
             return await _send_stored(request, reg, cache, found)

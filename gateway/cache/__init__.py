@@ -3,7 +3,7 @@
 This module only re-exports; each concern has its own module (see ARCHITECTURE.md).
 """
 
-from .blobs import Blobs, CachedBlob, OpenBlob
+from .blobs import Blobs, CachedBlob, MemoryBlob, OpenBlob
 from .contents import Contents, Entry, Root, Usage
 from .contents_sqlite import SqliteContents
 from .core import Cache
@@ -34,6 +34,7 @@ __all__ = [
     "Manifest",
     "ManifestResult",
     "Manifests",
+    "MemoryBlob",
     "MemoryIndex",
     "NoSpace",
     "OpenBlob",
