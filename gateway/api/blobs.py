@@ -1,5 +1,5 @@
 """Blob GET and HEAD: send a committed blob (a small one from memory, sendfile on plain
-HTTP, 1 MiB reads under TLS, or the store's stream), follow its in-flight fetch, or (disk
+HTTP, 128 KiB reads under TLS, or the store's stream), follow its in-flight fetch, or (disk
 full) relay it from the upstream; one byte range at most.
 
 Never lets a client see a clean end of a body that failed verification.
@@ -25,9 +25,9 @@ from ..cache import (
     NoSpace,
     OpenBlob,
     Relay,
-    read_span,
 )
 from ..cache.store import Redirecting, blob_key
+from ..cache.transfer import read_span_cached
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, Pace, RegistryRequest
@@ -39,6 +39,13 @@ PACED_PIECE = 64 << 10
 # A paced client on plain HTTP still gets sendfile, in pieces this big (one system call
 # and one bucket check each; the rate holds to within one piece).
 PACED_SENDFILE = 256 << 10
+# Under TLS every byte passes through Python: read, encrypted into the SSL transport's
+# buffer, copied into the socket transport's. With Python's default mark (512 KiB on the
+# SSL side) and 1 MiB reads in a thread a connection held ~4 MiB (200 MB at C=32). Reads
+# this size, from the page cache on the loop (a thread hop per 128 KiB would cost more
+# than the copy), with this mark on the SSL transport, hold well under 1 MiB.
+TLS_READ = 128 << 10
+TLS_HIGH_WATER = 64 << 10
 
 
 def headers(reg: RegistryRequest, cache: str, **extra: str) -> CIMultiDict[str]:
@@ -86,7 +93,15 @@ def _plain(request: web.Request) -> bool:
     return transport is not None and transport.get_extra_info("sslcontext") is None
 
 
-async def _write(resp: web.StreamResponse, data: bytes, pace: Pace | None) -> None:
+def _bound_tls_buffer(request: web.Request) -> None:
+    """Pause this TLS connection's writer (aiohttp's drain waits) once TLS_HIGH_WATER
+    bytes wait to be encrypted or sent, not Python's 512 KiB."""
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_limits()[0] > TLS_HIGH_WATER:
+        transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
+
+
+async def _write(resp: web.StreamResponse, data: bytes | bytearray, pace: Pace | None) -> None:
     """Write `data`; for a client with a byte rate, piece by piece as the rate allows."""
     if pace is None:
         await resp.write(data)
@@ -122,8 +137,8 @@ async def _start(request: web.Request, reg: RegistryRequest, status: str, size: 
 async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes],
                      size: int) -> web.StreamResponse:
     """A committed local blob: sendfile on plain HTTP (in paced pieces for a client with a
-    byte rate), 1 MiB reads under TLS (Python's loop.sendfile falls back to 256 KiB writes
-    there: 30-44 MB/s on a 1 GiB blob)."""
+    byte rate), TLS_READ reads under TLS (Python's loop.sendfile falls back to 256 KiB
+    writes there, one at a time: 30-44 MB/s on a 1 GiB blob)."""
     pace = request[STATE].pace
     with file:
         span = byte_range(request, size)
@@ -139,7 +154,9 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
                     await pace(count)
                     await _sendfile(request, file, at, count)
             else:
-                async with contextlib.aclosing(read_span(file.fileno(), start, end - start)) as r:
+                _bound_tls_buffer(request)
+                async with contextlib.aclosing(read_span_cached(
+                        file.fileno(), start, end - start, TLS_READ)) as r:
                     async for chunk in r:
                         await _write(resp, chunk, pace)
         request[STATE].body_bytes = end - start
@@ -221,7 +238,7 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
     state = request[STATE]
     # Plain HTTP with a known length: the kernel copies each stretch from the spool file
     # (sendfile), so N clients following one fetch cost no Python per byte. TLS, or a
-    # chunked body (upstream sent no length), needs aiohttp's framing: 1 MiB reads.
+    # chunked body (upstream sent no length), needs aiohttp's framing: TLS_READ reads.
     plain = _plain(request) and resp.content_length is not None and not resp.chunked \
         and state.pace is None
     try:
@@ -237,7 +254,9 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
                     with os.fdopen(fd, "rb", closefd=False) as file:
                         await _sendfile(request, file, offset, count)
                 else:
-                    async with contextlib.aclosing(read_span(fd, offset, count)) as chunks:
+                    _bound_tls_buffer(request)
+                    async with contextlib.aclosing(read_span_cached(
+                            fd, offset, count, TLS_READ)) as chunks:
                         async for chunk in chunks:
                             await _write(resp, chunk, state.pace)
                 state.body_bytes = (state.body_bytes or 0) + count
