@@ -226,13 +226,16 @@ async def read_span_cached(fd: int, offset: int, count: int,
     """As read_span, in smaller chunks: what the page cache holds is read on the loop (a
     copy, no thread hop, which for a small chunk costs more than the copy), the rest in
     a thread. For senders that must hold little per connection (TLS)."""
+    unhopped = 0  # bytes read on the loop since it last ran something else
     while count > 0:
         size = min(chunk, count)
         data: bytes | bytearray | None = _read_cached(fd, size, offset)
         if data is None:
             data = await asyncio.to_thread(os.pread, fd, size, offset)
-        else:
-            await asyncio.sleep(0)  # no hop: let the loop run between chunks
+            unhopped = 0
+        elif (unhopped := unhopped + len(data)) >= CHUNK:
+            await asyncio.sleep(0)  # no hop for a while: let the loop run others too
+            unhopped = 0
         if not data:
             raise FetchAborted("spool file shrank")
         offset += len(data)
