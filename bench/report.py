@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import compare, eviction, policy, ranged, startup, workers
+from . import compare, eviction, hotpath, policy, ranged, startup, workers
 
 Record = dict[str, Any]
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
@@ -178,7 +178,7 @@ def _verdicts(records: list[Record]) -> list[tuple[str, str, str, str, str]]:
     if tls is not None and "status" in tls:
         add("warm serving over TLS", "see scenario 3", "measured", "–", None)
     rows += eviction.verdicts(records) + startup.verdicts(records) + ranged.verdicts(records)
-    rows += policy.verdicts(records) + workers.verdicts(records)
+    rows += policy.verdicts(records) + workers.verdicts(records) + hotpath.verdicts(records)
     against = compare.verdict(records)
     if against is not None:
         add(*against)

@@ -206,6 +206,12 @@ def _rate_requests(image: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         "HEAD blob": [{"method": "HEAD", "path": f"/v2/{REPO_NAME}/blobs/{b['digest']}",
                        "digest": b["digest"], "size": b["size"]}
                       for b in (image["config"], *image["layers"])],
+        # The image config (a few KB): a client GETs one per image (issue #12: at least
+        # the manifest rate).
+        "GET small blob": [{"method": "GET",
+                            "path": f"/v2/{REPO_NAME}/blobs/{image['config']['digest']}",
+                            "digest": image["config"]["digest"],
+                            "size": image["config"]["size"]}],
     }
 
 
@@ -467,7 +473,8 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
                     records += warm_throughput(world, profile, [servers.plain], None, tls=False)
                 if rate:
                     records += manifest_rate(world, profile, [servers.plain], None, kinds=(
-                        "GET manifest by digest", "HEAD manifest by digest", "HEAD blob"))
+                        "GET manifest by digest", "HEAD manifest by digest", "HEAD blob",
+                        "GET small blob"))
                     records += wrk_crosscheck(world, profile, servers.plain)
                 if throughput:
                     records += warm_throughput(world, profile, [servers.tls], None, tls=True)

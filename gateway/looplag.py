@@ -1,6 +1,7 @@
 """The event loop's lag: one task that sleeps a short interval and records how late it
 woke into `gateway_event_loop_lag_seconds`; lateness is time the loop spent on work that
-did not yield. It owns only that task and must do no work of its own on the loop.
+did not yield. It owns only that task and must do no work of its own on the loop; the
+same tick writes a worker's changed metrics to its file (`Metrics.flush`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ INTERVAL = 0.05
 class LoopLag:
     def __init__(self, metrics: Metrics, interval: float = INTERVAL) -> None:
         self._histogram = metrics.event_loop_lag
+        self._flush = metrics.flush  # one tick for both: no second task waking the loop
         self._interval = interval
         self._task = Background("loop-lag")
 
@@ -27,6 +29,7 @@ class LoopLag:
 
     async def close(self) -> None:
         await self._task.stop()
+        self._flush()  # what was counted since the last tick, before the worker exits
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -36,3 +39,4 @@ class LoopLag:
             # The selector rounds its timeout up to whole milliseconds, so an idle loop
             # wakes up to ~1 ms late: that is the floor, not lag, and stays in bucket one.
             self._histogram.observe(max(loop.time() - due, 0.0))
+            self._flush()

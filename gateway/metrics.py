@@ -7,9 +7,11 @@ process (tests) never share counters. Labels never carry secrets or repository n
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -29,7 +31,12 @@ _LAG_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25
 # `serve --workers N`: each worker writes its values to files in one directory
 # (prometheus-client's multiprocess mode) and /metrics, whichever worker answers it, adds
 # them up. Counters and histograms are summed; each gauge says how it adds up. Ignored
-# in one process.
+# in one process. The library writes the file at every change (a lock, a struct, an mmap
+# write: five of them per request); here a change is kept in memory, the changed values
+# are written at each tick of the loop-lag task (looplag.py, every 50 ms) and at exit,
+# and a scrape waits a little over two ticks, so every worker's values up to it are in
+# the files (a worker killed outright loses its last tick's changes, at most).
+SCRAPE_WAIT = 0.12
 GaugeMode = Literal["all", "liveall", "min", "livemin", "max", "livemax", "sum", "livesum",
                     "mostrecent", "livemostrecent"]
 _GAUGE_MODES: MappingProxyType[str, GaugeMode] = MappingProxyType({
@@ -64,7 +71,42 @@ def use_multiprocess(directory: Path) -> None:
     called before the worker's `Metrics()` is built. The library picks its value class
     from the environment at import, which in a forked worker was long ago."""
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    values.ValueClass = deferred_value_class()
+
+
+def deferred_value_class(process_identifier: Callable[[], Any] = os.getpid) -> Any:
+    """prometheus-client's multiprocess value (its file, its key, its start from what the
+    file holds), but a change stays in memory until `flush()` writes every changed value
+    (one lock per change, as in one process). `process_identifier` names the file."""
+    base: Any = values.MultiProcessValue(process_identifier)  # type: ignore[no-untyped-call]
+    lock = threading.Lock()  # changes come from threads too (to_thread work)
+    changed: set[Any] = set()
+
+    class DeferredValue(base):  # type: ignore[misc]
+        def inc(self, amount: float) -> None:
+            with lock:
+                self._value += amount
+                self._timestamp = 0.0
+                changed.add(self)
+
+        def set(self, value: float, timestamp: float | None = None) -> None:
+            with lock:
+                self._value = value
+                self._timestamp = timestamp or 0.0
+                changed.add(self)
+
+        def get(self) -> float:
+            with lock:
+                return float(self._value)
+
+        @staticmethod
+        def flush() -> None:
+            with lock:
+                for value in changed:
+                    value._file.write_value(value._key, value._value, value._timestamp)
+                changed.clear()
+
+    return DeferredValue
 
 
 def forget_process(directory: Path, pid: int) -> None:
@@ -138,6 +180,8 @@ class Metrics:
         self._cache_children: dict[tuple[str, str, str], Counter] = {}
         self._request_children: dict[tuple[str, str, str, int],
                                      tuple[Counter, Histogram, Counter]] = {}
+        # Workers: writes this process's changed values to its file (None: one process).
+        self._flush: Callable[[], None] | None = getattr(values.ValueClass, "flush", None)
 
     def _add_part_collectors(self, r: CollectorRegistry) -> None:
         self._add_disk_collectors(r)
@@ -324,10 +368,23 @@ class Metrics:
         if body_bytes:
             served.inc(body_bytes)
 
+    def flush(self) -> None:
+        """With workers: write this worker's changed values to its file (at each loop-lag
+        tick, and at exit); nothing in one process."""
+        if self._flush is not None:
+            self._flush()
+
+    async def scrape(self) -> bytes:
+        """/metrics: with workers, once every worker wrote what it counted before now."""
+        if self._flush is not None:
+            await asyncio.sleep(SCRAPE_WAIT)
+        return self.render()
+
     def render(self) -> bytes:
         directory = _multiprocess_directory()
         if directory is None:
             return generate_latest(self.registry)
+        self.flush()  # this worker's values, to the moment
         merged = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged)

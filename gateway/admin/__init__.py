@@ -45,7 +45,8 @@ async def ready_handler(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     collected = request.app[METRICS]
-    return web.Response(body=collected.render(), headers={"Content-Type": collected.content_type})
+    return web.Response(body=await collected.scrape(),
+                        headers={"Content-Type": collected.content_type})
 
 
 async def routes(request: web.Request) -> web.Response:

@@ -1,6 +1,6 @@
-"""Blob GET and HEAD: send a committed blob (sendfile on plain HTTP, 1 MiB reads under
-TLS, or the store's stream), follow its in-flight fetch, or (disk full) relay it from the
-upstream; one byte range at most.
+"""Blob GET and HEAD: send a committed blob (a small one from memory, sendfile on plain
+HTTP, 128 KiB reads under TLS, or the store's stream), follow its in-flight fetch, or (disk
+full) relay it from the upstream; one byte range at most.
 
 Never lets a client see a clean end of a body that failed verification.
 """
@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import IO
+from typing import IO, cast
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,15 +21,14 @@ from ..cache import (
     Cache,
     CachedBlob,
     FetchAborted,
+    MemoryBlob,
     NoSpace,
     OpenBlob,
-    Redirecting,
     Relay,
-    SizedReads,
-    read_span,
 )
 from ..cache.blobs import StoredMeanwhile
-from ..cache.store import blob_key
+from ..cache.store import Redirecting, blob_key
+from ..cache.transfer import read_span_cached
 from ..errors import RegistryError
 from ..oci import OCTET_STREAM
 from ..state import STATE, Pace, RegistryRequest
@@ -40,6 +39,13 @@ Span = tuple[int, int]  # [start, end)
 PACED_PIECE = 64 << 10
 # A paced client on plain HTTP still gets sendfile, in pieces of `state.pace_piece` (one
 # system call and one bucket check each; the rate holds to within one piece).
+# Under TLS every byte passes through Python: read, encrypted into the SSL transport's
+# buffer, copied into the socket transport's. With Python's default mark (512 KiB on the
+# SSL side) and 1 MiB reads in a thread a connection held ~4 MiB (200 MB at C=32). Reads
+# this size, from the page cache on the loop (a thread hop per 128 KiB would cost more
+# than the copy), with this mark on the SSL transport, hold well under 1 MiB.
+TLS_READ = 128 << 10
+TLS_HIGH_WATER = 64 << 10
 
 
 def headers(reg: RegistryRequest, cache: str, **extra: str) -> CIMultiDict[str]:
@@ -87,7 +93,15 @@ def _plain(request: web.Request) -> bool:
     return transport is not None and transport.get_extra_info("sslcontext") is None
 
 
-async def _write(resp: web.StreamResponse, data: bytes, pace: Pace | None) -> None:
+def _bound_tls_buffer(request: web.Request) -> None:
+    """Pause this TLS connection's writer (aiohttp's drain waits) once TLS_HIGH_WATER
+    bytes wait to be encrypted or sent, not Python's 512 KiB."""
+    transport = request.transport
+    if transport is not None and transport.get_write_buffer_limits()[0] > TLS_HIGH_WATER:
+        transport.set_write_buffer_limits(high=TLS_HIGH_WATER)
+
+
+async def _write(resp: web.StreamResponse, data: bytes | bytearray, pace: Pace | None) -> None:
     """Write `data`; for a client with a byte rate, piece by piece as the rate allows."""
     if pace is None:
         await resp.write(data)
@@ -123,8 +137,8 @@ async def _start(request: web.Request, reg: RegistryRequest, status: str, size: 
 async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes],
                      size: int) -> web.StreamResponse:
     """A committed local blob: sendfile on plain HTTP (in paced pieces for a client with a
-    byte rate), 1 MiB reads under TLS (Python's loop.sendfile falls back to 256 KiB writes
-    there: 30-44 MB/s on a 1 GiB blob)."""
+    byte rate), TLS_READ reads under TLS (Python's loop.sendfile falls back to 256 KiB
+    writes there, one at a time: 30-44 MB/s on a 1 GiB blob)."""
     state = request[STATE]
     pace, piece = state.pace, state.pace_piece
     with file:
@@ -141,12 +155,26 @@ async def _send_file(request: web.Request, reg: RegistryRequest, file: IO[bytes]
                     await pace(count)
                     await _sendfile(request, file, at, count)
             else:
-                async with contextlib.aclosing(read_span(file.fileno(), start, end - start)) as r:
+                _bound_tls_buffer(request)
+                async with contextlib.aclosing(read_span_cached(
+                        file.fileno(), start, end - start, TLS_READ)) as r:
                     async for chunk in r:
                         await _write(resp, chunk, pace)
         state.body_bytes = end - start
         await resp.write_eof()
         return resp
+
+
+def _send_memory(request: web.Request, reg: RegistryRequest, found: MemoryBlob) -> web.Response:
+    """A small committed blob kept in memory: one answer, as a cached manifest's is (the
+    observe stage sends it, and counts its length as the body's bytes)."""
+    data = found.data
+    span = byte_range(request, len(data))
+    out = _blob_headers(reg, "HIT")
+    if span is None:
+        return web.Response(body=data, headers=out)
+    out["Content-Range"] = f"bytes {span[0]}-{span[1] - 1}/{len(data)}"
+    return web.Response(status=206, body=data[span[0]:span[1]], headers=out)
 
 
 def store_range(request: web.Request) -> str | None:
@@ -211,7 +239,7 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
     state = request[STATE]
     # Plain HTTP with a known length: the kernel copies each stretch from the spool file
     # (sendfile), so N clients following one fetch cost no Python per byte. TLS, or a
-    # chunked body (upstream sent no length), needs aiohttp's framing: 1 MiB reads.
+    # chunked body (upstream sent no length), needs aiohttp's framing: TLS_READ reads.
     plain = _plain(request) and resp.content_length is not None and not resp.chunked \
         and state.pace is None
     try:
@@ -227,7 +255,9 @@ async def _follow(request: web.Request, reg: RegistryRequest, flight: BlobFlight
                     with os.fdopen(fd, "rb", closefd=False) as file:
                         await _sendfile(request, file, offset, count)
                 else:
-                    async with contextlib.aclosing(read_span(fd, offset, count)) as chunks:
+                    _bound_tls_buffer(request)
+                    async with contextlib.aclosing(read_span_cached(
+                            fd, offset, count, TLS_READ)) as chunks:
                         async for chunk in chunks:
                             await _write(resp, chunk, state.pace)
                 state.body_bytes = (state.body_bytes or 0) + count
@@ -263,9 +293,9 @@ async def _redirect(request: web.Request, reg: RegistryRequest, cache: Cache,
                     size: int | None) -> web.Response | None:
     """A 307 to the store's presigned URL for a committed blob of `size` bytes, if the
     store redirects blobs that large; None: serve it here."""
-    store = cache.store
-    if size is None or not isinstance(store, Redirecting):
+    if size is None or not cache.blobs.redirecting:
         return None
+    store = cast(Redirecting, cache.store)
     url = await store.redirect_url(blob_key(reg.route.namespace, reg.digest), size)
     if url is None:
         return None
@@ -279,24 +309,30 @@ async def _redirect(request: web.Request, reg: RegistryRequest, cache: Cache,
 
 async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    redirecting = isinstance(cache.store, Redirecting)
+    blobs, digest, state = cache.blobs, reg.digest, request[STATE]
+    redirecting = blobs.redirecting
     if redirecting:  # if the index knows the size, no store request at all
-        size = await cache.blobs.known_size(reg.route, reg.digest)
+        size = await blobs.known_size(reg.route, digest)
         resp = await _redirect(request, reg, cache, size)
         if resp is not None:
             assert size is not None
-            await cache.blobs.served(reg.route, reg.digest, size)
+            await blobs.served(reg.route, digest, size)
             return resp
-    found = await cache.blobs.get(
-        upstream, reg.route, reg.repository, reg.digest, admit=request[STATE].admit_miss,
-        byte_range=store_range(request) if isinstance(cache.store, SizedReads) else None)
+    found = await blobs.get(upstream, reg.route, reg.repository, digest,
+                            admit=state.admit_miss,
+                            byte_range=store_range(request) if blobs.sized_reads else None)
+    if isinstance(found, MemoryBlob) and not redirecting:  # the common warm config GET
+        return _send_memory(request, reg, found)
     if isinstance(found, Relay):
         return await _relay(request, reg, found, "MISS")
-    if redirecting and isinstance(found, CachedBlob):  # counted as a hit by get()
+    if redirecting and isinstance(found, (CachedBlob, MemoryBlob)):  # a hit, by get()
         resp = await _redirect(request, reg, cache, found.size)
         if resp is not None:
-            found.close()  # the GET's body, unread
+            if isinstance(found, CachedBlob):
+                found.close()  # the GET's body, unread
             return resp
+    if isinstance(found, MemoryBlob):  # the bytes are here: nothing a deletion could cut
+        return _send_memory(request, reg, found)
     if not isinstance(found, tuple):
         return await _send_committed(request, reg, cache, found)
     flight, started = found
@@ -305,10 +341,12 @@ async def blob_get(request: web.Request, reg: RegistryRequest, cache: Cache,
             return await _follow(request, reg, flight, "MISS" if started else "COALESCED")
     except StoredMeanwhile:  # another replica committed it as this one was to fetch it
         again = await cache.blobs.committed(reg.route, reg.digest, store_range(request)
-                                            if isinstance(cache.store, SizedReads) else None)
+                                            if cache.blobs.sized_reads else None)
         if again is None:
             raise RegistryError("UNAVAILABLE", "the blob is being stored: try again",
                                 503) from None
+        if isinstance(again, MemoryBlob):
+            return _send_memory(request, reg, again)
         return await _send_committed(request, reg, cache, again)
 
 

@@ -3,12 +3,13 @@
 This module only re-exports; each concern has its own module (see ARCHITECTURE.md).
 """
 
-from .blobs import Blobs, CachedBlob, OpenBlob
+from .blobs import Blobs
 from .contents import Contents, Entry, Root, Usage
 from .contents_sqlite import SqliteContents
 from .core import Cache
 from .diskfull import DiskFull, MakeRoom, NoSpace
 from .flight import BlobFlight, FetchAborted, IntegrityError, read_span
+from .found import CachedBlob, MemoryBlob, OpenBlob
 from .fs import FsStore
 from .index import Index, MemoryIndex
 from .manifests import Manifest, ManifestResult, Manifests
@@ -34,6 +35,7 @@ __all__ = [
     "Manifest",
     "ManifestResult",
     "Manifests",
+    "MemoryBlob",
     "MemoryIndex",
     "NoSpace",
     "OpenBlob",

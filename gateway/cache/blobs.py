@@ -1,21 +1,21 @@
 """Blobs by digest: what is committed in the store, and the one in-flight fetch of each.
 
-A blob is served from the store, or followed live from its flight's spool; it is kept
-only once the flight verified it. Counts every GET's cache outcome exactly once.
+A blob is served from the store (a small one from memory once read and verified), or
+followed live from its flight's spool; it is kept only once the flight verified it.
+Counts every GET's cache outcome exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol, cast
 
 import aiohttp
+from cachetools import LRUCache
 from yarl import URL
 
 from ..config import Route
@@ -28,12 +28,23 @@ from .coordinate import Coordinator, Follow, InProcess, Lead, Sourced
 from .diskfull import DiskFull
 from .flight import BlobFlight, FetchAborted, IntegrityError
 from .follow import follow
+from .found import (
+    SMALL_BLOB,
+    SMALL_MEMORY,
+    SMALL_RECHECK,
+    CachedBlob,
+    MemoryBlob,
+    OpenBlob,
+    open_local,
+    read_whole,
+    verified,
+)
 from .index import BlobKey, Index
 from .leases import Readers
 from .ranged import Plan, reuse_redirect
 from .relay import Relay
 from .s3_stream import StreamedUpload
-from .store import BlobStore, LocalFiles, SizedReads, StoredBody, blob_key
+from .store import BlobStore, LocalFiles, Redirecting, SizedReads, blob_key
 from .transfer import Opener, blob_length
 
 # Seconds a verified spool outlives its flight when the store has no local files: a
@@ -44,33 +55,6 @@ SPOOL_GRACE = 30.0
 class StoredMeanwhile(FetchAborted):
     """Another process committed the blob while this one was about to fetch it; the
     readers of this flight read the store instead (counted once, as what they were)."""
-
-
-@dataclass(frozen=True, slots=True)
-class CachedBlob:
-    """A committed blob in a store without local files: read it through the store. With
-    a `body`, its read is under way already (a store with SizedReads: one request)."""
-
-    key: str
-    size: int
-    body: StoredBody | None = field(default=None, compare=False)
-
-    def close(self) -> None:
-        if self.body is not None:
-            self.body.close()
-
-
-@dataclass(frozen=True, slots=True)
-class OpenBlob:
-    """A committed blob in a local file, opened: the caller sends it and closes it."""
-
-    file: IO[bytes]
-    size: int
-
-
-def _open_with_size(path: Path) -> tuple[IO[bytes], int]:
-    file = open(path, "rb")  # noqa: SIM115  (the caller closes it after sending)
-    return file, os.fstat(file.fileno()).st_size
 
 
 class Space(Protocol):
@@ -86,7 +70,9 @@ class Space(Protocol):
 class Blobs:
     def __init__(self, store: BlobStore, index: Index, contents: Contents, space: Space,
                  readers: Readers, metrics: Metrics, scratch: Callable[[], Path], *,
-                 disk: DiskFull | None = None, coordinator: Coordinator | None = None) -> None:
+                 disk: DiskFull | None = None, coordinator: Coordinator | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 memory: int | None = None) -> None:
         self.store = store
         self.index = index
         self.contents = contents
@@ -95,6 +81,15 @@ class Blobs:
         self.metrics = metrics
         self._scratch = scratch  # the process's spool directory
         self._local = store if isinstance(store, LocalFiles) else None
+        # Capabilities, looked up once: isinstance of a runtime Protocol walks its members.
+        self.sized_reads = isinstance(store, SizedReads)
+        self.redirecting = isinstance(store, Redirecting)
+        self._clock = clock
+        # Small verified blobs by key, with when the store last had them (SMALL_RECHECK).
+        self._small: LRUCache[BlobKey, tuple[MemoryBlob, float]] = LRUCache(
+            maxsize=SMALL_MEMORY if memory is None else memory,
+            getsizeof=lambda kept: kept[0].size + 200)
+        self._forgets = 0  # a read begun before a `forget` must not keep what it read
         self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
         # Who fetches a blob other processes on this store want too (cache/coordinate.py).
@@ -108,24 +103,48 @@ class Blobs:
     def _count(self, route: Route, result: str) -> None:
         self.metrics.cache_outcome(route.name, "blob", result)
 
-    async def _open(self, route: Route, digest: Digest,
-                    byte_range: str | None = None) -> OpenBlob | CachedBlob | None:
+    async def _open(self, route: Route, digest: Digest, key: BlobKey,
+                    byte_range: str | None = None) -> MemoryBlob | OpenBlob | CachedBlob | None:
         """The committed blob: opened, if the store has local files (one thread hop, which
         also proves the file is there), or its read begun (one GET that also tells the
-        size: `byte_range`, the client's Range, is asked for), else as key and size."""
+        size: `byte_range`, the client's Range, is asked for), else as key and size. A
+        small one read whole is verified and kept in memory (`get` looks there first)."""
         store_key = blob_key(route.namespace, digest)
-        if isinstance(self.store, SizedReads):
-            body = await self.store.open_read(store_key, byte_range)
-            return CachedBlob(store_key, body.size, body) if body is not None else None
+        now, forgets = self._clock(), self._forgets
+        if self.sized_reads:
+            body = await cast(SizedReads, self.store).open_read(store_key, byte_range)
+            if body is None:
+                return None
+            if body.size <= SMALL_BLOB and (body.start, body.end) == (0, body.size):
+                data = await read_whole(body)
+                if len(data) == body.size and verified(data, digest):
+                    return self._keep(key, data, now, forgets)
+                return CachedBlob(store_key, body.size)  # read again as it is: not kept
+            return CachedBlob(store_key, body.size, body)
         if self._local is None:
             stored = await self.store.stat(store_key)
             return CachedBlob(store_key, stored) if stored is not None else None
         try:
-            file, size = await asyncio.to_thread(_open_with_size,
-                                                 self._local.local_path(store_key))
+            opened = await asyncio.to_thread(open_local, self._local.local_path(store_key),
+                                             digest)
         except FileNotFoundError:
             return None
-        return OpenBlob(file, size)
+        if isinstance(opened, bytes):
+            return self._keep(key, opened, now, forgets)
+        return OpenBlob(*opened)
+
+    def _keep(self, key: BlobKey, data: bytes, when: float, forgets: int) -> MemoryBlob:
+        """Keep a small blob read at `when`, unless one was forgotten since (an eviction
+        that deleted it while it was read: the read has it, the memory must not)."""
+        found = MemoryBlob(data)
+        if forgets == self._forgets:
+            self._small[key] = (found, when)
+        return found
+
+    def forget(self, namespace: str, digest: str) -> None:
+        """An evicted (or vanished) blob: the bytes kept in memory go too."""
+        self._forgets += 1
+        self._small.pop((namespace, digest), None)
 
     async def cached_size(self, route: Route, digest: Digest) -> int | None:
         """The size of the committed blob, from the index if it knows (HEAD)."""
@@ -139,23 +158,33 @@ class Blobs:
 
     async def get(self, upstream: Upstream, route: Route, repository: str, digest: Digest,
                   *, admit: Callable[[], None] | None = None, byte_range: str | None = None
-                  ) -> OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
+                  ) -> MemoryBlob | OpenBlob | CachedBlob | tuple[BlobFlight, bool] | Relay:
         """For a GET: the committed blob, or its in-flight fetch (True: started here), or
         while the disk is full a relay from the upstream. Counts the outcome once.
         `admit()` is called (and may raise) before this GET would start an upstream fetch;
         joining a fetch under way costs the upstream nothing and is not a miss.
         `byte_range`: the client's Range, for a store whose read is begun here."""
         key = (route.namespace, str(digest))
-        found = await self._open(route, digest, byte_range)
+        kept = self._small.get(key)
+        if kept is not None and 0 <= self._clock() - kept[1] < SMALL_RECHECK:
+            # A hit, an access (the catalogue's, which eviction goes by). The index heard
+            # of the blob (its size, an access) when it was read, and hears again at each
+            # recheck: once a second is all its access times need.
+            self._count(route, "hit")
+            self.contents.touch(key[0], "blob", key[1])
+            return kept[0]
+        found = await self._open(route, digest, key, byte_range)
+        if found is None:
+            self.forget(*key)  # kept in memory (past its recheck), gone from the store
         if found is None and await self.index.blob_size(key) is not None:
             # Committed while we looked (the index learns of a commit before its flight
             # ends), or deleted behind our back: a second look tells which.
-            found = await self._open(route, digest, byte_range)
+            found = await self._open(route, digest, key, byte_range)
             if found is None:
                 await self.index.forget_blob(key)
-                await self.contents.forget(route.namespace, "blob", str(digest))
+                await self.contents.forget(route.namespace, "blob", key[1])
         if found is not None:
-            await self.served(route, digest, found.size)
+            await self._served(route, key, found.size)
             return found
         if admit is not None and self.inflight(route, digest) is None:
             admit()
@@ -167,7 +196,8 @@ class Blobs:
             await flight.claimed.wait()
             started = not flight.mirrored
             if isinstance(flight.error, StoredMeanwhile):
-                found = await self._open(route, digest, byte_range)
+                found = await self._open(route, digest, (route.namespace, str(digest)),
+                                         byte_range)
                 if found is not None:
                     await self.served(route, digest, found.size)
                     return found
@@ -175,20 +205,22 @@ class Blobs:
         return flight, started
 
     async def committed(self, route: Route, digest: Digest, byte_range: str | None = None
-                        ) -> OpenBlob | CachedBlob | None:
+                        ) -> MemoryBlob | OpenBlob | CachedBlob | None:
         """The committed blob, opened as `get()` opens it; counted by nobody (for a reader
         of a flight that ended StoredMeanwhile: it was counted when it joined)."""
-        return await self._open(route, digest, byte_range)
+        return await self._open(route, digest, (route.namespace, str(digest)), byte_range)
 
     async def served(self, route: Route, digest: Digest, size: int) -> None:
         """A committed blob is being served (or redirected to): a hit, an access."""
-        key = (route.namespace, str(digest))
+        await self._served(route, (route.namespace, str(digest)), size)
+
+    async def _served(self, route: Route, key: BlobKey, size: int) -> None:
         self._count(route, "hit")
         if size != await self.index.blob_size(key):
             await self.index.set_blob(key, size)
         else:
             await self.index.touch(key)
-        self.contents.touch(route.namespace, "blob", str(digest))
+        self.contents.touch(key[0], "blob", key[1])
 
     async def known_size(self, route: Route, digest: Digest) -> int | None:
         """The committed blob's size if the index knows it (asks the store nothing)."""

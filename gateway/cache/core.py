@@ -49,7 +49,8 @@ class Cache:
         self.disk = DiskFull(metrics, clock)
         self.disk.make_room = self.evictor.make_room  # full disk: evict, then retry once
         self.blobs = Blobs(store, index, contents, self.evictor, self.readers, metrics,
-                           lambda: spool.path, disk=self.disk, coordinator=self.coordinator)
+                           lambda: spool.path, disk=self.disk, coordinator=self.coordinator,
+                           clock=clock)
         self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
                                    disk=self.disk, coordinator=self.coordinator)
         self.evictor.on_evicted(self._forget)
@@ -82,6 +83,7 @@ class Cache:
         if entry.kind == "manifest":
             self.manifests.forget(entry.namespace, entry.digest)
         else:
+            self.blobs.forget(entry.namespace, entry.digest)
             await self.index.forget_blob((entry.namespace, entry.digest))
 
     async def open(self) -> None:

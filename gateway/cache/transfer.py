@@ -16,6 +16,7 @@ import aiohttp
 from ..errors import RegistryError, UpstreamError
 
 CHUNK = 1 << 20  # disk and hash work is done off the loop in chunks of up to 1 MiB
+_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)  # preadv2's flag, Linux 4.14+
 MAX_RESUMES = 3
 GATHER_SECONDS = 0.02
 
@@ -199,6 +200,42 @@ async def gather(content: aiohttp.StreamReader, first: bytes, seconds: float) ->
 async def read_span(fd: int, offset: int, count: int) -> AsyncGenerator[bytes, None]:
     while count > 0:
         data = await asyncio.to_thread(os.pread, fd, min(CHUNK, count), offset)
+        if not data:
+            raise FetchAborted("spool file shrank")
+        offset += len(data)
+        count -= len(data)
+        yield data
+
+
+def _read_cached(fd: int, size: int, offset: int) -> bytearray | None:
+    """Up to `size` bytes at `offset` if the page cache holds them, None if reading would
+    wait for the disk: RWF_NOWAIT never blocks, so this may run on the loop."""
+    if _NOWAIT is None:
+        return None
+    buf = bytearray(size)
+    try:
+        got = os.preadv(fd, [buf], offset, _NOWAIT)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: a filesystem that cannot say
+        return None
+    del buf[got:]
+    return buf
+
+
+async def read_span_cached(fd: int, offset: int, count: int,
+                           chunk: int) -> AsyncGenerator[bytes | bytearray, None]:
+    """As read_span, in smaller chunks: what the page cache holds is read on the loop (a
+    copy, no thread hop, which for a small chunk costs more than the copy), the rest in
+    a thread. For senders that must hold little per connection (TLS)."""
+    unhopped = 0  # bytes read on the loop since it last ran something else
+    while count > 0:
+        size = min(chunk, count)
+        data: bytes | bytearray | None = _read_cached(fd, size, offset)
+        if data is None:
+            data = await asyncio.to_thread(os.pread, fd, size, offset)
+            unhopped = 0
+        elif (unhopped := unhopped + len(data)) >= CHUNK:
+            await asyncio.sleep(0)  # no hop for a while: let the loop run others too
+            unhopped = 0
         if not data:
             raise FetchAborted("spool file shrank")
         offset += len(data)

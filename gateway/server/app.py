@@ -7,6 +7,7 @@ The only place that wires parts together; nothing here runs at import time.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -106,7 +107,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
     app.cleanup_ctx.extend((watch_loop, *_opened(remote), lifecycle))
     pulls = _add_status(app, live, cache, data_dir)  # after lifecycle: ready once started
-    _add_handlers(app, serve_metrics, pulls, forward)
+    _add_handlers(app, serve_metrics, pulls, forward, worker)
     return app
 
 
@@ -241,9 +242,10 @@ def _htpasswd_file(config: Config) -> list[Path]:
 
 
 def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
-                  forward: proxy.ForwardProxy) -> None:
+                  forward: proxy.ForwardProxy, worker: Worker | None) -> None:
     # One hook for every answer: each signal receiver is a coroutine per response.
-    app.on_response_prepare.append(pipeline.on_prepare(pulls.count))
+    hooks = (pulls.count,) if worker is None else (pulls.count, _worker_header(os.getpid()))
+    app.on_response_prepare.append(pipeline.on_prepare(*hooks))
     router = app.router
     proxy.add_routes(app, forward)  # /_gateway/ca.crt, and the CA loaded at start
     replica_flights.add_routes(app)  # replicas' flights (refused unless a replica signed)
@@ -254,6 +256,17 @@ def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
     router.add_route("HEAD", "/v2/{tail:.+}", api.dispatch)
     admin.add_routes(app, serve_metrics=serve_metrics)
     router.add_route("*", "/{tail:.*}", admin.not_found)
+
+
+def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse, object], None]:
+    """X-Gateway-Worker: which worker process answered (operators, and the tests that
+    prove every worker serves)."""
+    value = str(pid)
+
+    def add(request: web.Request, response: web.StreamResponse, state: object) -> None:
+        response.headers["X-Gateway-Worker"] = value
+
+    return add
 
 
 @dataclass(frozen=True)

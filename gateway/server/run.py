@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +83,6 @@ async def _serve(options: ServeOptions, access_log: Callable[[str], None]) -> No
                      internal_url=_internal_url(options))
     if certificates is not None:
         _with_certificates(app, certificates)
-    if worker is not None:
-        app.on_response_prepare.append(_worker_header(os.getpid()))
     server_limits = options.config.limits.server
     guard = listen.ConnectionGuard(app[LIVE], listen.max_connections(
         server_limits, listen.raise_descriptor_limit()), app[METRICS])
@@ -170,17 +167,6 @@ def _internal_url(options: ServeOptions) -> str | None:
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostname()
     return f"http://{f'[{host}]' if ':' in host else host}:{port}"
-
-
-def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """X-Gateway-Worker: which worker process answered (operators, and the tests that
-    prove every worker serves)."""
-    value = str(pid)
-
-    async def add(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers["X-Gateway-Worker"] = value
-
-    return add
 
 
 async def _until_stopped(certificates: TlsCertificates | None, reloader: Reloader, *,
