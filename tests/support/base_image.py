@@ -23,7 +23,9 @@ SUITE = "bookworm"
 # What the image needs beyond minbase: the interpreter and ensurepip's bundled wheels.
 PACKAGES = ("python3", "python3-venv")
 TARBALL = IMAGES / f"{SUITE}-python3.tar"
-PYTHON_VERSION = "3.11"  # bookworm's python3: what wheels for the image must fit
+# Bookworm's python3, exactly: what wheels for the image must fit, and what markers such
+# as python_full_version < "3.11.3" (redis needs async-timeout below it) must see.
+PYTHON_VERSION = "3.11.2"
 # Debian's archive as this machine's apt reaches it; DEBOOTSTRAP_MIRROR overrides.
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 # Trimmed after debootstrap: nothing the gateway runs reads these.

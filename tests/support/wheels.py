@@ -31,12 +31,20 @@ def requirements() -> list[str]:
             *project["project"]["dependencies"]]
 
 
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
 def wheelhouse(python_version: str | None = None, *, timeout: float = 600) -> Path:
     """Wheels for this machine's Python, or for `python_version` ("3.11": the container
     base's) on this machine's platforms."""
     here = f"{sys.version_info.major}.{sys.version_info.minor}"
     version = python_version or here
     wanted = requirements()
+    if python_version is not None and _version(python_version) < (3, 11, 3):
+        # pip download judges a dependency's markers by this Python, not the target's:
+        # redis wants async-timeout below 3.11.3 (bookworm's python3 is 3.11.2).
+        wanted.append("async-timeout>=4.0.3")
     key = hashlib.sha256("\n".join(sorted(wanted)).encode()).hexdigest()[:12]
     house = IMAGES / f"wheels-py{version.replace('.', '')}-{key}"
     target: list[str] = []
