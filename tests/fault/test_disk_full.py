@@ -13,7 +13,7 @@ import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,7 +23,7 @@ from tests.support.datadir import blob_path
 from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image, sha256_digest
 from tests.support.pulls import fetch, pull_image
-from tests.support.tools import require_tool
+from tests.support.tools import require_tool, unavailable
 from tests.support.transfers import stream_get
 from tests.support.upstreams import Upstream, route_entry, unique_repository
 from tests.support.wait import wait_until
@@ -36,11 +36,6 @@ LAYER = 40 * MiB  # three of them: about twice the disk
 ROUTE = "docker.io"
 
 
-def _unavailable(message: str) -> NoReturn:
-    """tools.py's rule: skip on a developer's machine, fail under CI."""
-    if os.environ.get("CI"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
 
 
 @pytest.fixture
@@ -48,13 +43,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A tmpfs of DISK bytes mounted for this test, unmounted at the end."""
     mount, umount = require_tool("mount"), require_tool("umount")
     if os.geteuid() != 0:
-        _unavailable("mounting a tmpfs for the disk-full tests needs root")
+        unavailable("mounting a tmpfs for the disk-full tests needs root")
     point = tmp_path / "small-disk"
     point.mkdir()
     done = subprocess.run([mount, "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(point)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        _unavailable(f"cannot mount a tmpfs: {done.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs: {done.stderr.strip()}")
     try:
         yield point
     finally:

@@ -28,12 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from .dockerd import Dockerd, docker_client
 from .gateway import REPOSITORY_ROOT
 from .net import ensure_loopback, stop_process
-from .tools import require_tool
+from .tools import require_tool, unavailable
 from .wait import wait_for
 
 SANDBOX_ADDRESS = "198.18.0.2"  # RFC 2544 test range; exists only inside the sandbox
@@ -43,10 +41,7 @@ CLONE_NEWNET = 0x40000000
 def require_root() -> None:
     """Skip without root (namespaces need it); under CI fail instead."""
     if os.geteuid() != 0:
-        message = "namespaces for the client sandbox need root"
-        if os.environ.get("CI"):
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message)
+        unavailable("namespaces for the client sandbox need root")
 
 
 def listening_socket_in(netns: str, address: tuple[str, int]) -> socket.socket:

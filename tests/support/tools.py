@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -22,7 +23,12 @@ def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is not None:
         return path
-    message = f"required tool {name!r} is not installed (not on PATH)"
+    unavailable(f"required tool {name!r} is not installed (not on PATH)")
+
+
+def unavailable(message: str) -> NoReturn:
+    """The rule for anything a test needs from the machine: skip on a developer's
+    machine, fail under CI (where `make test` installed everything)."""
     if os.environ.get("CI"):
         pytest.fail(message, pytrace=False)
     pytest.skip(message)
