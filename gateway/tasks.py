@@ -1,5 +1,6 @@
 """A long-running task a component owns (the evictor, the pin keeper, the certificate
-watcher, the loop-lag monitor): started once, cancelled and awaited on close.
+watcher, the loop-lag monitor): started once, cancelled and awaited on close. And a step
+that a cancel must not cut in half.
 
 The one place for that dance; no I/O, no imports from the rest of the gateway.
 """
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class Background:
@@ -33,3 +36,15 @@ class Background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             self._task = None
+
+
+async def finish(work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` to its end even if the caller is cancelled meanwhile, then pass the
+    cancel on: for a step that must not stop half done (a blob renamed into the store
+    but not yet in the catalogue, which a clean stop would never rescan)."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise

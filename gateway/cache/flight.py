@@ -19,18 +19,11 @@ from typing import TypeVar
 
 from ..errors import UpstreamError
 from ..reference import Digest
+from ..tasks import finish
 from .diskfull import DiskFull, NoSpace, is_no_space
 from .ranged import Parts, Plan
 from .relay import Relay
-from .transfer import (
-    CHUNK,
-    FetchAborted,
-    IntegrityError,
-    Opener,
-    Pace,
-    UpstreamBody,
-    read_span,
-)
+from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, Pace, UpstreamBody, read_span
 
 __all__ = ["BlobFlight", "FetchAborted", "IntegrityError", "Opener", "read_span"]
 
@@ -118,9 +111,9 @@ class BlobFlight:
             self.size = self.written
             self.done = True
             self._notify()
-            await self._make_durable(fd)
-            await self._with_room(lambda: commit(self.spool), CHUNK,
-                                  lambda: f"moving blob {self.digest} into the store")
+            # A stop lets that end: the blob is whole, and a clean stop rescans nothing, so
+            # the catalogue must learn of every file the store gets.
+            await finish(self._keep(fd, commit))
         except BaseException as exc:  # including CancelledError: readers must be released
             if isinstance(exc, NoSpace):
                 self.lost = exc
@@ -137,6 +130,11 @@ class BlobFlight:
             if fd >= 0:
                 os.close(fd)
             self._notify()
+
+    async def _keep(self, fd: int, commit: Callable[[Path], Awaitable[None]]) -> None:
+        await self._make_durable(fd)
+        await self._with_room(lambda: commit(self.spool), CHUNK,
+                              lambda: f"moving blob {self.digest} into the store")
 
     async def _with_room(self, op: Callable[[], Awaitable[T]], needed: int,
                          doing: Callable[[], str],

@@ -208,7 +208,7 @@ async def test_sighup_under_load_puts_the_new_config_in_effect(
         assert gateway.process.poll() is None, "SIGHUP ended the gateway"
         assert loop.failures == [], loop.failures[:3]
         assert await metric(http, plain, "gateway_config_reloads_total", result="ok") == 2
-    assert gateway.log().count('"SIGHUP') == 2
+    assert gateway.logged('"SIGHUP', count=2).count('"SIGHUP') == 2
 
 
 async def test_twenty_reloads_during_a_pull_loop_fail_nothing_and_a_bad_file_is_refused(

@@ -52,8 +52,8 @@ async def test_readyz_follows_the_data_directory(
         return (await _get_json(http, f"{base}/readyz"))[0] == 200
 
     await wait_until(ready, what="/readyz to answer 200 again", timeout=10)
-    assert "not ready: data_dir: data directory not writable (E" in gateway.log()
-    assert str(upstream.url) not in gateway.log().split("not ready:", 1)[1].splitlines()[0]
+    log = gateway.logged("not ready: data_dir: data directory not writable (E")
+    assert str(upstream.url) not in log.split("not ready:", 1)[1].splitlines()[0]
 
 
 def _samples(text: str, route: str) -> dict[str, float]:

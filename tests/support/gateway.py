@@ -90,6 +90,13 @@ class Gateway:
         except FileNotFoundError:
             return ""
 
+    def logged(self, text: str, *, count: int = 1, timeout: float = 10.0) -> str:
+        """The log once `text` is in it `count` times: the gateway's writer thread batches
+        lines (up to 50 ms late), so a line is not on disk the moment its effect is seen."""
+        wait_for(lambda: self.log().count(text) >= count, what=f"{text!r} logged {count}x",
+                 timeout=timeout, diagnostics=self.log)
+        return self.log()
+
     def write_routes(self) -> None:
         check_loopback_routes(self.routes)
         self.routes_path.write_text(yaml.safe_dump(self.routes, sort_keys=False))

@@ -325,6 +325,35 @@ async def test_cancelled_reader_does_not_cancel_the_fetch(world: MakeWorld) -> N
     assert w.fake.count("GET", path) == 1
 
 
+async def test_a_stop_while_a_verified_blob_is_committed_lets_the_commit_end(
+        world: MakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Closing the cache cancels its fetches; one whose bytes are verified still lands in
+    the store and the catalogue (a clean stop rescans nothing, so a file the catalogue
+    missed would never be counted against the cap)."""
+    w = await world()
+    data = os.urandom(MiB)
+    digest = w.fake.add_blob(data)
+    adopting, gate = asyncio.Event(), asyncio.Event()
+    adopt = w.store.adopt
+
+    async def slow_adopt(key: str, file: Path) -> None:
+        adopting.set()
+        await gate.wait()
+        await adopt(key, file)
+
+    monkeypatch.setattr(w.store, "adopt", slow_adopt)
+    flight, _ = w.flight(digest)
+    await asyncio.wait_for(adopting.wait(), 10)
+    closing = asyncio.create_task(w.cache.blobs.flights.close())  # cancels the fetch
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # it waits for the commit under way
+    gate.set()
+    await asyncio.wait_for(closing, 10)
+    assert flight.done
+    assert blob_path(w, digest).read_bytes() == data
+    assert (await w.cache.contents.usage()).total == len(data)
+
+
 async def test_orphaned_fetch_over_the_limit_is_abandoned(world: MakeWorld) -> None:
     w = await world(orphan_fetch_limit=0)
     data = os.urandom(MiB)
