@@ -101,6 +101,10 @@ def access_step(metrics: Metrics, *, logins: Logins | None = None,
                 f"{request.path[:100]} is for the gateway's replicas only"), metrics)
             return None
         remote = request.remote or ""
+        if reg is not None and state.user is None and not policy.logins:
+            _decide(state, policy.anonymous_call(remote, parse_address, request.path,
+                                                 reg.route, reg.repository), metrics)
+            return None
         address = addresses.get(remote)
         if address is None and remote not in addresses:  # not seen (or not an address)
             address = addresses[remote] = parse_address(remote)

@@ -77,6 +77,8 @@ class _Rules:
     limits: Limits
     networks: NetworkSet
     idle: bool  # no per-client limit is set: the stage only refuses bodies
+    piece: int = 0  # paced_piece of the byte rate, if there is one
+    misses: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # by route
     memo: dict[str, str | None] = field(default_factory=dict)
     paces: dict[str, Pace] = field(default_factory=dict)  # per client key, this config's rate
 
@@ -135,13 +137,18 @@ def _refuse(metrics: Metrics, state: RequestState, reason: str, wait: float,
                          headers={"Retry-After": retry_after(wait)})
 
 
-def _miss_gate(limits: ClientLimits, metrics: Metrics, state: RequestState, address: str,
-               route: Route, config: Limits) -> AdmitMiss | None:
+def _misses(route: Route, config: Limits) -> tuple[float, float] | None:
+    """A route's upstream-miss budget: (per minute, burst), or None without one."""
     per_minute = route.limits.misses_per_minute or config.misses_per_minute
     if per_minute is None:
         return None
-    burst = route.limits.misses_burst or config.misses_burst
-    key = (address, route.name)
+    return per_minute, route.limits.misses_burst or config.misses_burst
+
+
+def _miss_gate(limits: ClientLimits, metrics: Metrics, state: RequestState, address: str,
+               route: str, budget: tuple[float, float]) -> AdmitMiss:
+    per_minute, burst = budget
+    key = (address, route)
 
     def admit() -> None:
         wait = limits.misses.take(key, per_minute / 60.0, burst)
@@ -166,8 +173,11 @@ def limits_step(limits: ClientLimits,
             idle = settings.requests_per_second is None and \
                 settings.bytes_per_second is None and settings.misses_per_minute is None \
                 and not any(r.limits.misses_per_minute for r in config.routes)
-            compiled[:] = [(config, _Rules(settings, NetworkSet(settings.exempt.networks),
-                                           idle))]
+            rate = settings.bytes_per_second
+            compiled[:] = [(config, _Rules(
+                settings, NetworkSet(settings.exempt.networks), idle,
+                paced_piece(rate) if rate is not None else 0,
+                {route.name: _misses(route, settings) for route in config.routes}))]
         return compiled[0][1]
 
     def limit(request: web.Request, state: RequestState) -> None:
@@ -194,9 +204,15 @@ def limits_step(limits: ClientLimits,
         if settings.bytes_per_second is not None:
             state.pace = found.pace(limits, address, settings.bytes_per_second,
                                     settings.bytes_burst)
-            state.pace_piece = paced_piece(settings.bytes_per_second)
-        if state.registry is not None:
-            state.admit_miss = _miss_gate(limits, metrics, state, address,
-                                          state.registry.route, settings)
+            state.pace_piece = found.piece
+        reg = state.registry
+        if reg is not None:
+            try:
+                budget = found.misses[reg.route.name]
+            except KeyError:  # a route the config does not list (the forward proxy's)
+                budget = _misses(reg.route, settings)
+            if budget is not None:
+                state.admit_miss = _miss_gate(limits, metrics, state, address,
+                                              reg.route.name, budget)
 
     return limit

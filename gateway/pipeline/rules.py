@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..config import Config, Route
@@ -114,6 +114,7 @@ class Policy:
         # (a stranger at many addresses only makes them start over).
         self._screened: dict[Address | str | None, tuple[Verdict | None, Verdict | None]] = {}
         self._pulled: dict[tuple[str, Address | str | None, str, str | None], Verdict] = {}
+        self._calls: dict[tuple[str, str, str], Verdict] = {}
 
     def _free(self, config: Config) -> dict[str, Verdict] | None:
         """Per route, the verdict on every registry call when no rule can refuse one (no
@@ -174,6 +175,22 @@ class Policy:
             if len(self._pulled) >= _MEMO:
                 self._pulled.clear()
             verdict = self._pulled[key] = self._pull(address, route, repository, user)
+        return verdict
+
+    def anonymous_call(self, remote: str, parse: Callable[[str], Address | None], path: str,
+                       route: Route, repository: str) -> Verdict:
+        """`screen`, then `pull` without a login, of a registry call from the address
+        text `remote`: remembered per (remote, route, repository), so a client's next
+        call is one lookup keyed by a str (an IPv4Address hashes in Python code). A
+        registry path is never an open or an operator one: the path does not change it."""
+        key = (remote, route.name, repository)
+        verdict = self._calls.get(key)
+        if verdict is None:
+            address = parse(remote)
+            verdict = self.screen(address, path) or self.pull(address, route, repository, None)
+            if len(self._calls) >= _MEMO:
+                self._calls.clear()
+            self._calls[key] = verdict
         return verdict
 
     def _pull(self, address: Address | str | None, route: Route, repository: str,
