@@ -20,12 +20,13 @@ BLOB_TARGET, IMAGE_TARGET = 0.35, 0.7  # of direct (issue #11)
 # Route keys per run: the single stream (today), then part shapes to choose defaults by.
 SHAPES: dict[str, dict[str, Any]] = {
     "single": {"parallel_fetch_threshold": "off"},
-    "16MiB x4": {"parallel_fetch_threshold": "16MiB", "parallel_fetch_parts": 4},
     "16MiB x6": {"parallel_fetch_threshold": "16MiB", "parallel_fetch_parts": 6},
     "8MiB x6": {"parallel_fetch_threshold": "8MiB", "parallel_fetch_parts": 6},
-    "16MiB x8": {"parallel_fetch_threshold": "16MiB", "parallel_fetch_parts": 8},
+    "4MiB x6": {"parallel_fetch_threshold": "4MiB", "parallel_fetch_parts": 6},
+    "4MiB x8": {"parallel_fetch_threshold": "4MiB", "parallel_fetch_parts": 8},
+    "2MiB x6": {"parallel_fetch_threshold": "2MiB", "parallel_fetch_parts": 6},
 }
-DEFAULT_SHAPE = "16MiB x6"  # what CachePolicy's defaults are (keep in step)
+DEFAULT_SHAPE = "4MiB x6"  # what CachePolicy's defaults are (keep in step)
 
 
 def _log(message: str) -> None:

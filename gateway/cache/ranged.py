@@ -26,6 +26,7 @@ T = TypeVar("T")
 # A signed CDN URL is asked again after this long even if it still works: its expiry
 # is the CDN's business (Docker Hub's last ~20 minutes), and a new one costs one request.
 REDIRECT_REUSE_SECONDS = 300.0
+MAX_PART = 64 << 20  # a part's most: a huge blob still comes as a sliding window of parts
 Write = Callable[[int, "hashlib._Hash | None", bytes, int], None]  # (fd, hasher, data, at)
 WithRoom = Callable[[Callable[[], Awaitable[None]], int, Callable[[], str]], Awaitable[None]]
 GetRedirected = Callable[[URL, dict[str, str]], Awaitable[aiohttp.ClientResponse | None]]
@@ -37,8 +38,9 @@ def _nothing() -> None:
 
 @dataclass(frozen=True)
 class Plan:
-    """How one route fetches a cold blob in parts: `part_size` bytes each (also the
-    threshold: a blob no larger comes in one answer), `parts` of them at once."""
+    """How one route fetches a cold blob in parts: the first answer's `part_size` bytes
+    (also the threshold: a blob no larger comes in one answer), then the rest (`layout`),
+    `parts` at once."""
 
     part_size: int
     parts: int
@@ -72,6 +74,18 @@ def reuse_redirect(open_upstream: Opener, get_redirected: GetRedirected, path: s
         return resp
 
     return open_part
+
+
+def layout(plan: Plan, size: int) -> list[tuple[int, int]]:
+    """The parts of a `size`-byte blob: the first answer's `part_size` bytes, then the
+    rest in equal parts, one per other connection (`parts - 1`), none smaller than the
+    first nor larger than MAX_PART. Equal parts end together: a layer a little above
+    the threshold does not finish on one connection, and a big one costs few requests
+    (each is a round trip to the upstream)."""
+    first = min(plan.part_size, size)
+    rest = size - first
+    step = max(plan.part_size, min(-(-rest // max(plan.parts - 1, 1)), MAX_PART))
+    return [(0, first)] + [(s, min(s + step, size)) for s in range(first, size, step)]
 
 
 @dataclass
@@ -111,9 +125,9 @@ class Parts:
         self._on_bytes = on_bytes
         self._on_resume = on_resume
         self._what = what  # "blob sha256:..." for messages
-        step = plan.part_size
-        self._parts = [_Part(s, min(s + step, size), s) for s in range(0, size, step)]
+        self._parts = [_Part(s, e, s) for s, e in layout(plan, size)]
         self._next = 1  # the first part is the first answer's
+        self._whole = 0  # parts [0, _whole) are written whole
         self.hashed = 0  # bytes [0, hashed) are written and hashed
         self._lock = asyncio.Lock()  # one disk or hash operation at a time: the hash in order
 
@@ -209,10 +223,11 @@ class Parts:
             self.hashed = end
 
     def _contiguous(self) -> int:
-        index = self.hashed // self._plan.part_size
+        index = self._whole  # the parts before it are written whole
         while index < len(self._parts) and self._parts[index].position == \
                 self._parts[index].end:
             index += 1
+        self._whole = index
         return self._parts[index].position if index < len(self._parts) else self._size
 
 

@@ -198,9 +198,10 @@ class CachePolicy:
     # This route's share of the cache: a quota inside `cache.max_size`.
     max_size: int | None = field(default=None, metadata=yaml_key(optional_size))
     # Parallel ranged fetch (cache/ranged.py): a cold blob larger than the threshold
-    # comes as Range parts of that size, this many at once (off, or parts 1: one stream).
+    # comes as Range parts: the threshold's bytes first, the rest in equal parts, this
+    # many at once (off, or parts 1: one stream).
     parallel_fetch_threshold: int | None = field(
-        default=16 << 20, metadata=yaml_key(optional_size, inherit=True))
+        default=4 << 20, metadata=yaml_key(optional_size, inherit=True))
     parallel_fetch_parts: int = field(default=6, metadata=yaml_key(count, inherit=True))
 
 

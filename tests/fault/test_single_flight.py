@@ -90,10 +90,10 @@ async def test_concurrent_clients_of_a_cold_image_cost_one_upstream_transfer(
 
     proxy = upstream.proxy
     for blob in blobs:
-        gets = proxy.blob_requests(repository, digest=blob.digest)
-        assert len(gets) == 1, f"blob {blob.digest} was fetched upstream {len(gets)} times"
-        assert gets[0].body_bytes == blob.size, (
-            f"blob {blob.digest}: upstream sent {gets[0].body_bytes} bytes for {blob.size}")
+        gets = proxy_blob_gets(upstream, repository, blob.digest)  # its parts: one fetch
+        assert gets == 1, f"blob {blob.digest} was fetched upstream {gets} times"
+        sent = proxy_blob_bytes(upstream, repository, blob.digest)
+        assert sent == blob.size, f"blob {blob.digest}: upstream sent {sent} bytes for {blob.size}"
         seen = Counter(caches[blob.digest])
         assert seen["MISS"] == 1, f"blob {blob.digest}: X-Cache {dict(seen)}"
         assert set(seen) <= {"MISS", "COALESCED", "HIT"}, dict(seen)

@@ -29,7 +29,8 @@ from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.fault
 
-SIZE = 8 << 20  # several of the gateway's 1 MiB chunks, small enough to be quick
+SIZE = 3 << 20  # several of the gateway's 1 MiB chunks; one stream (below the parallel
+# fetch threshold), small enough to be quick
 REPOSITORY = "fault/blob"
 
 
@@ -169,7 +170,8 @@ async def test_range_on_inflight_blob_is_answered_before_it_completes(
     data = os.urandom(size)
     digest = fake.add_blob(data)
     fake.queue("GET", upstream_path(digest), Fault(stall_at=gate))
-    gateway = start_gateway(fake_routes(fake_upstream.url))
+    # One stream, held at half (parts would fetch the second half meanwhile).
+    gateway = start_gateway(fake_routes(fake_upstream.url, parallel_fetch_threshold="off"))
     url = blob_url(gateway, digest)
 
     async with aiohttp.ClientSession() as session, client_tasks() as spawn:

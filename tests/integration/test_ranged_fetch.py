@@ -97,7 +97,9 @@ async def test_cold_big_blob_comes_in_concurrent_parts_each_byte_once(
         tiles = spans(gets)
         assert tiles[0][0] == 0 and tiles[-1][1] == SIZE
         assert all(a[1] == b[0] for a, b in itertools.pairwise(tiles)), tiles
-        assert len(gets) == -(-SIZE // PART)
+        # The first PART, then the rest in equal parts, one per other connection.
+        assert len(gets) == PARTS and tiles[0] == (0, PART), tiles
+        assert max(b - a for a, b in tiles[1:]) - min(b - a for a, b in tiles[1:]) < PARTS
         # Concurrently: with 8 at a time, many pairs of parts were in flight together.
         assert overlapping(gets) >= len(gets), "the parts were fetched one after another"
 

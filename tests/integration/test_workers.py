@@ -35,8 +35,8 @@ CLIENTS = 16
 WORKER = "X-Gateway-Worker"
 
 
-def routes_for(upstream: Upstream) -> dict[str, Any]:
-    return {"default_route": "docker.io", "routes": {"docker.io": route_entry(upstream)}}
+def routes_for(upstream: Upstream, **route: Any) -> dict[str, Any]:
+    return {"default_route": "docker.io", "routes": {"docker.io": route_entry(upstream, **route)}}
 
 
 def start_workers(start_gateway: Callable[..., Gateway], routes: dict[str, Any]) -> Gateway:
@@ -274,11 +274,12 @@ async def test_a_corrupt_upstream_blob_reaches_no_client_on_any_worker_whole(
         start_upstream: Callable[..., Upstream], start_gateway: Callable[..., Gateway]) -> None:
     upstream = start_upstream("docker.io")
     repository = unique_repository("workers")
-    size = 12 << 20  # one stream (below the parallel fetch threshold)
+    size = 12 << 20
     digest = push_random_blob(upstream, repository, size)
     upstream.proxy.queue("GET", f"/v2/{repository}/blobs/{digest}",
                          Fault(corrupt_at=(size - 10,), throttle=4_000_000))
-    gateway = start_workers(start_gateway, routes_for(upstream))
+    # One stream, the one the fault corrupts (a corrupt part: tests/unit/test_ranged.py).
+    gateway = start_workers(start_gateway, routes_for(upstream, parallel_fetch_threshold="off"))
     url = f"{gateway.url()}/v2/{repository}/blobs/{digest}"
 
     async with session_on(gateway) as (one, leader), \

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,12 @@ FIRST_RANGE = f"bytes=0-{_THRESHOLD - 1}"
 def resumes(headers: Any) -> bool:
     """Whether a GET's headers ask for a blob's rest (a resume), not its start."""
     return "Range" in headers and not headers["Range"].startswith("bytes=0-")
+
+
+def fetch_starts(requests: Iterable[Any]) -> int:
+    """How many fetches of a blob its upstream saw (requests with `.headers`): GETs of
+    its start, since a ranged fetch's other parts and a resume ask for later bytes."""
+    return sum(not resumes(seen.headers) for seen in requests)
 
 
 @dataclass

@@ -647,7 +647,7 @@ def test_parallel_fetch_keys_are_per_route_and_inherited_from_defaults() -> None
     assert (quay.parallel_fetch_threshold, quay.parallel_fetch_parts) == (None, 6)
     assert (hub.parallel_fetch_threshold, hub.parallel_fetch_parts) == (32 << 20, 1)
     default = parse_config("routes: {ghcr.io: {}}").route("ghcr.io").cache
-    assert (default.parallel_fetch_threshold, default.parallel_fetch_parts) == (16 << 20, 6)
+    assert (default.parallel_fetch_threshold, default.parallel_fetch_parts) == (4 << 20, 6)
     for bad in ("0", "65", "two", "true"):
         error = config_error(f"routes: {{ghcr.io: {{parallel_fetch_parts: {bad}}}}}")
         assert "parallel_fetch_parts" in str(error) and "1 to 64" in str(error)

@@ -15,7 +15,8 @@ import re
 import pytest
 from aiohttp import web
 
-from gateway.cache import FetchAborted, IntegrityError
+from gateway.cache import FetchAborted, IntegrityError, ranged
+from gateway.cache.ranged import Plan, layout
 from tests.support.faults import Fault, corrupt, hang_up
 from tests.support.request_log import Seen
 from tests.support.wait import wait_until
@@ -30,7 +31,21 @@ from tests.unit.test_cache import (  # noqa: F401  (world is a fixture)
 
 MiB = 1 << 20
 PART = MiB
-SIZE = 10 * MiB + 123  # eleven parts, the last one short
+SIZE = 10 * MiB + 123  # eleven parts, the last one short (with parts of at most PART)
+DEFAULT_MAX_PART = ranged.MAX_PART
+
+
+@pytest.fixture(autouse=True)
+def parts_of_one_part_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parts no larger than the first (MAX_PART): more parts than connections, so the
+    tests below see the sliding window, resumes and aborts on many parts."""
+    monkeypatch.setattr(ranged, "MAX_PART", PART)
+
+
+def plan(part_size: int, parts: int) -> Plan:
+    return Plan(part_size, parts, open_part=None)  # type: ignore[arg-type]
+
+
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)")
 
 
@@ -93,6 +108,37 @@ async def test_big_blob_comes_in_parts_that_tile_it(world: MakeWorld) -> None:  
     assert w.metric("gateway_blob_transfers_total", mode="ranged") == 1
     assert w.metric("gateway_blob_parts_total") == 11
     assert w.metric("gateway_blob_part_resumes_total") == 0
+
+
+def test_after_the_first_part_the_rest_comes_in_equal_parts_one_per_connection(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ranged, "MAX_PART", DEFAULT_MAX_PART)
+    # 25 MiB over 6 connections: 4 MiB first, then five equal parts of 4.2 MiB.
+    spans = layout(plan(4 * MiB, 6), 25 * MiB)
+    assert spans[0] == (0, 4 * MiB) and len(spans) == 6 and tiles(spans, 25 * MiB)
+    sizes = [end - start for start, end in spans[1:]]
+    assert max(sizes) - min(sizes) < 5 and min(sizes) >= 4 * MiB
+    # None smaller than the first: 6 MiB over 6 connections is 4 + 2, not 4 + 5 x 0.4.
+    assert layout(plan(4 * MiB, 6), 6 * MiB) == [(0, 4 * MiB), (4 * MiB, 6 * MiB)]
+    # None larger than MAX_PART: a 2 GiB blob still comes through a window of parts.
+    big = layout(plan(16 * MiB, 6), 2 << 30)
+    assert tiles(big, 2 << 30) and max(e - s for s, e in big) == DEFAULT_MAX_PART
+    assert layout(plan(4 * MiB, 6), 3 * MiB) == [(0, 3 * MiB)]  # one answer holds it all
+
+
+async def test_a_blob_in_equal_parts_tiles_it_with_one_request_per_connection(
+        world: MakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    monkeypatch.setattr(ranged, "MAX_PART", DEFAULT_MAX_PART)
+    w = await world(parallel_fetch_threshold=PART, parallel_fetch_parts=4)
+    data = os.urandom(SIZE)
+    digest = w.fake.add_blob(data)
+    flight, _ = w.flight(digest)
+    assert await read_all(flight) == data
+    await w.settled(digest)
+    gets = w.fake.blob_requests(digest=digest)
+    assert asked(gets) == layout(plan(PART, 4), SIZE)
+    assert len(gets) == 4 and tiles(asked(gets), SIZE), [g.range for g in gets]
+    assert w.metric("gateway_upstream_bytes_total") == SIZE
 
 
 @pytest.mark.parametrize("honour_range", [True, False], ids=["small-blob", "ignores-range"])
