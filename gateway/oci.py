@@ -79,6 +79,18 @@ def references(document: object) -> list[tuple[Literal["blob", "manifest"], str]
     return found
 
 
+def declared_sizes(document: object) -> list[tuple[str, int]]:
+    """(digest, size) of an image manifest's config and layers, as its descriptors say
+    (what a blob's fetch may plan its parts by). Malformed ones are skipped."""
+    if not isinstance(document, dict):
+        return []
+    layers = document.get("layers")
+    items = [document.get("config"), *(layers if isinstance(layers, list) else [])]
+    return [(item["digest"], item["size"]) for item in items if isinstance(item, dict)
+            and isinstance(item.get("digest"), str) and type(item.get("size")) is int
+            and item["size"] >= 0]
+
+
 def index_entries(document: object, platforms: tuple[str, ...]) -> list[str]:
     """The digests of an index's manifests for `platforms` (os/arch[/variant]; an entry
     without the variant asked for matches only when none was asked); () takes every one."""

@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, cast
 
 import aiohttp
 from cachetools import LRUCache
-from yarl import URL
 
 from ..config import Route
 from ..metrics import Metrics
@@ -41,7 +40,7 @@ from .found import (
 )
 from .index import BlobKey, Index
 from .leases import Readers
-from .ranged import Plan, reuse_redirect
+from .ranged import DeclaredSizes, Plan, reuse_redirect
 from .relay import Relay
 from .s3_stream import StreamedUpload
 from .store import BlobStore, LocalFiles, Redirecting, SizedReads, blob_key
@@ -91,6 +90,7 @@ class Blobs:
             getsizeof=lambda kept: kept[0].size + 200)
         self._forgets = 0  # a read begun before a `forget` must not keep what it read
         self.flights: SingleFlight[BlobKey, BlobFlight] = SingleFlight("blob")
+        self.sizes = DeclaredSizes()  # told by the manifests fetched upstream
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
         # Who fetches a blob other processes on this store want too (cache/coordinate.py).
         self.coordinator: Coordinator = coordinator or InProcess()
@@ -256,20 +256,21 @@ class Blobs:
             if await self.store.stat(store_key) != size:
                 raise
 
-    def _plan(self, upstream: Upstream, route: Route, path: str,
-              open_upstream: Opener) -> Plan | None:
+    def _plan(self, upstream: Upstream, route: Route, path: str, open_upstream: Opener,
+              digest: Digest) -> Plan | None:
         """The route's parallel ranged fetch, if it has one (cache/ranged.py)."""
         threshold, parts = route.cache.parallel_fetch_threshold, route.cache.parallel_fetch_parts
         if threshold is None or parts < 2:
             return None
+        m, opener = self.metrics, reuse_redirect(open_upstream, lambda url, headers: (
+            upstream.get_redirected(url, headers, kind="blob")), path)
 
-        def get_redirected(url: URL, headers: dict[str, str]) -> Awaitable[
-                aiohttp.ClientResponse | None]:
-            return upstream.get_redirected(url, headers, kind="blob")
+        def on_mode(mode: str) -> None:
+            m.blob_transfers.labels(route.name, mode).inc()
+            self.sizes.seen(route.name, mode)
 
-        m = self.metrics
-        return Plan(max(threshold, 1), parts, reuse_redirect(open_upstream, get_redirected, path),
-                    on_mode=lambda mode: m.blob_transfers.labels(route.name, mode).inc(),
+        return Plan(max(threshold, 1), parts, opener, self.sizes.size(route, str(digest)),
+                    on_mode=on_mode,
                     on_part=m.blob_parts.labels(route.name).inc,
                     on_part_resume=m.blob_part_resumes.labels(route.name).inc)
 
@@ -370,7 +371,8 @@ class Blobs:
         if streamed is not None and remote is None:
             streamed.start()
         try:
-            plan = self._plan(upstream, route, path, open_upstream) if remote is None else None
+            plan = self._plan(upstream, route, path, open_upstream, flight.digest) \
+                if remote is None else None
             # Taking over: the upload begins, from the spool's first byte.
             source = remote.source(route.namespace, str(flight.digest), open_upstream,
                                    streamed.start if streamed else lambda: None

@@ -53,6 +53,7 @@ class Cache:
                            clock=clock)
         self.manifests = Manifests(store, index, contents, self.leases, metrics, clock,
                                    disk=self.disk, coordinator=self.coordinator)
+        self.manifests.declared = self.blobs.sizes.declare  # a cold blob's parts start at once
         self.evictor.on_evicted(self._forget)
         if not isinstance(self.coordinator, InProcess):
             self.evictor.look_every = SHARED_LOOK

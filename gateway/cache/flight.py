@@ -21,7 +21,7 @@ from ..errors import UpstreamError
 from ..reference import Digest
 from ..tasks import finish
 from .diskfull import DiskFull, NoSpace, is_no_space
-from .ranged import Parts, Plan
+from .ranged import Parts, Plan, open_first
 from .relay import Relay
 from .transfer import CHUNK, FetchAborted, IntegrityError, Opener, Pace, UpstreamBody, read_span
 
@@ -165,21 +165,24 @@ class BlobFlight:
             self.resumes += 1
             on_resume()
 
-        body = UpstreamBody(open_upstream, end=plan.part_size if plan else None,
+        body = UpstreamBody(open_upstream, end=plan.first_end if plan else None,
                             on_bytes=on_bytes, on_resume=resumed, pace=pace)
+
+        def parts_of(size: int) -> Parts:
+            assert plan is not None
+            return Parts(plan, fd=fd, hasher=hasher, size=size, write=_write_and_hash,
+                         with_room=self._with_room, progress=self._advanced,
+                         orphaned=self._orphaned, on_bytes=on_bytes, on_resume=resumed,
+                         what=f"blob {self.digest}", pace=pace)
         try:
-            await body.open()
+            parts = await open_first(plan, body, parts_of)
             self.size = body.size
             if not self._headers.done():
                 self._headers.set_result(None)
-            if plan is not None and plan.applies(body):
-                assert self.size is not None
+            if parts is not None:
+                assert plan is not None
                 plan.on_mode("ranged")
-                await Parts(plan, fd=fd, hasher=hasher, size=self.size,
-                            write=_write_and_hash, with_room=self._with_room,
-                            progress=self._advanced,
-                            orphaned=self._orphaned, on_bytes=on_bytes, on_resume=resumed,
-                            what=f"blob {self.digest}", pace=pace).run(body)
+                await parts.run(body)
                 return
             if plan is not None:
                 plan.on_mode("single")

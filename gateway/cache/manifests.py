@@ -22,7 +22,14 @@ from cachetools import LRUCache
 from ..config import Route
 from ..errors import RegistryError, UpstreamError
 from ..metrics import Metrics
-from ..oci import MANIFEST_MAX, MANIFEST_TYPES, SCHEMA1_TYPES, manifest_accept, references
+from ..oci import (
+    MANIFEST_MAX,
+    MANIFEST_TYPES,
+    SCHEMA1_TYPES,
+    declared_sizes,
+    manifest_accept,
+    references,
+)
 from ..reference import Digest, Reference, parse_digest
 from ..singleflight import SharedCalls, SingleFlight
 from ..upstream import Upstream
@@ -72,6 +79,8 @@ class Manifests:
         self.revalidating: SingleFlight[tuple[Any, ...], None] = SingleFlight("revalidate")
         # One upstream call per key across the processes on this store too.
         self.coordinator: Coordinator = coordinator or InProcess()
+        # Told the blob sizes a manifest fetched upstream declares (Blobs.declare).
+        self.declared: Callable[[str, list[tuple[str, int]]], None] = lambda _ns, _sizes: None
 
     # ------------------------------------------------------------ storage
 
@@ -92,10 +101,12 @@ class Manifests:
         data = manifest.media_type.encode() + b"\n" + manifest.body
         # Memory first: with the disk full, it still spares the upstream the next GET.
         self._memory[(route.namespace, manifest.digest)] = manifest
+        document = json.loads(manifest.body)
+        self.declared(route.namespace, declared_sizes(document))
         if await self._put(route, "manifest", manifest.digest,
                            manifest_key(route.namespace, parse_digest(manifest.digest)), data):
             await self.contents.add_manifest(route.namespace, manifest.digest, len(data),
-                                             repository, references(json.loads(manifest.body)))
+                                             repository, references(document))
 
     def forget(self, namespace: str, digest: str) -> None:
         """An evicted manifest: the next request reads the store (and finds it gone)."""

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
+from cachetools import LRUCache
 from yarl import URL
 
+from ..config import Route
 from ..errors import UpstreamError
 from .transfer import CHUNK, Opener, Pace, UpstreamBody
 
@@ -27,6 +29,7 @@ T = TypeVar("T")
 # is the CDN's business (Docker Hub's last ~20 minutes), and a new one costs one request.
 REDIRECT_REUSE_SECONDS = 300.0
 MAX_PART = 64 << 20  # a part's most: a huge blob still comes as a sliding window of parts
+MIN_PART = 1 << 20  # a part's least, when the parts are laid out by a declared size
 Write = Callable[[int, "hashlib._Hash | None", bytes, int], None]  # (fd, hasher, data, at)
 WithRoom = Callable[[Callable[[], Awaitable[None]], int, Callable[[], str]], Awaitable[None]]
 GetRedirected = Callable[[URL, dict[str, str]], Awaitable[aiohttp.ClientResponse | None]]
@@ -45,14 +48,50 @@ class Plan:
     part_size: int
     parts: int
     open_part: Opener  # every request of the transfer (reuse_redirect)
+    # The size the blob's manifest declared, if one fetched here did: its parts are laid
+    # out before the first answer, and all of them start at once (`open_first`).
+    size: int | None = None
     on_mode: Callable[[str], None] = lambda _mode: None  # "ranged" | "single"
     on_part: Callable[[], None] = _nothing
     on_part_resume: Callable[[], None] = _nothing
+
+    @property
+    def declared(self) -> bool:
+        return self.size is not None and self.size > self.part_size
+
+    @property
+    def first_end(self) -> int:
+        """Where the first request's Range ends."""
+        return layout(self, self.size)[0][1] if self.declared and self.size else self.part_size
 
     def applies(self, first: UpstreamBody) -> bool:
         """Whether the first answer allows parts: a 206 that named the blob's size and
         left some of it for other parts (an upstream that ignores Range answered 200)."""
         return first.end is not None and first.size is not None and first.size > first.end
+
+
+class DeclaredSizes:
+    """The blob sizes that the manifests fetched upstream declare (bounded), by which a
+    cold blob's parts are laid out and all asked for at once; and the routes whose
+    upstream answered a ranged fetch. Only those use the sizes: an upstream that ignores
+    Range would send each early part the whole blob."""
+
+    def __init__(self, entries: int = 16384) -> None:
+        self._sizes: LRUCache[tuple[str, str], int] = LRUCache(maxsize=entries)
+        self._ranged: set[str] = set()
+
+    def declare(self, namespace: str, sizes: list[tuple[str, int]]) -> None:
+        self._sizes.update(((namespace, digest), size) for digest, size in sizes)
+
+    def size(self, route: Route, digest: str) -> int | None:
+        if route.name not in self._ranged:
+            return None
+        return self._sizes.get((route.namespace, digest))
+
+    def seen(self, route: str, mode: str) -> None:
+        """A transfer on `route` went `mode` ("ranged": its upstream honours Range)."""
+        if mode == "ranged":
+            self._ranged.add(route)
 
 
 def reuse_redirect(open_upstream: Opener, get_redirected: GetRedirected, path: str, *,
@@ -77,12 +116,16 @@ def reuse_redirect(open_upstream: Opener, get_redirected: GetRedirected, path: s
 
 
 def layout(plan: Plan, size: int) -> list[tuple[int, int]]:
-    """The parts of a `size`-byte blob: the first answer's `part_size` bytes, then the
-    rest in equal parts, one per other connection (`parts - 1`), none smaller than the
-    first nor larger than MAX_PART. Equal parts end together: a layer a little above
-    the threshold does not finish on one connection, and a big one costs few requests
-    (each is a round trip to the upstream)."""
-    first = min(plan.part_size, size)
+    """The parts of a `size`-byte blob. Its size declared and right: equal parts, one per
+    connection (none under MIN_PART nor over MAX_PART). Otherwise the first answer's
+    bytes (`first_end`), then the rest in equal parts, one per other connection, none
+    smaller than `part_size` nor larger than MAX_PART. Equal parts end together: a layer
+    a little above the threshold does not finish on one connection, and a big one costs
+    few requests (each is a round trip to the upstream)."""
+    if plan.size == size and plan.declared:
+        step = max(MIN_PART, min(-(-size // plan.parts), MAX_PART))
+        return [(s, min(s + step, size)) for s in range(0, size, step)]
+    first = min(plan.first_end, size)
     rest = size - first
     step = max(plan.part_size, min(-(-rest // max(plan.parts - 1, 1)), MAX_PART))
     return [(0, first)] + [(s, min(s + step, size)) for s in range(first, size, step)]
@@ -128,13 +171,27 @@ class Parts:
         self._parts = [_Part(s, e, s) for s, e in layout(plan, size)]
         self._next = 1  # the first part is the first answer's
         self._whole = 0  # parts [0, _whole) are written whole
+        self._early: list[asyncio.Task[None]] = []  # workers started before the first answer
         self.hashed = 0  # bytes [0, hashed) are written and hashed
         self._lock = asyncio.Lock()  # one disk or hash operation at a time: the hash in order
 
+    def start_others(self) -> None:
+        """Start the workers of the other parts now, before the first answer is back (the
+        size is declared): `run` adopts them, `cancel` stops them."""
+        self._early = [asyncio.create_task(self._worker(None))
+                       for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+
+    async def cancel(self) -> None:
+        for task in self._early:
+            task.cancel()
+        await asyncio.gather(*self._early, return_exceptions=True)
+        self._early = []
+
     async def run(self, first: UpstreamBody) -> None:
         workers = [asyncio.create_task(self._worker(first))]
-        workers += [asyncio.create_task(self._worker(None))
-                    for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+        workers += self._early or [asyncio.create_task(self._worker(None))
+                                   for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+        self._early = []
         try:
             await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
             for task in workers:  # the first failure in part order is the transfer's
@@ -229,6 +286,32 @@ class Parts:
             index += 1
         self._whole = index
         return self._parts[index].position if index < len(self._parts) else self._size
+
+
+async def open_first(plan: Plan | None, first: UpstreamBody,
+                     parts_of: Callable[[int], Parts]) -> Parts | None:
+    """Open the transfer's first answer; the Parts that fetch the rest (`parts_of(size)`),
+    or None for one stream. With a declared size the other parts are asked for at once
+    rather than a round trip later; if the first answer says another size (or that the
+    upstream ignores Range) they are stopped, and the answer decides."""
+    early = parts_of(plan.size) if plan is not None and plan.declared and plan.size else None
+    if early is not None:
+        early.start_others()
+    try:
+        await first.open()
+    except BaseException:
+        if early is not None:
+            await early.cancel()
+        raise
+    if early is not None and plan is not None and plan.applies(first) and \
+            first.size == plan.size:
+        return early
+    if early is not None:
+        await early.cancel()
+    if plan is None or not plan.applies(first):
+        return None
+    assert first.size is not None
+    return parts_of(first.size)
 
 
 def hash_span(fd: int, hasher: hashlib._Hash, start: int, end: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 
@@ -17,9 +18,11 @@ from aiohttp import web
 
 from gateway.cache import FetchAborted, IntegrityError, ranged
 from gateway.cache.ranged import Plan, layout
+from tests.support.fake_registry import image_manifest
 from tests.support.faults import Fault, corrupt, hang_up
 from tests.support.request_log import Seen
 from tests.support.wait import wait_until
+from tests.unit.conftest import make_route
 from tests.unit.test_cache import (  # noqa: F401  (world is a fixture)
     REPO,
     MakeWorld,
@@ -139,6 +142,66 @@ async def test_a_blob_in_equal_parts_tiles_it_with_one_request_per_connection(
     assert asked(gets) == layout(plan(PART, 4), SIZE)
     assert len(gets) == 4 and tiles(asked(gets), SIZE), [g.range for g in gets]
     assert w.metric("gateway_upstream_bytes_total") == SIZE
+
+
+def test_declared_sizes_serve_only_a_route_whose_upstream_answered_in_parts() -> None:
+    route = make_route("http://127.0.0.1:9")
+    sizes = ranged.DeclaredSizes(entries=2)
+    sizes.declare(route.namespace, [("sha256:a", 10), ("sha256:b", 20)])
+    assert sizes.size(route, "sha256:a") is None  # not yet seen to honour Range
+    sizes.seen(route.name, "single")
+    assert sizes.size(route, "sha256:a") is None
+    sizes.seen(route.name, "ranged")
+    assert (sizes.size(route, "sha256:a"), sizes.size(route, "sha256:b")) == (10, 20)
+    sizes.declare(route.namespace, [("sha256:c", 30)])  # bounded: the oldest goes
+    assert sizes.size(route, "sha256:a") is None and sizes.size(route, "sha256:c") == 30
+
+
+@pytest.mark.parametrize("declared", ["right", "wrong"])
+async def test_a_blob_its_manifest_declared_asks_for_every_part_at_once(
+        world: MakeWorld, monkeypatch: pytest.MonkeyPatch, declared: str) -> None:  # noqa: F811
+    """A manifest fetched upstream says how big its layers are: a cold layer's parts are
+    laid out by it and all asked for before the first answer is back (a round trip
+    sooner). A size that proves wrong stops the early parts; the answer decides."""
+    monkeypatch.setattr(ranged, "MAX_PART", DEFAULT_MAX_PART)
+    w = await world(parallel_fetch_threshold=PART, parallel_fetch_parts=4)
+    # Early parts only from an upstream seen to honour Range (one that ignores it would
+    # send each of them the whole blob): a first cold blob in parts shows it.
+    first = w.fake.add_blob(os.urandom(2 * PART))
+    assert len(await read_all(w.flight(first)[0])) == 2 * PART
+    data = os.urandom(SIZE)
+    digest = w.fake.add_blob(data)
+    manifest = json.loads(image_manifest(data))
+    manifest["layers"][0]["size"] = SIZE if declared == "right" else SIZE + 3 * MiB
+    body = json.dumps(manifest).encode()
+    w.fake.add_manifest(REPO, body, tag="v1")
+    await w.manifest("v1")  # fetched upstream: its sizes are told to the blobs
+    first_held = asyncio.Event()
+
+    async def held_first(request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Range", "").startswith("bytes=0-"):
+            await first_held.wait()  # the first answer waits for the other parts' requests
+        return await answer_part(request, data)
+
+    w.fake.override("GET", path_of(digest), held_first)
+    flight, _ = w.flight(digest)
+    if declared == "right":
+        await wait_until(lambda: len(w.fake.blob_requests(digest=digest)) == 4,
+                         what="every part asked for before the first answer")
+        first_held.set()
+        assert await read_all(flight) == data
+        gets = w.fake.blob_requests(digest=digest)
+        spans = asked(gets)
+        assert len(gets) == 4 and tiles(spans, SIZE), spans
+        assert max(e - s for s, e in spans) - min(e - s for s, e in spans) < 4  # equal
+        assert w.metric("gateway_upstream_bytes_total") == 2 * PART + len(body) + SIZE  # once
+    else:
+        await wait_until(lambda: len(w.fake.blob_requests(digest=digest)) >= 2,
+                         what="the early parts asked for")
+        first_held.set()
+        assert await read_all(flight) == data  # laid out again by the first answer's size
+    await w.settled(digest)
+    assert flight.error is None and blob_path(w, digest).read_bytes() == data
 
 
 @pytest.mark.parametrize("honour_range", [True, False], ids=["small-blob", "ignores-range"])
