@@ -29,6 +29,7 @@ T = TypeVar("T")
 # is the CDN's business (Docker Hub's last ~20 minutes), and a new one costs one request.
 REDIRECT_REUSE_SECONDS = 300.0
 MAX_PART = 64 << 20  # a part's most: a huge blob still comes as a sliding window of parts
+CATCH_UP_STEP = 8 << 20  # bytes hashed (read back) between two notes of progress
 MIN_PART = 1 << 20  # a part's least, when the parts are laid out by a declared size
 Write = Callable[[int, "hashlib._Hash | None", bytes, int], None]  # (fd, hasher, data, at)
 WithRoom = Callable[[Callable[[], Awaitable[None]], int, Callable[[], str]], Awaitable[None]]
@@ -173,7 +174,7 @@ class Parts:
         self._whole = 0  # parts [0, _whole) are written whole
         self._early: list[asyncio.Task[None]] = []  # workers started before the first answer
         self.hashed = 0  # bytes [0, hashed) are written and hashed
-        self._lock = asyncio.Lock()  # one disk or hash operation at a time: the hash in order
+        self._lock = asyncio.Lock()  # one hash operation at a time: the hash in order
 
     def start_others(self) -> None:
         """Start the workers of the other parts now, before the first answer is back (the
@@ -255,29 +256,37 @@ class Parts:
 
     async def _write(self, part: _Part, data: bytes) -> None:
         offset = part.position
-        async with self._lock:
-            if offset == self.hashed:  # the prefix's own bytes: hashed on the way
-                await self._with_room(
-                    lambda: asyncio.to_thread(self._write_at, self._fd, self._hasher, data,
-                                              offset),
-                    self._size - offset, lambda: f"spooling {self._what} at byte {offset}")
+
+        def doing() -> str:
+            return f"spooling {self._what} at byte {offset}"
+
+        if offset == self.hashed:  # the prefix's own bytes: hashed on the way, in order
+            async with self._lock:  # (the hash cannot pass `offset` while it waits)
+                await self._with_room(lambda: asyncio.to_thread(
+                    self._write_at, self._fd, self._hasher, data, offset),
+                    self._size - offset, doing)
                 self.hashed += len(data)
-            else:
-                await self._with_room(
-                    lambda: asyncio.to_thread(self._write_at, self._fd, None, data, offset),
-                    self._size - self.hashed,
-                    lambda: f"spooling {self._what} at byte {offset}")
-            part.position += len(data)
-            await self._catch_up()
+        else:
+            # Past the prefix: written while the hash goes on, which reads only bytes
+            # of whole or counted writes before this part's position, never these.
+            await self._with_room(lambda: asyncio.to_thread(
+                self._write_at, self._fd, None, data, offset), self._size - self.hashed, doing)
+        part.position += len(data)
+        await self._catch_up()
         self._progress(self.hashed)
 
     async def _catch_up(self) -> None:
         """Hash what later parts wrote once the prefix reaches it (read back: it is in
-        the page cache), so the hash stays in order."""
-        end = self._contiguous()
-        if end > self.hashed:
-            await asyncio.to_thread(hash_span, self._fd, self._hasher, self.hashed, end)
-            self.hashed = end
+        the page cache), so the hash stays in order. Other parts keep writing meanwhile:
+        a catch-up over parts that ended together would otherwise stall every
+        connection for as long as it hashes (~0.1 s per 100 MiB)."""
+        async with self._lock:
+            end = self._contiguous()
+            while end > self.hashed:  # in steps: readers get each one as it is hashed
+                step = min(end, self.hashed + CATCH_UP_STEP)
+                await asyncio.to_thread(hash_span, self._fd, self._hasher, self.hashed, step)
+                self.hashed = step
+                self._progress(step)
 
     def _contiguous(self) -> int:
         index = self._whole  # the parts before it are written whole

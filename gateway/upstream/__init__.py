@@ -10,6 +10,7 @@ accounts.py's choice; how connections leave the machine is connect.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -31,6 +32,7 @@ from .failover import Endpoint, Failover
 from .users import Users
 
 _REDIRECTS = (301, 302, 303, 307, 308)
+_DRAIN = 64 << 10  # an error body this small is read whole: its connection is kept
 _MAX_REDIRECTS = 5
 # 404 means different things per endpoint (spec, "Error Codes").
 _NOT_FOUND = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "tags": "NAME_UNKNOWN",
@@ -239,7 +241,7 @@ class Upstream(Users):
             if resp.status != 401 or retried_auth:
                 break
             www = resp.headers.get("WWW-Authenticate", "")
-            resp.release()
+            await _drain(resp)
             challenge = parse_challenge(www)
             if challenge is None or (challenge.scheme == "basic"
                                      and account.credentials is None):
@@ -377,3 +379,13 @@ class Upstream(Users):
         reason = type(exc).__name__
         return UpstreamError("UNAVAILABLE", f"upstream {self.name} is unreachable ({reason})",
                              502, retryable=True)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Release an answer not wanted (a 401 before the retry with a token). A small body
+    is read first: released unread, its connection closes, and the retry (the first
+    blob's) pays a new connection, a round trip more on a far upstream."""
+    if resp.content_length is not None and resp.content_length <= _DRAIN:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            await resp.read()
+    resp.release()
