@@ -96,7 +96,12 @@ async def answer_part(request: web.Request, data: bytes, *, cut_after: int | Non
     return resp
 
 
-async def test_big_blob_comes_in_parts_that_tile_it(world: MakeWorld) -> None:  # noqa: F811
+@pytest.mark.parametrize(("max_part", "parts"), [(PART, 11), (DEFAULT_MAX_PART, 4)],
+                         ids=["a-window-of-many-parts", "one-equal-part-per-connection"])
+async def test_big_blob_comes_in_parts_that_tile_it(
+        world: MakeWorld, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        max_part: int, parts: int) -> None:
+    monkeypatch.setattr(ranged, "MAX_PART", max_part)
     w = await world(parallel_fetch_threshold=PART, parallel_fetch_parts=4)
     data = os.urandom(SIZE)
     digest = w.fake.add_blob(data)
@@ -105,11 +110,13 @@ async def test_big_blob_comes_in_parts_that_tile_it(world: MakeWorld) -> None:  
     await w.settled(digest)
     assert blob_path(w, digest).read_bytes() == data
     gets = w.fake.blob_requests(digest=digest)
-    assert len(gets) == 11 and tiles(asked(gets), SIZE), [g.range for g in gets]
+    assert len(gets) == parts and asked(gets) == layout(plan(PART, 4), SIZE), \
+        [g.range for g in gets]
+    assert tiles(asked(gets), SIZE)
     assert gets[0].range == f"bytes=0-{PART - 1}"  # the first part asked first
     assert w.metric("gateway_upstream_bytes_total") == SIZE
     assert w.metric("gateway_blob_transfers_total", mode="ranged") == 1
-    assert w.metric("gateway_blob_parts_total") == 11
+    assert w.metric("gateway_blob_parts_total") == parts
     assert w.metric("gateway_blob_part_resumes_total") == 0
 
 
@@ -127,21 +134,6 @@ def test_after_the_first_part_the_rest_comes_in_equal_parts_one_per_connection(
     big = layout(plan(16 * MiB, 6), 2 << 30)
     assert tiles(big, 2 << 30) and max(e - s for s, e in big) == DEFAULT_MAX_PART
     assert layout(plan(4 * MiB, 6), 3 * MiB) == [(0, 3 * MiB)]  # one answer holds it all
-
-
-async def test_a_blob_in_equal_parts_tiles_it_with_one_request_per_connection(
-        world: MakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    monkeypatch.setattr(ranged, "MAX_PART", DEFAULT_MAX_PART)
-    w = await world(parallel_fetch_threshold=PART, parallel_fetch_parts=4)
-    data = os.urandom(SIZE)
-    digest = w.fake.add_blob(data)
-    flight, _ = w.flight(digest)
-    assert await read_all(flight) == data
-    await w.settled(digest)
-    gets = w.fake.blob_requests(digest=digest)
-    assert asked(gets) == layout(plan(PART, 4), SIZE)
-    assert len(gets) == 4 and tiles(asked(gets), SIZE), [g.range for g in gets]
-    assert w.metric("gateway_upstream_bytes_total") == SIZE
 
 
 def test_declared_sizes_serve_only_a_route_whose_upstream_answered_in_parts() -> None:
