@@ -102,8 +102,8 @@ def access_step(metrics: Metrics, *, logins: Logins | None = None,
             return None
         remote = request.remote or ""
         if reg is not None and state.user is None and not policy.logins:
-            _decide(state, policy.anonymous_call(remote, parse_address, request.path,
-                                                 reg.route, reg.repository), metrics)
+            _decide(state, policy.anonymous_call(remote, parse_address, reg.route,
+                                                 reg.repository), metrics)
             return None
         address = addresses.get(remote)
         if address is None and remote not in addresses:  # not seen (or not an address)

@@ -177,17 +177,19 @@ class Policy:
             verdict = self._pulled[key] = self._pull(address, route, repository, user)
         return verdict
 
-    def anonymous_call(self, remote: str, parse: Callable[[str], Address | None], path: str,
+    def anonymous_call(self, remote: str, parse: Callable[[str], Address | None],
                        route: Route, repository: str) -> Verdict:
-        """`screen`, then `pull` without a login, of a registry call from the address
-        text `remote`: remembered per (remote, route, repository), so a client's next
-        call is one lookup keyed by a str (an IPv4Address hashes in Python code). A
-        registry path is never an open or an operator one: the path does not change it."""
+        """What `screen` and then `pull` without a login say of a registry call from the
+        address text `remote` (a registry path is never an open or an operator one, so
+        the path does not change it): remembered per (remote, route, repository), so a
+        client's next call is one lookup keyed by a str (an IPv4Address hashes in Python
+        code)."""
         key = (remote, route.name, repository)
         verdict = self._calls.get(key)
-        if verdict is None:
+        if verdict is None:  # computed here, not through screen/pull: one memo, not three
             address = parse(remote)
-            verdict = self.screen(address, path) or self.pull(address, route, repository, None)
+            denied, refused = self._by_address(address)
+            verdict = denied or refused or self._pull(address, route, repository, None)
             if len(self._calls) >= _MEMO:
                 self._calls.clear()
             self._calls[key] = verdict
