@@ -22,7 +22,7 @@ from tests.support.datadir import blob_path
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
 from tests.support.pulls import fetch
-from tests.support.transfers import Transfer, client_tasks, read_then_hang_up, resumes, stream_get
+from tests.support.transfers import Transfer, client_tasks, read_then_hang_up, stream_get
 from tests.support.upstreams import Upstream, route_entry, unique_repository
 from tests.support.wait import wait_until
 
@@ -39,13 +39,6 @@ def mirror_routes(upstream: Upstream, **route: Any) -> dict[str, Any]:
 
 def proxy_blob_bytes(upstream: Upstream, repository: str, digest: str) -> int:
     return upstream.proxy.blob_bytes(repository, digest=digest)
-
-
-def proxy_blob_gets(upstream: Upstream, repository: str, digest: str) -> int:
-    """How many fetches of the blob reached the upstream: GETs of its start (a parallel
-    ranged fetch's other parts ask for later bytes; byte counts show none came twice)."""
-    return sum(not resumes(seen.headers)
-               for seen in upstream.proxy.blob_requests(repository, digest=digest))
 
 
 def push_random_blob(upstream: Upstream, repository: str, size: int) -> tuple[bytes, str]:
@@ -90,7 +83,7 @@ async def test_concurrent_clients_of_a_cold_image_cost_one_upstream_transfer(
 
     proxy = upstream.proxy
     for blob in blobs:
-        gets = proxy_blob_gets(upstream, repository, blob.digest)  # its parts: one fetch
+        gets = upstream.proxy.blob_fetches(repository, digest=blob.digest)  # its parts: one fetch
         assert gets == 1, f"blob {blob.digest} was fetched upstream {gets} times"
         sent = proxy_blob_bytes(upstream, repository, blob.digest)
         assert sent == blob.size, f"blob {blob.digest}: upstream sent {sent} bytes for {blob.size}"
@@ -151,7 +144,7 @@ async def test_first_bytes_reach_clients_while_a_throttled_upstream_is_still_sen
         assert got.clean, got
         assert got.received == size and got.digest == digest
     assert [got.cache for got in results] == ["MISS", "COALESCED"]
-    assert proxy_blob_gets(upstream, repository, digest) == 1
+    assert upstream.proxy.blob_fetches(repository, digest=digest) == 1
     assert sent() == size
 
 
@@ -184,7 +177,7 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
 
     async with aiohttp.ClientSession() as session, client_tasks() as spawn:
         starting = spawn(starter())
-        await wait_until(lambda: proxy_blob_gets(upstream, repository, digest) == 1,
+        await wait_until(lambda: upstream.proxy.blob_fetches(repository, digest=digest) == 1,
                          what="the starter's GET to reach the upstream")
         waiting = await stream_get(session, url, on_chunk=note_waiter)
         hung_up = await starting
@@ -197,7 +190,7 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
         assert waiting.clean, f"the waiting client's transfer broke: {waiting}"
         assert waiting.received == size and waiting.digest == digest
         assert waiting.cache == "COALESCED"
-        assert proxy_blob_gets(upstream, repository, digest) == 1
+        assert upstream.proxy.blob_fetches(repository, digest=digest) == 1
 
         # Readers get the last byte once it is verified; the file is renamed into the
         # store just after (fsync first). Wait for that state, not for a time.
@@ -207,7 +200,7 @@ async def test_starter_hanging_up_does_not_cancel_the_fetch_another_client_waits
         third = await stream_get(session, url)
         assert third.clean and third.digest == digest
         assert third.cache == "HIT"
-    assert proxy_blob_gets(upstream, repository, digest) == 1, "the blob was fetched again"
+    assert upstream.proxy.blob_fetches(repository, digest=digest) == 1, "the blob was fetched again"
     assert proxy_blob_bytes(upstream, repository, digest) == size
 
 
@@ -248,5 +241,5 @@ async def test_fetch_nobody_waits_for_any_more_still_completes_and_is_cached(
         assert states[-1] == "HIT", states[-5:]
         got = await stream_get(session, gateway.url() + target)
         assert got.clean and got.digest == digest and got.cache == "HIT"
-    assert proxy_blob_gets(upstream, repository, digest) == 1
+    assert upstream.proxy.blob_fetches(repository, digest=digest) == 1
     assert proxy_blob_bytes(upstream, repository, digest) == size

@@ -28,7 +28,6 @@ from tests.support.gateway import Gateway
 from tests.support.images import Image, make_image
 from tests.support.net import free_port
 from tests.support.tls_front import AcceptCounter, TlsFront
-from tests.support.transfers import fetch_starts
 from tests.support.upstreams import Upstream, unique_repository
 from tests.support.wait import wait_for
 
@@ -157,7 +156,7 @@ async def test_intercepted_pulls_by_real_names_are_cached(
     for upstream, repository, image in ((hub, hub_repository, hub_image),
                                         (ghcr, ghcr_repository, ghcr_image)):
         for blob in image.blobs:
-            assert fetch_starts(upstream.proxy.blob_requests(repository, digest=blob.digest)) == 1
+            assert upstream.proxy.blob_fetches(repository, digest=blob.digest) == 1
     # Docker Hub's library/ rule applies to the short name as it does for a mirror.
     name = hub_repository.split("/", 1)[1]
     status, body, _ = await fetch(http, proxied, f"https://{HUB}/v2/{name}/manifests/latest",
@@ -188,7 +187,7 @@ async def test_sixteen_concurrent_proxied_pulls_cost_one_upstream_download(
     bodies = await asyncio.gather(*(one() for _ in range(16)))
 
     assert all(body == layer.data for body in bodies)
-    assert fetch_starts(hub.proxy.blob_requests(repository, digest=layer.digest)) == 1
+    assert hub.proxy.blob_fetches(repository, digest=layer.digest) == 1
     assert hub.proxy.blob_bytes(repository, digest=layer.digest) == layer.size  # once each
 
 
@@ -216,7 +215,7 @@ async def test_with_workers_every_worker_proxies_and_one_download_is_made(
 
     assert all(data == layer.data for data, _ in answers)
     assert len({worker for _, worker in answers} - {""}) == 2, "both workers answered"
-    assert fetch_starts(hub.proxy.blob_requests(repository, digest=layer.digest)) == 1
+    assert hub.proxy.blob_fetches(repository, digest=layer.digest) == 1
     assert hub.proxy.blob_bytes(repository, digest=layer.digest) == layer.size  # once each
 
 

@@ -27,7 +27,7 @@ from tests.support.images import make_image, sha256_digest
 from tests.support.pulls import fetch, pull_image
 from tests.support.redis import RedisServer, run_redis
 from tests.support.seaweed import SeaweedFS, run_seaweed
-from tests.support.transfers import Transfer, client_tasks, resumes, stream_get
+from tests.support.transfers import FirstBytes, Transfer, client_tasks, stream_get
 from tests.support.upstreams import Upstream, route_entry, unique_repository
 from tests.support.wait import wait_until
 
@@ -62,12 +62,6 @@ def replica_routes(upstream: Upstream, seaweed: SeaweedFS, redis: RedisServer) -
 def start_replicas(start_gateway: Callable[..., Gateway], routes: dict[str, Any]
                    ) -> list[Gateway]:
     return [start_gateway(routes) for _ in range(REPLICAS)]
-
-
-def blob_gets(upstream: Upstream, repository: str, digest: str) -> int:
-    """Fetches of the blob that reached the upstream (resumes ask for later bytes)."""
-    return sum(not resumes(seen.headers)
-               for seen in upstream.proxy.blob_requests(repository, digest=digest))
 
 
 def push_random_blob(upstream: Upstream, repository: str, size: int) -> str:
@@ -133,7 +127,8 @@ async def test_sixteen_clients_over_three_replicas_pull_a_cold_image_from_the_up
     await asyncio.gather(*(client(n) for n in range(CLIENTS)))
 
     for blob in blobs:
-        assert blob_gets(upstream, repository, blob.digest) == 1, f"blob {blob.digest}"
+        fetches = upstream.proxy.blob_fetches(repository, digest=blob.digest)
+        assert fetches == 1, f"blob {blob.digest}"
         assert upstream.proxy.blob_bytes(repository, digest=blob.digest) == blob.size
         assert Counter(caches[blob.digest])["MISS"] == 1, caches[blob.digest]
     await wait_until(lambda: stored_blobs_are_intact(seaweed, routes) == len(blobs),
@@ -162,21 +157,16 @@ async def test_a_follower_on_another_replica_streams_before_the_leader_ends(
     def sent() -> int:
         return upstream.proxy.blob_bytes(repository, digest=digest)
 
-    at_first_bytes: dict[str, int] = {}
-
-    def first_bytes(name: str) -> Callable[[int, int], None]:
-        def note(before: int, length: int) -> None:
-            if before == 0:
-                at_first_bytes[name] = sent()
-        return note
+    first_bytes = FirstBytes(sent)
+    at_first_bytes = first_bytes.at
 
     path = f"/v2/{repository}/blobs/{digest}"
     async with aiohttp.ClientSession() as session, client_tasks() as spawn:
-        first = spawn(stream_get(session, leader.url() + path, on_chunk=first_bytes("leader")))
+        first = spawn(stream_get(session, leader.url() + path, on_chunk=first_bytes.hook("leader")))
         await wait_until(lambda: sent() >= size // 4 or first.done(),
                          what="the upstream to send a quarter of the blob", timeout=60)
         second = spawn(stream_get(session, follower.url() + path,
-                                  on_chunk=first_bytes("follower")))
+                                  on_chunk=first_bytes.hook("follower")))
         await wait_until(lambda: "follower" in at_first_bytes or second.done(),
                          what="the follower's first bytes", timeout=60)
         assert at_first_bytes["follower"] < size, (
@@ -187,7 +177,7 @@ async def test_a_follower_on_another_replica_streams_before_the_leader_ends(
         assert got.clean, got
         assert got.received == size and got.digest == digest
     assert [got.cache for got in results] == ["MISS", "COALESCED"]
-    assert blob_gets(upstream, repository, digest) == 1
+    assert upstream.proxy.blob_fetches(repository, digest=digest) == 1
     assert sent() == size
 
 
@@ -255,7 +245,7 @@ async def test_without_redis_replicas_serve_correct_bytes_and_coordinate_again_a
         assert got.clean, got
         assert got.received == size and got.digest == during
     # Each replica fetched for itself at most once: its own single flight held.
-    assert 1 <= blob_gets(upstream, repository, during) <= REPLICAS
+    assert 1 <= upstream.proxy.blob_fetches(repository, digest=during) <= REPLICAS
     async with aiohttp.ClientSession() as session:
         assert (await claims(session, replicas))["local"] == REPLICAS
 
@@ -264,7 +254,7 @@ async def test_without_redis_replicas_serve_correct_bytes_and_coordinate_again_a
     for got in await pull_everywhere(after):
         assert got.clean, got
         assert got.received == size and got.digest == after
-    assert blob_gets(upstream, repository, after) == 1, "coordination did not resume"
+    assert upstream.proxy.blob_fetches(repository, digest=after) == 1, "coordination did not resume"
     assert stored_blobs_are_intact(seaweed, routes) >= 1
 
 

@@ -27,7 +27,7 @@ from tests.support.faults import Fault
 from tests.support.gateway import Gateway
 from tests.support.images import make_image, sha256_digest
 from tests.support.pulls import fetch
-from tests.support.transfers import Transfer, client_tasks, resumes, stream_get
+from tests.support.transfers import FirstBytes, Transfer, client_tasks, stream_get
 from tests.support.upstreams import Upstream, route_entry, unique_repository
 from tests.support.wait import wait_until
 
@@ -41,13 +41,6 @@ def routes_for(upstream: Upstream, **route: Any) -> dict[str, Any]:
 
 def start_workers(start_gateway: Callable[..., Gateway], routes: dict[str, Any]) -> Gateway:
     return start_gateway(routes, extra_args=("--workers", "2"))
-
-
-def blob_gets(upstream: Upstream, repository: str, digest: str) -> int:
-    """Fetches of the blob that reached the upstream (a ranged fetch's later parts and
-    resumes ask for later bytes; byte counts show none came twice)."""
-    return sum(not resumes(seen.headers)
-               for seen in upstream.proxy.blob_requests(repository, digest=digest))
 
 
 def push_random_blob(upstream: Upstream, repository: str, size: int) -> str:
@@ -131,7 +124,8 @@ async def test_sixteen_clients_over_two_workers_pull_a_cold_image_from_the_upstr
 
     assert len(workers) == 2, f"every request landed on one worker: {workers}"
     for blob in blobs:
-        assert blob_gets(upstream, repository, blob.digest) == 1, f"blob {blob.digest}"
+        fetches = upstream.proxy.blob_fetches(repository, digest=blob.digest)
+        assert fetches == 1, f"blob {blob.digest}"
         assert upstream.proxy.blob_bytes(repository, digest=blob.digest) == blob.size
         seen = Counter(caches[blob.digest])
         assert seen["MISS"] == 1, f"blob {blob.digest}: X-Cache {dict(seen)}"
@@ -170,20 +164,15 @@ async def test_a_follower_in_the_other_worker_streams_the_leaders_spool_as_it_gr
     def sent() -> int:
         return upstream.proxy.blob_bytes(repository, digest=digest)
 
-    at_first_bytes: dict[str, int] = {}
-
-    def first_bytes(name: str) -> Callable[[int, int], None]:
-        def note(before: int, length: int) -> None:
-            if before == 0:
-                at_first_bytes[name] = sent()
-        return note
+    first_bytes = FirstBytes(sent)
+    at_first_bytes = first_bytes.at
 
     async with session_on(gateway) as (one, leader), \
             session_on(gateway, not_worker=leader) as (two, follower), client_tasks() as spawn:
-        first = spawn(stream_get(one, url, on_chunk=first_bytes("leader")))
+        first = spawn(stream_get(one, url, on_chunk=first_bytes.hook("leader")))
         await wait_until(lambda: sent() >= size // 4 or first.done(),
                          what="the upstream to send a quarter of the blob", timeout=60)
-        second = spawn(stream_get(two, url, on_chunk=first_bytes("follower")))
+        second = spawn(stream_get(two, url, on_chunk=first_bytes.hook("follower")))
         await wait_until(lambda: "follower" in at_first_bytes or second.done(),
                          what="the follower's first bytes", timeout=60)
         assert at_first_bytes["follower"] < size, (
@@ -195,7 +184,7 @@ async def test_a_follower_in_the_other_worker_streams_the_leaders_spool_as_it_gr
         assert got.received == size and got.digest == digest
     assert [got.headers[WORKER] for got in results] == [leader, follower]
     assert [got.cache for got in results] == ["MISS", "COALESCED"]
-    assert blob_gets(upstream, repository, digest) == 1
+    assert upstream.proxy.blob_fetches(repository, digest=digest) == 1
     assert sent() == size
 
 

@@ -12,11 +12,18 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from multidict import CIMultiDict
 
 _BLOB_PATH = re.compile(r"^/v2/(?P<repository>.+)/blobs/(?P<digest>[a-z0-9]+:[a-f0-9]+)$")
 _MANIFEST_PATH = re.compile(r"^/v2/(?P<repository>.+)/manifests/(?P<reference>[^/]+)$")
+
+
+def resumes(headers: Any) -> bool:
+    """Whether a GET's headers ask for a blob's rest (a resume or a later part), not its
+    start."""
+    return "Range" in headers and not headers["Range"].startswith("bytes=0-")
 
 
 @dataclass
@@ -90,6 +97,11 @@ class RequestLog:
     def manifest_requests(self, repository: str | None = None, *,
                           methods: tuple[str, ...] = ("GET", "HEAD")) -> list[Seen]:
         return self._matching(_MANIFEST_PATH, repository, methods)
+
+    def blob_fetches(self, repository: str | None = None, *, digest: str | None = None) -> int:
+        """Fetches of blobs that reached here: GETs of a blob's start (a ranged fetch's
+        other parts and a resume ask for later bytes; `blob_bytes` shows none twice)."""
+        return sum(not resumes(s.headers) for s in self.blob_requests(repository, digest=digest))
 
     def blob_bytes(self, repository: str | None = None, *, digest: str | None = None) -> int:
         return sum(s.body_bytes for s in self.blob_requests(repository, digest=digest))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +25,19 @@ _THRESHOLD = CachePolicy().parallel_fetch_threshold or 0
 FIRST_RANGE = f"bytes=0-{_THRESHOLD - 1}"
 
 
-def resumes(headers: Any) -> bool:
-    """Whether a GET's headers ask for a blob's rest (a resume), not its start."""
-    return "Range" in headers and not headers["Range"].startswith("bytes=0-")
+class FirstBytes:
+    """When each named client got its first bytes, as what `sent()` said then (the
+    upstream's bytes so far): `stream_get(..., on_chunk=first.hook("follower"))`."""
 
+    def __init__(self, sent: Callable[[], int]) -> None:
+        self.sent = sent
+        self.at: dict[str, int] = {}
 
-def fetch_starts(requests: Iterable[Any]) -> int:
-    """How many fetches of a blob its upstream saw (requests with `.headers`): GETs of
-    its start, since a ranged fetch's other parts and a resume ask for later bytes."""
-    return sum(not resumes(seen.headers) for seen in requests)
+    def hook(self, name: str) -> Callable[[int, int], None]:
+        def note(before: int, length: int) -> None:
+            if before == 0:
+                self.at[name] = self.sent()
+        return note
 
 
 @dataclass

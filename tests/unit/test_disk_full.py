@@ -39,7 +39,8 @@ from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry, image_manifest, stream_in_parts
 from tests.support.faults import Fault
 from tests.support.images import sha256_digest as digest_of
-from tests.support.transfers import FIRST_RANGE, resumes
+from tests.support.request_log import resumes
+from tests.support.transfers import FIRST_RANGE
 from tests.support.wait import wait_until
 
 from .conftest import Gateway, Served, make_cache, make_route
