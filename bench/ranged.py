@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from .procs import wait_quiet
 from .scenarios import REPO_NAME, Profile
 from .servers import Far, World, far_upstream, gateway
 
@@ -39,11 +40,15 @@ def _errors(result: Record) -> Record:
 
 
 def _measure(world: World, far: Far, url: str, blob: Record) -> Record:
-    """The cold blob (first and last byte) and then the image (one client) from `url`."""
+    """The cold blob (first and last byte) and then the image (one client) from `url`.
+    Each on a quiet machine, as every other measurement: the run before left hundreds of
+    MB of dirty pages (a gateway run writes 600 MB), whose writeback would land in it."""
+    wait_quiet()
     far.reset()
     got = world.tool.run("ttfb", "-url", url, "-repo", REPO_NAME, "-digest", blob["digest"],
                          "-size", str(blob["size"]), "-full")
     blob_bytes = far.stats()["total_bytes"]
+    wait_quiet()
     far.reset()
     pull = world.tool.run("pull", "-url", url, "-repo", REPO_NAME, "-clients", "1")
     image_bytes = far.stats()["total_bytes"]
