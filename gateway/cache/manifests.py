@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from cachetools import LRUCache
+from cachetools import LRUCache, TTLCache
 
 from ..config import Route
 from ..errors import RegistryError, UpstreamError
@@ -44,6 +44,12 @@ from .policy import TagEntry, View
 from .store import BlobStore, manifest_key, tag_key
 
 T = TypeVar("T")
+# A tag's view looked for in the store and not there is not looked for again this long.
+# A client that takes no index asks for the WIDE view first (the canonical answer); where
+# only its NARROW one is kept, each of its GETs would otherwise open a missing file in a
+# thread. Another process that stores the view meanwhile is seen this much later.
+ABSENT_RECHECK = 1.0
+ABSENT_KEPT = 4096  # views remembered as absent, per process
 log = logging.getLogger("gateway.cache")
 
 
@@ -74,6 +80,8 @@ class Manifests:
         self.disk = disk if disk is not None else DiskFull(metrics, time.time)
         self._memory: LRUCache[tuple[str, str], Manifest] = LRUCache(
             maxsize=memory, getsizeof=lambda m: len(m.body) + 200)
+        self._absent: TTLCache[TagKey, bool] = TTLCache(
+            maxsize=ABSENT_KEPT, ttl=ABSENT_RECHECK, timer=clock)
         self.calls: SharedCalls[tuple[Any, ...], ManifestResult] = SharedCalls("manifest")
         # Background revalidations (stale-while-revalidate), one per tag; closed with the cache.
         self.revalidating: SingleFlight[tuple[Any, ...], None] = SingleFlight("revalidate")
@@ -126,14 +134,17 @@ class Manifests:
 
     async def _tag(self, key: TagKey) -> TagEntry | None:
         entry = await self.index.tag(key)
-        if entry is None:
+        if entry is None and key not in self._absent:
             raw = await self.store.get(tag_key(*key))
             entry = TagEntry.decode(raw) if raw is not None else None
             if entry is not None:
                 await self.index.set_tag(key, entry)
+            else:
+                self._absent[key] = True
         return entry
 
     async def _keep_tag(self, route: Route, key: TagKey, entry: TagEntry) -> None:
+        self._absent.pop(key, None)
         await self.index.set_tag(key, entry)
         if await self._put(route, "tag", f"{key[1]}:{key[2]}", tag_key(*key), entry.encode()):
             await self.contents.add_tag(key[0], key[1], key[2], entry.digest, view=key[3])

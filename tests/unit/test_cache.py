@@ -25,6 +25,7 @@ from gateway.cache import (
     IntegrityError,
     ManifestResult,
 )
+from gateway.cache.manifests import ABSENT_RECHECK
 from gateway.config import Route
 from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
@@ -32,7 +33,7 @@ from gateway.reference import Reference, parse_digest
 from gateway.upstream import Upstream
 from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry, image_manifest, stream_in_parts
-from tests.support.images import DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
+from tests.support.images import ACCEPT_ALL_MANIFESTS, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
 from tests.support.transfers import FIRST_RANGE
 from tests.support.wait import wait_until
@@ -625,6 +626,34 @@ async def test_cached_tag_of_another_media_type_is_not_served(world: MakeWorld) 
     assert (await w.manifest("v1", accept=DOCKER_MANIFEST)).cache == "MISS"
     assert w.fake.count("GET") == 2
     assert w.fake.seen("GET")[-1].headers["Accept"] == DOCKER_MANIFEST
+
+
+async def test_a_client_that_takes_no_index_costs_no_file_lookup_per_get(
+        world: MakeWorld, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Such a client's GET looks for the tag's WIDE view first; where only its NARROW
+    view is kept, the missing one is remembered (ABSENT_RECHECK), not looked for in the
+    store on every GET; a view stored later is found at once."""
+    w = await world(tag_ttl=600)
+    w.fake.add_manifest(REPO, image_manifest(b"v1"), tag="v1")
+    assert (await w.manifest("v1", accept=OCI_MANIFEST)).cache == "MISS"
+    reads: list[str] = []
+    real_get = w.store.get
+
+    async def counting_get(key: str) -> bytes | None:
+        reads.append(key)
+        return await real_get(key)
+
+    monkeypatch.setattr(w.store, "get", counting_get)
+    for _ in range(3):
+        assert (await w.manifest("v1", accept=OCI_MANIFEST)).cache == "HIT"
+    assert reads == []
+    w.clock.advance(ABSENT_RECHECK + 0.1)
+    assert (await w.manifest("v1", accept=OCI_MANIFEST)).cache == "HIT"
+    assert len(reads) == 1 and "_tags" in reads[0]  # looked again, once
+    # A client that takes an index stores the WIDE view: the narrow one now finds it.
+    assert (await w.manifest("v1", accept=ACCEPT_ALL_MANIFESTS)).cache == "MISS"
+    assert (await w.manifest("v1", accept=OCI_MANIFEST)).cache == "HIT"
+    assert w.fake.count("GET") == 2
 
 
 async def test_a_manifest_negotiated_down_does_not_stand_for_the_tag(world: MakeWorld) -> None:
