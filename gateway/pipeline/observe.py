@@ -125,29 +125,61 @@ def _log(request: web.Request, state: RequestState, metrics: Metrics, records: _
     if not access_log.isEnabledFor(logging.INFO):
         return
     now = time.time()
-    record = {
-        "ts": round(now, 3),
-        "id": state.id,
-        "remote": request.remote,
-        "host": request.host[:255],
-        "method": request.method,
-        "path": request.rel_url.raw_path[:512],
-        "route": route,
-        "upstream": str(reg.route.upstream.url) if reg is not None else None,
-        "repository": reg.repository if reg is not None else None,
-        "reference": reg.describe() if reg is not None else None,
-        "status": status,
-        "bytes": sent,
-        "duration_ms": round(duration * 1000, 2),
-        "cache": cache,
-        "user": state.user,  # a login name, never a secret
-        "rule": state.rule,
-    }
-    if state.error is not None:
-        record["error"] = state.error
-    if aborted:
-        record["aborted"] = True
-    records.write(json.dumps(record), now)
+    upstream = reg.route.upstream.url if reg is not None else None
+    records.write(access_line(
+        now, state.id, request.remote, request.host[:255], request.method,
+        request.rel_url.raw_path[:512], route, str(upstream) if upstream is not None else None,
+        reg.repository if reg is not None else None, reg.describe() if reg is not None else None,
+        status, sent, duration, cache, state.user, state.rule, state.error, aborted), now)
+
+
+def access_line(now: float, request_id: str, remote: str | None, host: str, method: str,
+                path: str, route: str, upstream: str | None, repository: str | None,
+                reference: str | None, status: int, sent: int, duration: float,
+                cache: str, user: str | None, rule: str | None, error: str | None,
+                aborted: bool) -> str:
+    """The access log's JSON line, written out directly. json.dumps of the same fields (a
+    dict built per request, two floats in their shortest form, each string escaped char
+    by char) cost a sixth of a cached manifest's CPU. Here the strings are checked once,
+    together, for anything JSON must escape; nearly never, and then each is escaped.
+    Times in ms, durations in 10 us steps."""
+    joined = "".join((request_id, remote or "", host, method, path, route, upstream or "",
+                      repository or "", reference or "", cache, user or "", rule or "",
+                      error or ""))
+    if not joined.isascii() or b"\0" in joined.encode().translate(_PLAIN):
+        request_id, host, method, path, route, cache = map(
+            _inner, (request_id, host, method, path, route, cache))
+        remote, upstream, repository, reference, user, rule, error = (
+            None if v is None else _inner(v)
+            for v in (remote, upstream, repository, reference, user, rule, error))
+    ms, centi = int(now * 1000), round(duration * 100_000)
+    # str(n + 1000)[1:]: n (0-999) with its leading zeros, cheaper than a format spec.
+    line = (f'{{"ts": {ms // 1000}.{str(ms % 1000 + 1000)[1:]}, "id": "{request_id}", '
+            f'"remote": {_opt(remote)}, "host": "{host}", "method": "{method}", '
+            f'"path": "{path}", "route": "{route}", "upstream": {_opt(upstream)}, '
+            f'"repository": {_opt(repository)}, "reference": {_opt(reference)}, '
+            f'"status": {status}, "bytes": {sent}, '
+            f'"duration_ms": {centi // 100}.{str(centi % 100 + 100)[1:]}, '
+            # a login name, never a secret
+            f'"cache": "{cache}", "user": {_opt(user)}, "rule": {_opt(rule)}')
+    if error is not None:
+        line += f', "error": "{error}"'
+    return line + (', "aborted": true}' if aborted else "}")
+
+
+# Bytes that may stand in a JSON string as they are (printable ASCII but the quote and
+# the backslash) map to themselves, every other to 0: one C pass finds any of them.
+_PLAIN = bytes(b if 0x20 <= b < 0x7F and b not in b'"\\' else 0 for b in range(256))
+
+
+def _opt(value: str | None) -> str:
+    """A JSON string of text that needs no escaping, or null."""
+    return "null" if value is None else f'"{value}"'
+
+
+def _inner(value: str) -> str:
+    """`value` escaped for a JSON string, without the quotes."""
+    return json.dumps(value)[1:-1]
 
 
 class _AccessLog:

@@ -26,6 +26,7 @@ from yarl import URL
 
 from gateway.api.blobs import byte_range
 from gateway.errors import RegistryError
+from gateway.pipeline.observe import access_line
 from tests.support.fake_registry import image_manifest, stream_in_parts
 from tests.support.images import OCI_INDEX, OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
@@ -688,6 +689,39 @@ async def test_access_log_is_one_json_line_per_request(setup: MakeSetup,
     assert (missing["route"], missing["repository"], missing["status"]) == (
         "ghcr.io", "owner/img", 404)
     assert SECRET not in caplog.text
+
+
+_LOGGED_TEXT = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(
+    ['a"quote', "back\\slash", "ctl\x01", "del\x7f", "naïve", "line\nbreak", "\u2028", ""]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(request_id=st.text(max_size=20), remote=_LOGGED_TEXT, host=st.text(max_size=30),
+       path=st.text(max_size=60), user=_LOGGED_TEXT, error=_LOGGED_TEXT,
+       now=st.floats(min_value=0, max_value=4e9), duration=st.floats(min_value=0, max_value=1e4),
+       aborted=st.booleans())
+def test_an_access_line_is_one_line_of_json_with_every_field(
+        request_id: str, remote: str | None, host: str, path: str, user: str | None,
+        error: str | None, now: float, duration: float, aborted: bool) -> None:
+    """The line is written out directly (not json.dumps): whatever a client put in its
+    Host, path or X-Request-Id, it stays one line that parses to the same values."""
+    line = access_line(now, request_id, remote, host, "GET", path, "docker.io",
+                       "https://registry-1.docker.io", "library/nginx", "latest", 200, 1234,
+                       duration, "HIT", user, "access.anonymous", error, aborted)
+    assert "\n" not in line and "\r" not in line
+    parsed = json.loads(line)
+    expected: dict[str, Any] = {
+        "id": request_id, "remote": remote, "host": host, "method": "GET", "path": path,
+        "route": "docker.io", "upstream": "https://registry-1.docker.io",
+        "repository": "library/nginx", "reference": "latest", "status": 200,
+        "bytes": 1234, "cache": "HIT", "user": user, "rule": "access.anonymous"}
+    if error is not None:
+        expected["error"] = error
+    if aborted:
+        expected["aborted"] = True
+    times = parsed.pop("ts"), parsed.pop("duration_ms")
+    assert parsed == expected
+    assert abs(times[0] - now) <= 0.001 and abs(times[1] - duration * 1000) <= 0.006
 
 
 async def test_served_bytes_count_bodies_not_headers(setup: MakeSetup,
