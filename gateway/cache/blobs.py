@@ -46,8 +46,8 @@ from .s3_stream import StreamedUpload
 from .store import BlobStore, LocalFiles, Redirecting, SizedReads, blob_key
 from .transfer import Opener, blob_length
 
-# Seconds a verified spool outlives its flight when the store has no local files: a
-# reader that joined the flight opens it within moments (then the name may go).
+# Seconds a verified spool outlives its flight in a store without local files: a reader
+# that joined the flight opens it within moments.
 SPOOL_GRACE = 30.0
 
 
@@ -277,20 +277,19 @@ class Blobs:
     async def _run(self, flight: BlobFlight, upstream: Upstream, route: Route,
                    repository: str, store_key: str) -> None:
         """Fetch the blob, or follow the process that fetches it (several workers)."""
+        stored = False
         try:
             claim: Lead | Follow = await self.coordinator.claim(
                 f"blob {route.namespace} {flight.digest}")
-            # Another worker or another replica fetches it: a coalesced GET here.
+            # Another worker or replica fetches it, or stored it before our lead (known
+            # before `claimed`: a GET told MISS cost the upstream): a coalesced GET here.
             flight.mirrored = isinstance(claim, Follow) or (
                 isinstance(claim, Sourced) and not claim.leading)
-            if not isinstance(claim, Follow) and not flight.mirrored and claim.shared and \
-                    self._local is None and await self.store.stat(store_key) is not None:
-                # Committed by another between our look and our lead: no spool holds
-                # it here, so its readers read the store (api/blobs.py).
-                flight.fail(StoredMeanwhile(f"blob {flight.digest} is stored now"))
+            if not isinstance(claim, Follow) and not flight.mirrored and claim.shared:
+                flight.mirrored = stored = await self._stored_meanwhile(flight, store_key)
         finally:
             flight.claimed.set()
-        if isinstance(flight.error, StoredMeanwhile):
+        if stored:
             assert not isinstance(claim, Follow)
             await claim.release()
             return
@@ -300,7 +299,7 @@ class Blobs:
                 return  # followed to its end
             claim = taken  # its leader died before sending a byte here: fetch it now
         try:
-            if claim.shared and await self._committed_meanwhile(flight, store_key):
+            if claim.shared and await self._stored_meanwhile(flight, store_key):
                 return
             flight.publish, flight.followed = claim.publish, claim.shared
             claim.publish(flight)  # at once: a record a dead leader left must not stand
@@ -308,12 +307,16 @@ class Blobs:
         finally:
             await claim.release()
 
-    async def _committed_meanwhile(self, flight: BlobFlight, store_key: str) -> bool:
-        """Another process committed the blob between our look and our lead: serve that."""
+    async def _stored_meanwhile(self, flight: BlobFlight, store_key: str) -> bool:
+        """Committed by another between our look and our lead: served from its file, or
+        (no local files) failed StoredMeanwhile, so that its readers read the store."""
         size = await self.store.stat(store_key)
-        if size is None or flight.final_path is None:
+        if size is None:
             return False
-        flight.mirror(flight.final_path, size, size, True)
+        if flight.final_path is None:
+            flight.fail(StoredMeanwhile(f"blob {flight.digest} is stored now"))
+        else:
+            flight.mirror(flight.final_path, size, size, True)
         return True
 
     def _drop_later(self, spool: Path) -> None:
@@ -330,12 +333,7 @@ class Blobs:
         count: Callable[[int], None] = self.metrics.upstream_bytes.labels(route.name).inc
         if remote is None:
             return count
-
-        def on_bytes(n: int) -> None:
-            if remote.leading:
-                count(n)
-
-        return on_bytes
+        return lambda n: count(n) if remote.leading else None
 
     async def _fetch(self, flight: BlobFlight, upstream: Upstream, route: Route,
                      repository: str, store_key: str, claim: Lead) -> None:

@@ -20,6 +20,7 @@ from yarl import URL
 
 from gateway import api
 from gateway.cache import Cache, FsStore, MemoryIndex, ProcessDir, SqliteContents
+from gateway.cache.coordinate import Coordinator
 from gateway.config import CachePolicy, Config, Route, UpstreamSettings, load_config
 from gateway.metrics import Metrics
 from gateway.server import MAX_LINE, METRICS, create_app
@@ -72,12 +73,15 @@ def make_route(url: str, name: str = "fake.test", **overrides: Any) -> Route:
 
 
 def make_cache(route: Route, data_dir: Path, metrics: Metrics, clock: Clock, *,
-               store: FsStore | None = None, store_type: type[FsStore] = FsStore) -> Cache:
-    """The real cache of one route over a filesystem store in `data_dir` (open it)."""
+               store: FsStore | None = None, store_type: type[FsStore] = FsStore,
+               coordinator: Coordinator | None = None) -> Cache:
+    """The real cache of one route over a filesystem store in `data_dir` (open it);
+    with a `coordinator`, as a worker among others on that directory."""
     spool = ProcessDir(data_dir / ".spool")
     store = store if store is not None else store_type(data_dir, spool.path)
     return Cache(Config(routes=(route,)), data_dir, store, MemoryIndex(clock),
-                 SqliteContents(data_dir, clock=clock), metrics, spool, clock)
+                 SqliteContents(data_dir, clock=clock), metrics, spool, clock,
+                 coordinator=coordinator)
 
 
 @pytest.fixture

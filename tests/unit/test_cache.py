@@ -25,7 +25,9 @@ from gateway.cache import (
     IntegrityError,
     ManifestResult,
 )
+from gateway.cache.coordinate_files import FileCoordinator
 from gateway.cache.manifests import ABSENT_RECHECK
+from gateway.cache.store import blob_key
 from gateway.config import Route
 from gateway.errors import RegistryError, UpstreamError
 from gateway.metrics import Metrics
@@ -558,6 +560,46 @@ async def test_concurrent_manifest_requests_coalesce(world: MakeWorld) -> None:
     assert sorted(r.cache for r in results) == ["COALESCED"] * 4 + ["MISS"]
     assert all(r.manifest.body == body for r in results)
     assert w.fake.count("GET", path) == 1
+
+
+async def test_a_blob_another_worker_stored_after_our_look_is_not_a_miss(
+        world: MakeWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers on one data directory: this one looked and did not find the blob, another
+    committed it, then this one took the lead. It serves the stored file; the GET is
+    coalesced (told so before its answer), not a miss, and the upstream sends nothing."""
+    w = await world()
+    data = os.urandom(256 << 10)  # a file, not a small blob kept in memory
+    digest = w.fake.add_blob(data)
+    metrics = Metrics()
+    cache = make_cache(w.route, tmp_path / "shared", metrics, w.clock,
+                       coordinator=FileCoordinator(tmp_path / "locks"))
+    await cache.open()
+    try:
+        blobs = cache.blobs
+        look = blobs._open
+
+        async def look_then_another_commits(*args: Any, **kwargs: Any) -> Any:
+            found = await look(*args, **kwargs)
+            path = cache.store.local_path(blob_key(w.route.namespace, parse_digest(digest)))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            return found
+
+        monkeypatch.setattr(blobs, "_open", look_then_another_commits)
+        got = await blobs.get(w.upstream, w.route, REPO, parse_digest(digest))
+        assert isinstance(got, tuple)
+        flight, started = got
+        assert started is False
+        assert await read_all(flight) == data
+        assert w.fake.count("GET", f"/v2/{REPO}/blobs/{digest}") == 0
+
+        def outcome(result: str) -> float | None:
+            return metrics.registry.get_sample_value("gateway_cache_requests_total", {
+                "route": w.route.name, "kind": "blob", "result": result})
+
+        assert (outcome("miss"), outcome("coalesced")) == (None, 1.0)
+    finally:
+        await cache.close()
 
 
 # -------------------------------------------------------------------- tags
