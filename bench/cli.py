@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import eviction, policy, ranged, report, scenarios, startup, trees
+from . import eviction, policy, ranged, replicas, report, scenarios, startup, trees
 from . import workers as bench_workers
 from .procs import REPO, set_quiet_budget
 from .servers import Tool, World, seed, versions
 
-# 6 eviction, 7 start-up with a big index, 8 parallel ranged fetch, 9 access rules and limits
-SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9")
+# 6 eviction, 7 start-up with a big index, 8 parallel ranged fetch, 9 access rules and limits,
+# 10 cold fan-in over three replicas (S3 + Redis)
+SCENARIOS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default=",".join(SCENARIOS),
                         help="scenarios to run, e.g. 1,3 (default: all; 6 is eviction, "
                         "7 start-up with a large index, 8 parallel ranged fetch, "
-                        "9 access rules and limits)")
+                        "9 access rules and limits, 10 cold fan-in over three replicas)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown report (default: BENCHMARKS.md for a full run of "
                         "everything, bench/results/<profile>.md otherwise)")
@@ -188,4 +189,6 @@ def _measure(world: World, profile: scenarios.Profile, selected: set[str],
             records += ranged.run(world, profile)
         if "9" in selected:
             records += policy.run(world, profile)
+        if "10" in selected:
+            records += replicas.run(world, profile)
     return image, records, baselines

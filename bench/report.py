@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from . import compare, eviction, hotpath, policy, ranged, startup, workers
+from . import compare, eviction, hotpath, policy, ranged, replicas, startup, workers
 
 Record = dict[str, Any]
 ANALYSIS = Path(__file__).resolve().parent / "ANALYSIS.md"
@@ -178,7 +178,8 @@ def _verdicts(records: list[Record]) -> list[tuple[str, str, str, str, str]]:
     if tls is not None and "status" in tls:
         add("warm serving over TLS", "see scenario 3", "measured", "–", None)
     rows += eviction.verdicts(records) + startup.verdicts(records) + ranged.verdicts(records)
-    rows += policy.verdicts(records) + workers.verdicts(records) + hotpath.verdicts(records)
+    rows += policy.verdicts(records) + workers.verdicts(records) + replicas.verdicts(records)
+    rows += hotpath.verdicts(records)
     against = compare.verdict(records)
     if against is not None:
         add(*against)
@@ -249,6 +250,7 @@ def markdown(records: list[Record]) -> str:
     out += startup.section(records)
     out += ranged.section(records)
     out += policy.section(records)
+    out += replicas.section(records)
     out += compare.section(records)
     if ANALYSIS.exists():
         out += ["", ANALYSIS.read_text().rstrip(), ""]
