@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .procs import OtherLoad, cpu_seconds, wait_quiet
 from .rounds import interleaved
-from .scenarios import Profile
+from .scenarios import Profile, _log
 from .servers import Far, Server, World, far_upstream, gateway, seed_images
 
 Record = dict[str, Any]
@@ -30,10 +30,6 @@ SUMS = {"evicted_bytes": "gateway_evicted_bytes_total",
         "evictions": "gateway_evictions_total", "cache_bytes": "gateway_cache_bytes",
         "limit_bytes": "gateway_cache_limit_bytes",
         "upstream_bytes": "gateway_upstream_bytes_total"}
-
-
-def _log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # ---------------------------------------------------------------- /metrics

@@ -6,11 +6,10 @@ of several shapes) and direct; time to first byte; what the upstream sent.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from .procs import wait_quiet
-from .scenarios import REPO_NAME, Profile
+from .scenarios import REPO_NAME, Profile, _errors, _log
 from .servers import Far, World, far_upstream, gateway
 
 Record = dict[str, Any]
@@ -28,15 +27,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "2MiB x6": {"parallel_fetch_threshold": "2MiB", "parallel_fetch_parts": 6},
 }
 DEFAULT_SHAPE = "4MiB x6"  # what CachePolicy's defaults are (keep in step)
-
-
-def _log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def _errors(result: Record) -> Record:
-    return {"errors": int(result.get("errors") or 0),
-            "error_samples": list(result.get("error_samples") or [])[:5]}
 
 
 def _measure(world: World, far: Far, url: str, blob: Record) -> Record:

@@ -18,16 +18,12 @@ import time
 from typing import Any
 
 from .procs import wait_quiet
-from .scenarios import REPO_NAME, Profile
+from .scenarios import REPO_NAME, Profile, _log
 from .servers import World, far_upstream, gateway
 
 Record = dict[str, Any]
 REPLICAS, CLIENTS = 3, 16
 AMPLIFICATION_TARGET = 1.0
-
-
-def _log(message: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 def _missing(world: World) -> str | None:

@@ -179,8 +179,12 @@ class Parts:
     def start_others(self) -> None:
         """Start the workers of the other parts now, before the first answer is back (the
         size is declared): `run` adopts them, `cancel` stops them."""
-        self._early = [asyncio.create_task(self._worker(None))
-                       for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+        self._early = self._others()
+
+    def _others(self) -> list[asyncio.Task[None]]:
+        """The workers besides the first answer's: one per other connection."""
+        return [asyncio.create_task(self._worker(None))
+                for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
 
     async def cancel(self) -> None:
         for task in self._early:
@@ -190,8 +194,7 @@ class Parts:
 
     async def run(self, first: UpstreamBody) -> None:
         workers = [asyncio.create_task(self._worker(first))]
-        workers += self._early or [asyncio.create_task(self._worker(None))
-                                   for _ in range(min(self._plan.parts, len(self._parts)) - 1)]
+        workers += self._early or self._others()
         self._early = []
         try:
             await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
@@ -312,10 +315,10 @@ async def open_first(plan: Plan | None, first: UpstreamBody,
         if early is not None:
             await early.cancel()
         raise
-    if early is not None and plan is not None and plan.applies(first) and \
-            first.size == plan.size:
-        return early
     if early is not None:
+        assert plan is not None
+        if plan.applies(first) and first.size == plan.size:
+            return early
         await early.cancel()
     if plan is None or not plan.applies(first):
         return None
