@@ -41,6 +41,14 @@ _RESERVED = 128
 _MAX_CONNECTIONS = 16384  # what one process on a small machine can usefully hold
 _OUT_OF_RESOURCE = "socket.accept() out of system resource"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT for a refusal
+# The send buffer of a peer on this host (a TLS-terminating nginx or haproxy in front, a
+# node-local client). Autotuning grows a buffer with the congestion window, which over
+# loopback never stops growing, so it reaches tcp_wmem's max (4 MiB): each sendfile then
+# queues megabytes that the reader on the other core drains long after, at a third more
+# kernel CPU per byte than this (bench/ANALYSIS.md, "A small send buffer for local
+# peers"). A path without a bandwidth-delay product needs no more; the kernel doubles it.
+# Remote peers keep autotuning: a fixed buffer would cap each at buffer / RTT.
+LOCAL_SEND_BUFFER = 128 << 10
 
 
 def raise_descriptor_limit(wanted: int = 65536) -> int:
@@ -216,6 +224,12 @@ class ConnectionGuard:
             self._reserve = -1
 
 
+def is_loopback(host: str) -> bool:
+    """`host` (as accept() gives it: dotted IPv4, IPv6, IPv4-mapped IPv6) is this host's
+    loopback: 127.0.0.0/8 or ::1."""
+    return host.startswith(("127.", "::ffff:127.")) or host == "::1"
+
+
 def _open_reserve() -> int:
     try:
         return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -263,6 +277,8 @@ class _Listener(socket.socket):
                 continue
             conn = _Connection(self.family, self.type, self.proto, fileno=fd)
             conn._guard, conn._address = self.guard, host
+            if is_loopback(host):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
             return conn, address
         raise BlockingIOError  # a flood: let other work run, the rest on the next wake-up
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,11 @@ from gateway.buckets import Buckets, retry_after
 from gateway.config import load_config
 from gateway.errors import ConfigError
 from gateway.listen import (
+    LOCAL_SEND_BUFFER,
     ConnectionGuard,
     handler_options,
+    is_loopback,
+    listening_sockets,
     max_connections,
     quiet_accept_errors,
 )
@@ -216,6 +220,25 @@ async def test_the_guard_caps_per_address_and_in_all(caplog: pytest.LogCaptureFi
         "gateway_refusals_total", {"route": "-", "reason": "connections_total"}) == 1
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "refused 2 client connections" in lines[0]
+
+
+@pytest.mark.parametrize(("host", "local"), [
+    ("127.0.0.1", True), ("127.3.4.5", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.1", False), ("::ffff:10.0.0.1", False), ("2001:db8::1", False),
+    ("::2", False), ("1.127.0.0", False)])
+def test_loopback_peers_are_told_apart(host: str, local: bool) -> None:
+    assert is_loopback(host) is local
+
+
+def test_a_local_peer_gets_a_small_send_buffer() -> None:
+    config = load("routes: {ghcr.io: {}}")
+    listener = listening_sockets("127.0.0.1", 0, ConnectionGuard(lambda: config, 5, Metrics()))[0]
+    with listener, socket.create_connection(listener.getsockname()[:2]):
+        listener.setblocking(True)
+        accepted, _ = listener.accept()
+        with accepted:
+            got = accepted.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert got == 2 * LOCAL_SEND_BUFFER  # Linux doubles what is set (bookkeeping)
 
 
 async def test_accept_errors_are_logged_once_per_window(
