@@ -19,6 +19,7 @@ from aiohttp import web
 
 from .. import admin, listen, proxy
 from ..config import Config
+from ..eventloop import Loop
 from ..logs import start_logging
 from ..reload import WATCH_INTERVAL, Reloader
 from ..tls import RELOAD_INTERVAL, CertTable, TlsCertificates
@@ -200,6 +201,7 @@ def run(options: ServeOptions) -> None:
     """Serve until SIGINT or SIGTERM. Raises TlsError when certs/ holds no certificate."""
     listener = start_logging(options.log_level)
     try:
-        asyncio.run(_serve(options, listener.line))
+        with asyncio.Runner(loop_factory=Loop) as runner:
+            runner.run(_serve(options, listener.line))
     finally:
         listener.stop()

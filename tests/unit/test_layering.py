@@ -18,7 +18,7 @@ GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
 # part -> the parts it may import ("gateway" itself holds only __version__).
 LEAVES = {"gateway", "gateway.errors", "gateway.oci", "gateway.net", "gateway.presets",
           "gateway.wire", "gateway.singleflight", "gateway.tasks", "gateway.logs",
-          "gateway.metrics", "gateway.buckets"}
+          "gateway.metrics", "gateway.buckets", "gateway.eventloop"}
 MAP: dict[str, set[str]] = {
     "gateway.__main__": {"gateway.cli"},
     "gateway.cli": {"*"},
@@ -26,7 +26,7 @@ MAP: dict[str, set[str]] = {
                        "gateway.upstream", "gateway.upstream_pool", "gateway.reload",
                        "gateway.routing", "gateway.config", "gateway.tls",
                        "gateway.metrics", "gateway.logs", "gateway.looplag", "gateway.listen",
-                       "gateway.proxy", "gateway"},
+                       "gateway.proxy", "gateway.eventloop", "gateway"},
     # Forward-proxy mode: CONNECT, the host allow-list, leaves from the gateway's CA.
     "gateway.proxy": {"gateway.pipeline", "gateway.routing", "gateway.state", "gateway.config",
                       "gateway.errors", "gateway.metrics", "gateway.net",
