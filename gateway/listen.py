@@ -42,12 +42,12 @@ _MAX_CONNECTIONS = 16384  # what one process on a small machine can usefully hol
 _OUT_OF_RESOURCE = "socket.accept() out of system resource"
 _LINGER_RESET = struct.pack("ii", 1, 0)  # close with RST: no TIME_WAIT for a refusal
 # The send buffer of a peer on this host (a TLS-terminating nginx or haproxy in front, a
-# node-local client). Autotuning grows a buffer with the congestion window, which over
-# loopback never stops growing, so it reaches tcp_wmem's max (4 MiB): each sendfile then
-# queues megabytes that the reader on the other core drains long after, at a third more
-# kernel CPU per byte than this (bench/ANALYSIS.md, "A small send buffer for local
-# peers"). A path without a bandwidth-delay product needs no more; the kernel doubles it.
-# Remote peers keep autotuning: a fixed buffer would cap each at buffer / RTT.
+# node-local client). The kernel sizes a loopback connection's at tcp_wmem's max (4 MiB
+# here, from the first byte: autotuning follows a congestion window that loopback never
+# limits), so each sendfile queues megabytes that the reader on the other core drains long
+# after, at a third more CPU per byte than this (bench/ANALYSIS.md, "a small send buffer
+# for local peers"). A path without a bandwidth-delay product needs no more; the kernel
+# doubles it. Remote peers keep autotuning: a fixed buffer would cap each at buffer / RTT.
 LOCAL_SEND_BUFFER = 128 << 10
 
 
