@@ -26,7 +26,7 @@ from aiohttp import web
 
 from .config import Config, ServerLimits
 from .metrics import Metrics
-from .net import NetworkSet
+from .net import NetworkSet, parse_address
 
 log = logging.getLogger("gateway.listen")
 
@@ -225,9 +225,10 @@ class ConnectionGuard:
 
 
 def is_loopback(host: str) -> bool:
-    """`host` (as accept() gives it: dotted IPv4, IPv6, IPv4-mapped IPv6) is this host's
-    loopback: 127.0.0.0/8 or ::1."""
-    return host.startswith(("127.", "::ffff:127.")) or host == "::1"
+    """`host` (as accept() gives it: IPv4, IPv6 or IPv4-mapped) is this host's loopback:
+    127.0.0.0/8 or ::1."""
+    address = parse_address(host)
+    return address is not None and address.is_loopback
 
 
 def _open_reserve() -> int:

@@ -13,15 +13,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .access import LOOPBACK
 from .document import Place
 from .schema import build, keys_of, parse_keys, yaml_key
 from .values import ABSENT, Network, duration, parse_size
 
 _USER = re.compile(r"[A-Za-z0-9._@-]{1,128}")
 _OFF = ("off", "none", "unlimited")
-# Loopback is the operator's own machine: health checks, the bench, a proxy in front that
-# is not (yet) in trusted_proxies (which would otherwise pool every client in one bucket).
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 def _is_off(value: Any) -> bool:
@@ -86,7 +84,9 @@ def size_bytes(value: Any, at: Place) -> int:
 class Exempt:
     """Who no per-client limit applies to: addresses (networks) and logged-in users."""
 
-    networks: tuple[Network, ...] = _LOOPBACK
+    # Loopback by default: the operator's own machine (health checks, the bench, a proxy in
+    # front not yet in trusted_proxies, which would otherwise pool every client in one bucket).
+    networks: tuple[Network, ...] = LOOPBACK
     users: frozenset[str] = frozenset()
 
 
