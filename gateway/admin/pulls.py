@@ -96,11 +96,15 @@ class Pulls:
         reg = state.registry if state is not None else None
         if reg is not None and reg.kind == "manifest" and request.method == "GET" and \
                 response.status == 200:
-            key = (reg.route.name, reg.repository)
-            pending = self._pending
-            pending[key] = pending.get(key, 0) + 1
-            if len(pending) >= PENDING:
-                self._fold()
+            self.pulled(reg.route.name, reg.repository)
+
+    def pulled(self, route: str, repository: str) -> None:
+        """One pull (the server's registry lane says so of the manifests it writes)."""
+        key = (route, repository)
+        pending = self._pending
+        pending[key] = pending.get(key, 0) + 1
+        if len(pending) >= PENDING:
+            self._fold()
 
     def _fold(self) -> None:
         pending, self._pending = self._pending, {}

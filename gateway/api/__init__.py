@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from yarl import URL
 
-from ..cache import Cache
+from ..cache import Cache, ManifestResult
 from ..errors import RegistryError
 from ..state import STATE, RegistryRequest
 from ..upstream import Upstream
@@ -41,7 +41,12 @@ async def base(request: web.Request) -> web.Response:
 
 
 async def dispatch(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+    return await dispatch_with(request.app[SERVICES], request)
+
+
+async def dispatch_with(services: Services, request: web.Request) -> web.StreamResponse:
+    """The handler of the request's resolved call (the app's route, or the server's
+    registry lane, which has no router to find `services` through)."""
     reg = request[STATE].registry
     assert reg is not None, "the resolve stage runs before every /v2/<name>/ handler"
     handler = _HANDLERS[(reg.kind, request.method)]
@@ -55,16 +60,32 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         pool.let_go(upstream)
 
 
+def accepted(request: web.Request) -> str | None:
+    """The manifest types a client takes. Docker and skopeo send one Accept line per
+    media type: all of them count."""
+    return ", ".join(request.headers.getall("Accept", ())) or None
+
+
+def held_manifest(services: Services, request: web.Request,
+                  reg: RegistryRequest) -> ManifestResult | None:
+    """The manifest answer when it is a HIT in this process's memory (no I/O, no
+    upstream); None: the handler finds it."""
+    return services.cache.manifests.held(reg.route, reg.repository, reg.reference,
+                                         accepted(request))
+
+
+def manifest_headers(reg: RegistryRequest, result: ManifestResult) -> dict[str, str]:
+    m = result.manifest
+    return {"Content-Type": m.media_type, "Docker-Content-Digest": m.digest,
+            "ETag": f'"{m.digest}"', "X-Cache": result.cache,
+            "X-Registry-Route": reg.route.name}
+
+
 async def manifest(request: web.Request, reg: RegistryRequest, cache: Cache,
                    upstream: Upstream) -> web.StreamResponse:
-    # Docker and skopeo send one Accept line per media type: all of them count.
-    accept = ", ".join(request.headers.getall("Accept", ())) or None
     result = await cache.manifests.get(upstream, reg.route, reg.repository, reg.reference,
-                                       accept, admit=request[STATE].admit_miss)
-    m = result.manifest
-    return web.Response(body=m.body, headers=headers(
-        reg, result.cache, **{"Content-Type": m.media_type, "Docker-Content-Digest": m.digest,
-                              "ETag": f'"{m.digest}"'}))
+                                       accepted(request), admit=request[STATE].admit_miss)
+    return web.Response(body=result.manifest.body, headers=manifest_headers(reg, result))
 
 
 @dataclass(frozen=True, slots=True)

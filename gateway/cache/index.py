@@ -22,6 +22,10 @@ NegativeKey = tuple[str, str, str]  # namespace, repository, reference
 class Index(Protocol):
     async def tag(self, key: TagKey) -> TagEntry | None: ...
 
+    def held_tag(self, key: TagKey) -> TagEntry | None:
+        """The tag as this process holds it, without I/O; None: ask `tag()` (an index
+        shared between replicas holds none: another replica may have moved the tag)."""
+
     async def set_tag(self, key: TagKey, entry: TagEntry) -> None: ...
 
     async def blob_size(self, key: BlobKey) -> int | None: ...
@@ -54,6 +58,9 @@ class MemoryIndex:
             maxsize=negative, ttu=lambda _k, ttl, now: now + ttl, timer=clock)
 
     async def tag(self, key: TagKey) -> TagEntry | None:
+        return self._tags.get(key)
+
+    def held_tag(self, key: TagKey) -> TagEntry | None:
         return self._tags.get(key)
 
     async def set_tag(self, key: TagKey, entry: TagEntry) -> None:

@@ -60,6 +60,9 @@ class RedisIndex:
                 return entry
         return await self.local.tag(key)
 
+    def held_tag(self, key: TagKey) -> TagEntry | None:
+        return None  # Redis holds the tag: another replica may have moved it
+
     async def set_tag(self, key: TagKey, entry: TagEntry) -> None:
         await self.local.set_tag(key, entry)
         client = self._redis()

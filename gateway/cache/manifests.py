@@ -218,6 +218,32 @@ class Manifests:
             result = await self._by_tag(upstream, route, repository, reference.tag, accept,
                                         admit)
             kind = "tag"
+        return self._served(route, kind, result)
+
+    def held(self, route: Route, repository: str, reference: Reference,
+             accept: str | None) -> ManifestResult | None:
+        """`get()`'s answer when it is a HIT this process holds in memory (no I/O, no
+        upstream, no wait), with the same bookkeeping; None: ask `get()`."""
+        if reference.digest is not None:
+            manifest = self._memory.get((route.namespace, str(reference.digest)))
+            kind = "manifest"
+        else:
+            assert reference.tag is not None
+            entry = self.index.held_tag((route.namespace, repository, reference.tag,
+                                         policy.WIDE))
+            if policy.view(accept) == policy.NARROW and not policy.usable(entry, accept):
+                entry = self.index.held_tag((route.namespace, repository, reference.tag,
+                                             policy.NARROW))
+            if entry is None or not policy.usable(entry, accept) or \
+                    not policy.fresh(entry, route.cache, self._clock()):
+                return None
+            manifest = self._memory.get((route.namespace, entry.digest))
+            kind = "tag"
+        if manifest is None:
+            return None
+        return self._served(route, kind, ManifestResult(manifest, "HIT"))
+
+    def _served(self, route: Route, kind: str, result: ManifestResult) -> ManifestResult:
         self.metrics.cache_outcome(route.name, kind, result.cache.lower())
         # Served: its blobs stay for the lease, and it counts as used now.
         self.leases.grant(route.namespace, result.manifest.digest)

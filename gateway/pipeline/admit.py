@@ -8,6 +8,7 @@ Runs the steps in order and nothing else; each step raises its refusal.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -19,15 +20,31 @@ Step = Callable[[web.Request, RequestState], None]
 MaybeAsyncStep = Callable[[web.Request, RequestState], Awaitable[None] | None]
 
 
-def admit_middleware(resolve: Step, access: MaybeAsyncStep, limit: Step) -> Middleware:
-    @web.middleware
-    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
-        state = request[STATE]  # with the request's config
-        resolve(request, state)
-        pending = access(request, state)
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """The steps in order, for both drivers: the middleware below, and the server's
+    registry lane, which resolves first to see whether the request is one it serves."""
+
+    resolve: Step
+    access: MaybeAsyncStep
+    limit: Step
+
+    async def __call__(self, request: web.Request, state: RequestState) -> None:
+        self.resolve(request, state)
+        await self.police(request, state)
+
+    async def police(self, request: web.Request, state: RequestState) -> None:
+        """The steps past resolve: the access rules (a login may be awaited), limits."""
+        pending = self.access(request, state)
         if pending is not None:
             await pending
-        limit(request, state)
+        self.limit(request, state)
+
+
+def admit_middleware(admit: Admit) -> Middleware:
+    @web.middleware
+    async def admitted(request: web.Request, handler: Handler) -> web.StreamResponse:
+        await admit(request, request[STATE])  # with the request's config
         return await handler(request)
 
-    return admit
+    return admitted

@@ -44,62 +44,118 @@ def _kind(request: web.Request, reg: RegistryRequest | None) -> str:
     return "metrics" if request.path == "/metrics" else "other"
 
 
-def observe_middleware(metrics: Metrics, current: Callable[[], Config],
-                       edge: Callable[[web.Request, Config], web.Request] | None = None, *,
-                       access_log: Callable[[str], None] | None = None) -> Middleware:
-    """The outer stage. `current()` (the running config) is read once per request and
-    kept as `RequestState.config` for every later stage; `edge` (edge.py) then sees the
-    request first, so the log and the rules see the client a trusted proxy names.
-    `access_log`: where the access log's lines go (the log writer, logs.py); without
-    it they are records of the "gateway.access" logger. Request ids are unique per
-    process start, cheaper than a uuid4 per request."""
-    id_prefix = f"{secrets.token_hex(4)}-"
-    id_counter = itertools.count(1)
-    records = _AccessLog(access_log)
+class Observer:
+    """What the outer stage does around every request, for both drivers of the pipeline:
+    `observe_middleware` (aiohttp's router and middleware) and the server's registry lane
+    (server/lane.py), which runs the same steps without them. `current()` (the running
+    config) is read once per request and kept as `RequestState.config` for every later
+    stage; `edge` (edge.py) then sees the request first, so the log and the rules see the
+    client a trusted proxy names. `access_log`: where the access log's lines go (the log
+    writer, logs.py); without it they are records of the "gateway.access" logger.
+    Request ids are unique per process start, cheaper than a uuid4 per request."""
 
-    @web.middleware
-    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Render every error as OCI JSON; log and count every request once."""
+    def __init__(self, metrics: Metrics, current: Callable[[], Config],
+                 edge: Callable[[web.Request, Config], web.Request] | None = None, *,
+                 access_log: Callable[[str], None] | None = None) -> None:
+        self.metrics = metrics
+        self._current = current
+        self._edge = edge
+        self._id_prefix = f"{secrets.token_hex(4)}-"
+        self._ids = itertools.count(1)
+        self._records = _AccessLog(access_log)
+
+    def begin(self, request: web.Request) -> tuple[web.Request, RequestState, float]:
+        """The request as the rules see it, its state (kept on it), its start."""
         started = time.monotonic()
-        config = current()
-        if edge is not None:
-            request = edge(request, config)
+        config = self._current()
+        if self._edge is not None:
+            request = self._edge(request, config)
         state = RequestState(request.headers.get(REQUEST_ID, "")[:64]
-                             or f"{id_prefix}{next(id_counter):x}", config)
+                             or f"{self._id_prefix}{next(self._ids):x}", config)
         request[STATE] = state
-        response: web.StreamResponse | None = None
-        try:
-            response = await handler(request)
-        except RegistryError as exc:
+        return request, state, started
+
+    def failure(self, exc: Exception, state: RequestState) -> web.Response:
+        """The OCI error answer to what a handler or step raised (re-raised: a redirect)."""
+        if isinstance(exc, RegistryError):
             state.error = f"{exc.code}: {exc.message}"
-            response = render(exc)
-        except web.HTTPException as exc:
+            return render(exc)
+        if isinstance(exc, web.HTTPException):
             if exc.status < 400:
-                raise
-            response = render(_as_registry_error(exc))
-        except (asyncio.CancelledError, ConnectionError) as exc:
-            # The client went away (or a failed transfer was cut on purpose): nothing to
-            # answer, and nothing for aiohttp to log as an error.
-            _log(request, state, metrics, records, None, started, aborted=True)
-            if isinstance(exc, ConnectionError):
-                raise asyncio.CancelledError from None
-            raise
-        except Exception:
-            error_log.exception("unhandled error (request id %s)", state.id)
-            state.error = "UNKNOWN: internal error"
-            response = render(RegistryError("UNKNOWN", f"internal error; request id {state.id}",
-                                            500))
+                raise exc
+            return render(_as_registry_error(exc))
+        error_log.error("unhandled error (request id %s)", state.id, exc_info=exc)
+        state.error = "UNKNOWN: internal error"
+        return render(RegistryError("UNKNOWN", f"internal error; request id {state.id}", 500))
+
+    async def send(self, request: web.Request, state: RequestState,
+                   response: web.StreamResponse, started: float) -> None:
+        """Send `response` and log it; a client gone meanwhile is logged as aborted."""
         try:
             # Send here rather than after return, so the log line has the bytes and time.
             if not response.prepared:
                 await response.prepare(request)
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
-            _log(request, state, metrics, records, response, started, aborted=True)
+            self.aborted(request, state, response, started)
             if isinstance(exc, ConnectionError):
                 raise asyncio.CancelledError from None
             raise
-        _log(request, state, metrics, records, response, started)
+        self.log(request, state, response, started)
+
+    def aborted(self, request: web.Request, state: RequestState,
+                response: web.StreamResponse | None, started: float) -> None:
+        """The client went away (or a failed transfer was cut on purpose): nothing to
+        answer, and nothing for aiohttp to log as an error."""
+        self.log(request, state, response, started, aborted=True)
+
+    def log(self, request: web.Request, state: RequestState,
+            response: web.StreamResponse | None, started: float, *,
+            aborted: bool = False) -> None:
+        status = response.status if response is not None else 499
+        cache = response.headers.get("X-Cache", "-") if response is not None \
+            else state.cache or "-"
+        self.record(request, state, status, _body_bytes(request, state, response, aborted),
+                    started, cache, aborted=aborted)
+
+    def record(self, request: web.Request, state: RequestState, status: int, sent: int,
+               started: float, cache: str, *, aborted: bool = False) -> None:
+        """The request's metrics and its access log line."""
+        duration = time.monotonic() - started
+        reg = state.registry
+        route = reg.route.name if reg is not None else "-"
+        self.metrics.observe_request(route, _kind(request, reg), request.method, status,
+                                     duration, sent)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        now = time.time()
+        upstream = reg.route.upstream.url if reg is not None else None
+        self._records.write(access_line(
+            now, state.id, request.remote, request.host[:255], request.method,
+            request.rel_url.raw_path[:512], route,
+            str(upstream) if upstream is not None else None,
+            reg.repository if reg is not None else None,
+            reg.describe() if reg is not None else None, status, sent, duration, cache,
+            state.user, state.rule, state.error, aborted), now)
+
+
+def observe_middleware(observer: Observer) -> Middleware:
+    """The outer stage as aiohttp middleware: render every error as OCI JSON; log and
+    count every request once."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request, state, started = observer.begin(request)
+        try:
+            response = await handler(request)
+        except (asyncio.CancelledError, ConnectionError) as exc:
+            observer.aborted(request, state, None, started)
+            if isinstance(exc, ConnectionError):
+                raise asyncio.CancelledError from None
+            raise
+        except Exception as exc:
+            response = observer.failure(exc, state)
+        await observer.send(request, state, response, started)
         return response
 
     return observe
@@ -110,27 +166,6 @@ def _as_registry_error(exc: web.HTTPException) -> RegistryError:
     return RegistryError(_HTTP_CODES.get(exc.status, "UNKNOWN"), exc.reason or "error",
                          exc.status, headers={k: v for k, v in exc.headers.items()
                                               if k in ("Allow", "Retry-After")})
-
-
-def _log(request: web.Request, state: RequestState, metrics: Metrics, records: _AccessLog,
-         response: web.StreamResponse | None, started: float, *, aborted: bool = False
-         ) -> None:
-    duration = time.monotonic() - started
-    reg = state.registry
-    route = reg.route.name if reg is not None else "-"
-    status = response.status if response is not None else 499
-    sent = _body_bytes(request, state, response, aborted)
-    cache = response.headers.get("X-Cache", "-") if response is not None else state.cache or "-"
-    metrics.observe_request(route, _kind(request, reg), request.method, status, duration, sent)
-    if not access_log.isEnabledFor(logging.INFO):
-        return
-    now = time.time()
-    upstream = reg.route.upstream.url if reg is not None else None
-    records.write(access_line(
-        now, state.id, request.remote, request.host[:255], request.method,
-        request.rel_url.raw_path[:512], route, str(upstream) if upstream is not None else None,
-        reg.repository if reg is not None else None, reg.describe() if reg is not None else None,
-        status, sent, duration, cache, state.user, state.rule, state.error, aborted), now)
 
 
 def access_line(now: float, request_id: str, remote: str | None, host: str, method: str,

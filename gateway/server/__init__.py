@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .app import CURRENT, LIVE, MAX_LINE, METRICS, RELOADER, Worker, create_app
 from .run import Address, ServeOptions, run
+from .runner import GatewayRunner
 
-__all__ = ["CURRENT", "LIVE", "MAX_LINE", "METRICS", "RELOADER", "Address", "ServeOptions",
-           "Worker", "create_app", "run"]
+__all__ = ["CURRENT", "LIVE", "MAX_LINE", "METRICS", "RELOADER", "Address", "GatewayRunner",
+           "ServeOptions", "Worker", "create_app", "run"]

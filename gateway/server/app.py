@@ -34,6 +34,7 @@ from ..pipeline.users import Logins
 from ..reload import WATCH_INTERVAL, Live, Reloader, secret_files
 from ..upstream import Upstream
 from ..upstream_pool import UpstreamPool
+from .lane import LANE, RegistryLane
 
 if TYPE_CHECKING:
     from ..cache.s3 import S3Store
@@ -70,10 +71,10 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
     upstreams = UpstreamPool(_upstream_factory(metrics, clock, limits, live))
     # Logins outlive config swaps; the forward proxy's connections use them and this app.
     forward = proxy.ForwardProxy(live, metrics, logins=(logins := Logins()))
-    app = web.Application(middlewares=pipeline.build(
-        live, metrics, https_port=https_port, logins=logins, limits=limits,
-        proxied=forward.connections.lookup, access_log=access_log,
-        internal=_replica_check(cache)), client_max_size=1 << 20)
+    stages = pipeline.build(live, metrics, https_port=https_port, logins=logins,
+                            limits=limits, proxied=forward.connections.lookup,
+                            access_log=access_log, internal=_replica_check(cache))
+    app = web.Application(middlewares=stages.middlewares, client_max_size=1 << 20)
     current: Callable[[], Config] = live  # admin's view of the running config
     app[CURRENT] = current
     app[LIVE] = live
@@ -107,7 +108,7 @@ def create_app(config: Config, data_dir: Path, *, serve_metrics: bool = True,
 
     app.cleanup_ctx.extend((watch_loop, *_opened(remote), lifecycle))
     pulls = _add_status(app, live, cache, data_dir)  # after lifecycle: ready once started
-    _add_handlers(app, serve_metrics, pulls, forward, worker)
+    _add_handlers(app, stages, serve_metrics, pulls, forward, worker)
     return app
 
 
@@ -241,11 +242,17 @@ def _htpasswd_file(config: Config) -> list[Path]:
     return [Path(config.access.users)] if config.access.users else []
 
 
-def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
-                  forward: proxy.ForwardProxy, worker: Worker | None) -> None:
+def _add_handlers(app: web.Application, stages: pipeline.Pipeline, serve_metrics: bool,
+                  pulls: admin.Pulls, forward: proxy.ForwardProxy,
+                  worker: Worker | None) -> None:
+    """The routes, the one `on_response_prepare` receiver, and the registry lane (which
+    runs that receiver too). A worker's answers carry X-Gateway-Worker: which worker
+    process answered (operators, and the tests that prove every worker serves)."""
+    always = (("X-Gateway-Worker", str(os.getpid())),) if worker is not None else ()
     # One hook for every answer: each signal receiver is a coroutine per response.
-    hooks = (pulls.count,) if worker is None else (pulls.count, _worker_header(os.getpid()))
-    app.on_response_prepare.append(pipeline.on_prepare(*hooks))
+    prepared = pipeline.on_prepare(pulls.count, *(_header(*h) for h in always))
+    app.on_response_prepare.append(prepared)
+    app[LANE] = RegistryLane(stages, app[api.SERVICES], prepared, pulls.pulled, always)
     router = app.router
     proxy.add_routes(app, forward)  # /_gateway/ca.crt, and the CA loaded at start
     replica_flights.add_routes(app)  # replicas' flights (refused unless a replica signed)
@@ -258,13 +265,10 @@ def _add_handlers(app: web.Application, serve_metrics: bool, pulls: admin.Pulls,
     router.add_route("*", "/{tail:.*}", admin.not_found)
 
 
-def _worker_header(pid: int) -> Callable[[web.Request, web.StreamResponse, object], None]:
-    """X-Gateway-Worker: which worker process answered (operators, and the tests that
-    prove every worker serves)."""
-    value = str(pid)
-
+def _header(name: str, value: str) -> Callable[[web.Request, web.StreamResponse, object],
+                                               None]:
     def add(request: web.Request, response: web.StreamResponse, state: object) -> None:
-        response.headers["X-Gateway-Worker"] = value
+        response.headers[name] = value
 
     return add
 

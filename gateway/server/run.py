@@ -24,6 +24,7 @@ from ..logs import start_logging
 from ..reload import WATCH_INTERVAL, Reloader
 from ..tls import RELOAD_INTERVAL, CertTable, TlsCertificates
 from .app import LIVE, METRICS, RELOADER, Worker, create_app
+from .runner import GatewayRunner
 
 log = logging.getLogger("gateway")
 Address = tuple[str, int]
@@ -88,7 +89,8 @@ async def _serve(options: ServeOptions, access_log: Callable[[str], None]) -> No
     guard = listen.ConnectionGuard(app[LIVE], listen.max_connections(
         server_limits, listen.raise_descriptor_limit()), app[METRICS])
     listen.quiet_accept_errors(asyncio.get_running_loop())
-    runners = [web.AppRunner(app, access_log=None, **listen.handler_options(server_limits))]
+    runners: list[web.AppRunner] = [
+        GatewayRunner(app, access_log=None, **listen.handler_options(server_limits))]
     await runners[0].setup()
     proxies: list[asyncio.Server] = []
     try:

@@ -27,6 +27,7 @@ from gateway.server import MAX_LINE, METRICS, create_app
 from gateway.upstream import Upstream
 from tests.support.clock import Clock
 from tests.support.fake_registry import FakeRegistry
+from tests.support.served import GatewayTestServer
 
 
 @dataclass
@@ -134,17 +135,19 @@ def config_text(routes: dict[str, Any], **top: Any) -> str:
 async def gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Factory: `await gateway({"docker.io": {"upstream": url}}, default_route=...)`.
 
-    Serves `create_app(config, data_dir)` on 127.0.0.1 with the header limits the CLI
-    uses, and closes it (and its cache tasks) at teardown.
+    Serves `create_app(config, data_dir)` on 127.0.0.1 as `serve` does (its runner and
+    registry lane, the header limits the CLI uses), and closes it (and its cache tasks)
+    at teardown.
     """
     clients: list[TestClient[Any, Any]] = []
 
     async def start(routes: dict[str, Any], *, env: dict[str, str] | None = None,
-                    data_dir: Path | None = None, **top: Any) -> Gateway:
+                    data_dir: Path | None = None, lane: bool = True, **top: Any) -> Gateway:
         config = load_config(config_text(routes, **top), "routes.yaml", env=env or {})
         data = data_dir or tmp_path / f"data-{next(_counter)}"
         app = create_app(config, data)
-        server = TestServer(app)
+        # lane=False: aiohttp's own runner, so every request takes the router's path.
+        server = GatewayTestServer(app) if lane else TestServer(app)
         await server.start_server(max_line_size=MAX_LINE, max_field_size=MAX_LINE)
         client = TestClient(server)
         await client.start_server()

@@ -35,6 +35,7 @@ from gateway.client.target import (
 from gateway.config import load_config
 from gateway.server import create_app
 from gateway.wire import GatewayListing, RouteListing
+from tests.support.served import GatewayTestServer
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "clients.md"
 GATEWAY = Path(__file__).resolve().parents[2] / "gateway"
@@ -272,7 +273,7 @@ routes:
 async def test_the_client_reads_the_gateways_listing_as_the_gateway_serves_it(
         aiohttp_client: Any, tmp_path: Path) -> None:
     config = load_config(ROUTES_YAML, env={"QUAY_PASSWORD_NOT_SET": "x"})
-    client = await aiohttp_client(create_app(config, tmp_path / "data"))
+    client = await aiohttp_client(GatewayTestServer(create_app(config, tmp_path / "data")))
     document = await (await client.get("/_gateway/routes")).json()
     parsed = info_from_listing(document, "test")
     assert parsed.routes == tuple(RouteListing(r.name, r.label, r.hosts, r.aliases)

@@ -17,6 +17,7 @@ from gateway.errors import ConfigError
 from gateway.net import NetworkSet
 from gateway.pipeline.edge import forwarded_middleware, redirect_middleware
 from gateway.server import create_app
+from tests.support.served import GatewayTestServer
 
 
 async def _echo(request: web.Request) -> web.Response:
@@ -109,7 +110,8 @@ async def test_redirect_keeps_ipv6_brackets_and_drops_port_443(aiohttp_client: A
 
 async def test_redirect_refuses_a_host_it_cannot_name(aiohttp_client: Any, tmp_path: Path) -> None:
     config = load_config("routes: {docker.io: {upstream: 'http://127.0.0.1:9'}}\n")
-    client = await aiohttp_client(create_app(config, tmp_path / "data", https_port=8443))
+    app = create_app(config, tmp_path / "data", https_port=8443)
+    client = await aiohttp_client(GatewayTestServer(app))
     response = await client.get("/v2/", headers={"Host": "hub.gw.test/evil"},
                                 allow_redirects=False)
     assert response.status == 400
@@ -124,7 +126,7 @@ routes:
   docker.io: {upstream: "http://127.0.0.1:9"}
   ghcr.io: {upstream: "http://127.0.0.1:9"}
 """)
-    client = await aiohttp_client(create_app(config, tmp_path / "data"))
+    client = await aiohttp_client(GatewayTestServer(create_app(config, tmp_path / "data")))
     response = await client.get("/v2/owner/image/manifests/v1",
                                 headers={"Host": "hub.gw.test", "X-Forwarded-Host": "ghcr.gw.test"})
     assert response.headers["X-Registry-Route"] == "ghcr.io"

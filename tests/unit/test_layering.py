@@ -26,7 +26,7 @@ MAP: dict[str, set[str]] = {
                        "gateway.upstream", "gateway.upstream_pool", "gateway.reload",
                        "gateway.routing", "gateway.config", "gateway.tls",
                        "gateway.metrics", "gateway.logs", "gateway.looplag", "gateway.listen",
-                       "gateway.proxy", "gateway.eventloop", "gateway"},
+                       "gateway.proxy", "gateway.eventloop", "gateway.state", "gateway"},
     # Forward-proxy mode: CONNECT, the host allow-list, leaves from the gateway's CA.
     "gateway.proxy": {"gateway.pipeline", "gateway.routing", "gateway.state", "gateway.config",
                       "gateway.errors", "gateway.metrics", "gateway.net",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway.buckets import Buckets, retry_after
 from gateway.config import load_config
@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline import ClientLimits
 from gateway.server import MAX_LINE, METRICS, create_app
 from tests.support.fake_registry import FakeRegistry, fake_routes
+from tests.support.served import GatewayTestServer
 
 from .conftest import config_text
 
@@ -269,7 +270,7 @@ async def test_accept_errors_are_logged_once_per_window(
 
 
 async def _serve(app: Any) -> TestClient[Any, Any]:
-    server = TestServer(app)
+    server = GatewayTestServer(app)
     await server.start_server(max_line_size=MAX_LINE, max_field_size=MAX_LINE)
     client: TestClient[Any, Any] = TestClient(server)
     await client.start_server()

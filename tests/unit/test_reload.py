@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 
 from gateway import cli
 from gateway.config import Config, Route, load_config_file
@@ -32,6 +32,7 @@ from gateway.upstream_pool import UpstreamPool
 from tests.support.fake_registry import image_manifest, stream_in_parts
 from tests.support.images import OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
+from tests.support.served import GatewayTestServer
 from tests.support.wait import wait_until
 
 from .conftest import Served, make_route
@@ -84,7 +85,7 @@ async def test_a_request_keeps_the_config_it_started_with(
         seen.append((before, request[STATE].config))
         return web.Response(text="ok")
 
-    app = web.Application(middlewares=build(live, Metrics()))
+    app = web.Application(middlewares=build(live, Metrics()).middlewares)
     app.router.add_get("/healthz", handler)
     client = await aiohttp_client(app)
     for _ in range(2):
@@ -253,7 +254,7 @@ async def live_gateway(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
         path.write_text(yaml.safe_dump(document, sort_keys=False))
         app = create_app(load_config_file(path), tmp_path / f"data-{len(clients)}",
                          config_file=path, watch_interval=poll)
-        server = TestServer(app)
+        server = GatewayTestServer(app)
         await server.start_server(max_line_size=MAX_LINE, max_field_size=MAX_LINE)
         client = TestClient(server)
         await client.start_server()

@@ -16,13 +16,13 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
-from aiohttp.test_utils import TestServer
 
 from gateway.cache import transfer
 from gateway.cache.transfer import FetchAborted, read_span_cached
 from gateway.config import load_config
 from gateway.server import MAX_LINE, create_app
 from tests.support.images import sha256_digest as digest_of
+from tests.support.served import GatewayTestServer
 
 from .conftest import Served, config_text
 
@@ -37,7 +37,7 @@ async def tls_gateway(registry: Callable[..., Awaitable[Served]], tmp_path: Path
     served = await registry()
     config = load_config(config_text({"docker.io": {"upstream": served.url}}),
                          "routes.yaml", env={})
-    server = TestServer(create_app(config, tmp_path / "data"))
+    server = GatewayTestServer(create_app(config, tmp_path / "data"))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1").configure_cert(context)
     await server.start_server(ssl=context, max_line_size=MAX_LINE, max_field_size=MAX_LINE)
