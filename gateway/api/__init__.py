@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from yarl import URL
 
-from ..cache import Cache, ManifestResult
+from ..cache import Cache, ManifestResult, MemoryBlob
 from ..errors import RegistryError
 from ..state import STATE, RegistryRequest
 from ..upstream import Upstream
@@ -72,6 +72,17 @@ def held_manifest(services: Services, request: web.Request,
     upstream); None: the handler finds it."""
     return services.cache.manifests.held(reg.route, reg.repository, reg.reference,
                                          accepted(request))
+
+
+def held_blob(services: Services, request: web.Request,
+              reg: RegistryRequest) -> MemoryBlob | None:
+    """A blob GET's bytes when the answer is a small blob this process holds in memory,
+    whole (no Range) and not redirected (`storage: redirect`); None: the handler answers.
+    Nothing counted: `Blobs.hit` counts it once it is served."""
+    blobs = services.cache.blobs
+    if blobs.redirecting or "Range" in request.headers:
+        return None
+    return blobs.small(reg.route, reg.digest)
 
 
 def manifest_headers(reg: RegistryRequest, result: ManifestResult) -> dict[str, str]:

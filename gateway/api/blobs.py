@@ -55,9 +55,14 @@ def headers(reg: RegistryRequest, cache: str, **extra: str) -> CIMultiDict[str]:
     return out
 
 
+def blob_fields(reg: RegistryRequest, cache: str) -> dict[str, str]:
+    return {"Content-Type": OCTET_STREAM, "Accept-Ranges": "bytes",
+            "Docker-Content-Digest": str(reg.digest), "X-Cache": cache,
+            "X-Registry-Route": reg.route.name}
+
+
 def _blob_headers(reg: RegistryRequest, cache: str) -> CIMultiDict[str]:
-    return headers(reg, cache, **{"Content-Type": OCTET_STREAM, "Accept-Ranges": "bytes",
-                                  "Docker-Content-Digest": str(reg.digest)})
+    return CIMultiDict(blob_fields(reg, cache))
 
 
 def byte_range(request: web.Request, size: int | None) -> Span | None:

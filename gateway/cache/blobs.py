@@ -165,14 +165,9 @@ class Blobs:
         joining a fetch under way costs the upstream nothing and is not a miss.
         `byte_range`: the client's Range, for a store whose read is begun here."""
         key = (route.namespace, str(digest))
-        kept = self._small.get(key)
-        if kept is not None and 0 <= self._clock() - kept[1] < SMALL_RECHECK:
-            # A hit, an access (the catalogue's, which eviction goes by). The index heard
-            # of the blob (its size, an access) when it was read, and hears again at each
-            # recheck: once a second is all its access times need.
-            self._count(route, "hit")
-            self.contents.touch(key[0], "blob", key[1])
-            return kept[0]
+        if (small := self.small(route, digest)) is not None:
+            self.hit(route, digest)
+            return small
         found = await self._open(route, digest, key, byte_range)
         if found is None:
             self.forget(*key)  # kept in memory (past its recheck), gone from the store
@@ -184,7 +179,7 @@ class Blobs:
                 await self.index.forget_blob(key)
                 await self.contents.forget(route.namespace, "blob", key[1])
         if found is not None:
-            await self._served(route, key, found.size)
+            await self.served(route, digest, found.size)
             return found
         if admit is not None and self.inflight(route, digest) is None:
             admit()
@@ -204,6 +199,17 @@ class Blobs:
         self._count(route, "miss" if started else "coalesced")
         return flight, started
 
+    def small(self, route: Route, digest: Digest) -> MemoryBlob | None:
+        """A small blob held in memory, read within its recheck; nothing counted."""
+        kept = self._small.get((route.namespace, str(digest)))
+        return kept[0] if kept and 0 <= self._clock() - kept[1] < SMALL_RECHECK else None
+
+    def hit(self, route: Route, digest: Digest) -> None:
+        """A blob served: a hit, an access (the catalogue's: eviction goes by it). For
+        `small`'s, the index hears at each recheck: once a second is all it needs."""
+        self._count(route, "hit")
+        self.contents.touch(route.namespace, "blob", str(digest))
+
     async def committed(self, route: Route, digest: Digest, byte_range: str | None = None
                         ) -> MemoryBlob | OpenBlob | CachedBlob | None:
         """The committed blob, opened as `get()` opens it; counted by nobody (for a reader
@@ -212,15 +218,12 @@ class Blobs:
 
     async def served(self, route: Route, digest: Digest, size: int) -> None:
         """A committed blob is being served (or redirected to): a hit, an access."""
-        await self._served(route, (route.namespace, str(digest)), size)
-
-    async def _served(self, route: Route, key: BlobKey, size: int) -> None:
-        self._count(route, "hit")
+        key = (route.namespace, str(digest))
         if size != await self.index.blob_size(key):
             await self.index.set_blob(key, size)
         else:
             await self.index.touch(key)
-        self.contents.touch(key[0], "blob", key[1])
+        self.hit(route, digest)
 
     async def known_size(self, route: Route, digest: Digest) -> int | None:
         """The committed blob's size if the index knows it (asks the store nothing)."""

@@ -23,6 +23,8 @@ from gateway import admin
 from gateway.server import lane as lane_module
 from tests.support.fake_registry import image_manifest
 from tests.support.images import OCI_MANIFEST
+from tests.support.images import sha256_digest as digest_of
+from tests.support.wait import wait_until
 
 from .conftest import Gateway, Served
 
@@ -34,12 +36,19 @@ COUNTED = ("gateway_requests_total", "gateway_cache_requests_total",
 REPO = "/v2/library/app/manifests"
 
 
+CONFIG = b'{"architecture": "amd64", "os": "linux"}'
+BLOB = f"/v2/library/app/blobs/{digest_of(CONFIG)}"
+
+
 async def _pair(registry: Callable[..., Awaitable[Served]],
                 gateway: Callable[..., Awaitable[Gateway]], **top: Any
                 ) -> tuple[Served, str, Gateway, Gateway]:
-    """One upstream with `library/app:v1`; a gateway with the lane and one without."""
+    """One upstream with `library/app:v1` (its config a small blob); a gateway with the
+    lane and one without."""
     hub = await registry()
-    digest = hub.fake.add_manifest("library/app", image_manifest(b"layer"), tag="v1")
+    hub.fake.add_blob(CONFIG)
+    digest = hub.fake.add_manifest("library/app", image_manifest(b"layer", config=CONFIG),
+                                   tag="v1")
     routes = {"docker.io": {"upstream": hub.url}}
     with_lane = await gateway(routes, default_route="docker.io", **top)
     without = await gateway(routes, default_route="docker.io", lane=False, **top)
@@ -53,7 +62,7 @@ def _written(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     async def spy(self: Any, request: Any, *args: Any) -> Any:
         answer = await write(self, request, *args)
-        if answer is not None:
+        if answer:
             seen.append(f"{request.method} {request.path}")
         return answer
 
@@ -75,11 +84,13 @@ def _counted(gw: Gateway) -> set[tuple[str, tuple[tuple[str, str], ...], float]]
             for s in family.samples if s.name in COUNTED}
 
 
-async def _answers(gw: Gateway, calls: list[tuple[str, str]]
+async def _answers(gw: Gateway, calls: list[tuple[str, str]], **headers: str
                    ) -> list[tuple[int, dict[str, str], bytes]]:
+    """Each (method, manifest reference or /v2/ path): status, headers, body."""
     out = []
     for method, ref in calls:
-        resp = await gw.client.request(method, f"{REPO}/{ref}", headers=ACCEPT)
+        path = ref if ref.startswith("/v2/") else f"{REPO}/{ref}"
+        resp = await gw.client.request(method, path, headers={**ACCEPT, **headers})
         out.append((resp.status, {k.lower(): v for k, v in resp.headers.items()
                                   if k.lower() not in VARYING},
                     await resp.read()))
@@ -112,6 +123,35 @@ async def test_lane_answers_as_the_apps_path_does(
     assert written == [f"GET {REPO}/v1", f"GET {REPO}/{digest}", f"HEAD {REPO}/v1",
                        f"HEAD {REPO}/{digest}"]
     assert hub.fake.count("GET", "/v2/library/app/manifests/v1") == 2  # once per gateway
+
+
+async def test_small_blobs_in_the_lane_are_the_apps(
+        registry: Callable[..., Awaitable[Served]],
+        gateway: Callable[..., Awaitable[Gateway]], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    hub, _digest, fast, slow = await _pair(registry, gateway)
+    written = _written(monkeypatch)
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    # Fetched (MISS), read from the store and kept, then held: the lane writes that one.
+    calls = [("GET", BLOB), ("GET", BLOB), ("HEAD", BLOB), ("GET", BLOB)]
+    answers, ranged, logs = [], [], []
+    for gw in (fast, slow):
+        caplog.clear()
+        first = await _answers(gw, [("GET", BLOB)])
+        await wait_until(lambda gw=gw: not gw.services.cache.blobs.flights.items(),
+                         what="the config blob committed")
+        answers.append(first + await _answers(gw, calls))
+        ranged.append(await _answers(gw, [("GET", BLOB)], Range="bytes=2-5"))
+        logs.append(_log_lines(caplog))
+    assert answers[0] == answers[1] and ranged[0] == ranged[1] and logs[0] == logs[1]
+    assert [a[0] for a in answers[0]] == [200] * 5 and ranged[0][0][0] == 206
+    assert all(body == CONFIG for _s, _h, body in answers[0][:3]) and ranged[0][0][2] == CONFIG[2:6]
+    outcomes = [h["x-cache"] for _s, h, _b in answers[0]]
+    assert outcomes[0] == "MISS" and outcomes[2:] == ["HIT"] * 3
+    assert _counted(fast) == _counted(slow)
+    # Held once read whole: the later GETs (not the HEAD, not the Range: the app's).
+    assert written and set(written) == {f"GET {BLOB}"} and len(written) <= 3
+    assert len(hub.fake.blob_requests()) == 2  # once per gateway
 
 
 async def _raw(port: int, data: bytes, *, until_closed: bool = False,
