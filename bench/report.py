@@ -385,7 +385,8 @@ def _scenario4(records: list[Record]) -> list[str]:
             "header. Upstream requests per 1k counts every request the far upstream saw "
             "(token, ping, manifests, blobs). The (wrk) rows are the same load from wrk, "
             "checking status and digest header in Lua (not hashing bodies): a lighter load "
-            "generator, to show where the Go client is what limits the rate.", "",
+            "generator, to show where the Go client is what limits the rate; each is the "
+            "median of its windows (`round_rps` in the results), the CPU of all of them.", "",
             _table(["request", "server", "req/s", "p50 ms", "p99 ms", "server CPU s per 1k",
                     "upstream requests per 1k", "other load (cores)"], rows), ""]
 

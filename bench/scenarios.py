@@ -349,7 +349,8 @@ WRK_KINDS = ("GET manifest by digest", "GET manifest by tag")
 
 
 def wrk_crosscheck(world: World, profile: Profile, server: Server,
-                   kinds: Sequence[str] = WRK_KINDS) -> list[Record]:
+                   kinds: Sequence[str] = WRK_KINDS, *,
+                   beside: Server | None = None) -> list[Record]:
     """The same manifest GET load from wrk (C, Lua-checked digest header), to show whether
     the Go client (which hashes every body) is what limits the request rate; with the
     server's CPU per request. On this 2-core machine the load generator's share decides
@@ -360,11 +361,43 @@ def wrk_crosscheck(world: World, profile: Profile, server: Server,
     script = world.workdir / "check.lua"
     script.write_text(_WRK_SCRIPT)
     paths = {"GET manifest by digest": m["digest"], "GET manifest by tag": world.image["tag"]}
-    return [_wrk(world, profile, server, kind, script, paths[kind]) for kind in kinds]
+    servers = [server] if beside is None else [server, beside]
+    return [record for kind in kinds
+            for record in _wrk(world, profile, servers, kind, script, paths[kind])]
 
 
-def _wrk(world: World, profile: Profile, server: Server, kind: str, script: Path,
-         reference: str) -> Record:
+def _wrk(world: World, profile: Profile, servers: list[Server], kind: str, script: Path,
+         reference: str) -> list[Record]:
+    """`profile.pair_rounds` windows of wrk on each server, taking turns (this machine's
+    rate drifts by ±15% from one window to the next): per server the median's rate, and
+    the CPU per request of all its windows."""
+    windows: dict[str, list[Record]] = {s.name: [] for s in servers}
+    for turn in range(max(profile.pair_rounds, 1)):
+        for server in interleaved(servers, turn):
+            windows[server.name].append(_wrk_window(world, profile, server, kind, script,
+                                                    reference))
+    return [_wrk_record(profile, name, kind, rounds) for name, rounds in windows.items()]
+
+
+def _wrk_record(profile: Profile, name: str, kind: str, rounds: list[Record]) -> Record:
+    failed = next((r for r in rounds if "rps" not in r), None)
+    if failed is not None:
+        return failed
+    middle = sorted(rounds, key=lambda r: r["rps"])[len(rounds) // 2]
+    requests = sum(r["requests"] for r in rounds)
+    record = {"scenario": "wrk_crosscheck", "target": name,
+              "kind": kind, "conns": profile.rate_conns, "rps": middle["rps"],
+              "p50_ms": middle["p50_ms"], "p99_ms": middle["p99_ms"],
+              "cpu_s_per_1k": round(sum(r["cpu_s"] for r in rounds) / requests * 1000, 4),
+              "errors": sum(r["errors"] for r in rounds), "error_samples": [],
+              "rounds": len(rounds), "round_rps": [r["rps"] for r in rounds]}
+    _log(f"wrk: {name} {kind}: {record['rps']} req/s (median of {record['round_rps']}), "
+         f"{record['cpu_s_per_1k']} CPU s/1k, errors {record['errors']}")
+    return record
+
+
+def _wrk_window(world: World, profile: Profile, server: Server, kind: str, script: Path,
+                reference: str) -> Record:
     m = world.image["manifest"]
     wait_quiet()
     pids = server.pids()
@@ -380,17 +413,10 @@ def _wrk(world: World, profile: Profile, server: Server, kind: str, script: Path
         return {"scenario": "wrk_crosscheck", "target": server.name, "kind": kind, "errors": 1,
                 "error_samples": [proc.stderr.strip()[:300] or proc.stdout[-300:]]}
     result = json.loads(lines[-1])
-    errors = int(result["errors"]) + int(result["socket_errors"])
-    requests = max(int(result["requests"]), 1)
-    record = {"scenario": "wrk_crosscheck", "target": server.name,
-              "kind": kind, "conns": profile.rate_conns,
-              "rps": round(result["requests"] / result["seconds"], 1),
-              "p50_ms": round(result["p50_ms"], 3), "p99_ms": round(result["p99_ms"], 3),
-              "cpu_s_per_1k": round(cpu / requests * 1000, 4),
-              "errors": errors, "error_samples": []}
-    _log(f"wrk: {server.name} {kind}: {record['rps']} req/s, "
-         f"{record['cpu_s_per_1k']} CPU s/1k, errors {errors}")
-    return record
+    return {"rps": round(result["requests"] / result["seconds"], 1),
+            "requests": max(int(result["requests"]), 1), "cpu_s": cpu,
+            "p50_ms": round(result["p50_ms"], 3), "p99_ms": round(result["p99_ms"], 3),
+            "errors": int(result["errors"]) + int(result["socket_errors"])}
 
 
 def _accept_header() -> str:
@@ -460,8 +486,9 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
     records: list[Record] = []
     with far_upstream(world, latency_ms=profile.latency_ms, rate_mb=profile.rate_mb) as far:
         gateway_data: Path | None = None
+        dirs: dict[str, Path] = {}  # warmed already (the workers' target, for wrk)
         for target in targets:
-            data = world.fresh_dir(f"warm-{target}")
+            data = dirs.get(target) or world.fresh_dir(f"warm-{target}")
             if target == "gateway":
                 gateway_data = data
             with contextlib.ExitStack() as stack:
@@ -470,7 +497,8 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
                     records += warm_throughput(world, profile, pair, far, tls=False)
                 if rate:
                     records += manifest_rate(world, profile, pair, far)
-                    records += wrk_crosscheck(world, profile, pair[0])
+                    records += _wrk_beside_workers(world, profile, far, stack, targets,
+                                                   target, pair[0], dirs)
             if not throughput:
                 continue
             if target == "gateway" and not gateway_has_tls():
@@ -499,6 +527,24 @@ def warm_serving(world: World, profile: Profile, targets: tuple[str, ...], *,
                 if throughput:
                     records += warm_throughput(world, profile, [servers.tls], None, tls=True)
     return records
+
+
+def _wrk_beside_workers(world: World, profile: Profile, far: Far, stack: contextlib.ExitStack,
+                        targets: tuple[str, ...], target: str, server: Server,
+                        dirs: dict[str, Path]) -> list[Record]:
+    """wrk on `server`; for the one-process gateway, beside the workers' target (up in
+    the same phase, warmed once for both phases), window by window in alternating order:
+    their ratio is one of #12's targets, and this machine's rate drifts over minutes."""
+    many = next((t for t in targets if workers_of(t) is not None), None)
+    if target in dirs:
+        return []  # measured beside the one-process gateway
+    if target != "gateway" or many is None:
+        return wrk_crosscheck(world, profile, server)
+    dirs[many] = world.fresh_dir(f"warm-{many}")
+    other, info = stack.enter_context(_warmed(world, far, launcher_of(many), many, dirs[many]))
+    if info.get("verify_pull_errors"):
+        raise RuntimeError(f"warming {many} failed: {info}")
+    return wrk_crosscheck(world, profile, server, beside=other)
 
 
 def _manifest_bytes(world: World) -> bytes:
