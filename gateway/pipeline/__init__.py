@@ -29,7 +29,6 @@ from aiohttp.typedefs import Middleware
 
 from ..config import Config
 from ..metrics import Metrics
-from ..routing import Router
 from ..state import ProxiedLookup
 from .access import access_step
 from .admit import Admit, admit_middleware
@@ -74,7 +73,7 @@ def build(current: Callable[[], Config], metrics: Metrics, *,
     stages: list[Middleware] = [observe_middleware(observer)]
     if https_port is not None:
         stages.append(redirect_middleware(https_port))
-    admit = Admit(resolve_step(PerConfig(Router), proxied),
+    admit = Admit(resolve_step(proxied),
                         access_step(metrics, logins=logins, internal=internal),
                         limits_step(limits or ClientLimits(), metrics))
     stages.append(admit_middleware(admit))

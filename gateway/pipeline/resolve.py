@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from ..config import Config
 from ..errors import RegistryError
 from ..reference import Digest, Reference, parse_digest
 from ..routing import Router
@@ -56,11 +57,39 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router, *,
     return RegistryRequest(resolved.route, resolved.repository, kind, target, resolved.via)
 
 
-def resolve_step(routers: PerConfig[Router], proxied: ProxiedLookup | None = None
+# Resolved calls kept per config: a cluster pulls the same few (host, path) pairs over
+# and over, and parsing one (the path pattern, the route, the reference) was a tenth of
+# a cached manifest GET. Cleared when full: strangers' paths cannot grow it.
+RESOLVED_KEPT = 4096
+
+
+class _Resolver:
+    """A config's Router and the calls it resolved (immutable: shared by requests)."""
+
+    __slots__ = ("calls", "router")
+
+    def __init__(self, config: Config) -> None:
+        self.router = Router(config)
+        self.calls: dict[tuple[str | None, str, str | None, str | None], RegistryRequest] = {}
+
+    def parse(self, host: str | None, tail: str, ns: str | None,
+              proxied: str | None) -> RegistryRequest:
+        key = (host, tail, ns, proxied)
+        found = self.calls.get(key)
+        if found is None:
+            found = parse(host, tail, ns, self.router, proxied=proxied)  # raises: not kept
+            if len(self.calls) >= RESOLVED_KEPT:
+                self.calls.clear()
+            self.calls[key] = found
+        return found
+
+
+def resolve_step(proxied: ProxiedLookup | None = None
                  ) -> Callable[[web.Request, RequestState], None]:
-    """The stage (run by `admit`): `routers.of(config)` is the Router of the request's
-    config, compiled once per config. `proxied`: the forward proxy's lookup of
+    """The stage (run by `admit`): the request's call as the Router of its config
+    (compiled once per config) resolves it. `proxied`: the forward proxy's lookup of
     terminated CONNECTs (None: no proxy)."""
+    resolvers = PerConfig(_Resolver)
 
     def resolve(request: web.Request, state: RequestState) -> None:
         # The nginx recipe's `limit_except GET { deny all; }`, built in.
@@ -72,8 +101,8 @@ def resolve_step(routers: PerConfig[Router], proxied: ProxiedLookup | None = Non
         if through is not None:
             state.user = through.user  # logged in to the proxy: Proxy-Authorization
         if path.startswith(V2_PREFIX) and len(path) > len(V2_PREFIX):
-            state.registry = parse(request.host, path[len(V2_PREFIX):],
-                                            request.query.get("ns"), routers.of(state.config),
-                                            proxied=through.host if through else None)
+            state.registry = resolvers.of(state.config).parse(
+                request.host, path[len(V2_PREFIX):], request.query.get("ns"),
+                through.host if through else None)
 
     return resolve

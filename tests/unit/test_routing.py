@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import load_config
+from gateway.config import Config, load_config
 from gateway.errors import RegistryError
 from gateway.routing import Router
+from gateway.state import RegistryRequest
 
 ROUTES = textwrap.dedent("""
     base_domains: [example.com, mirror.test]
@@ -180,3 +181,35 @@ def test_random_requests_resolve_or_raise_registry_errors(
         return
     assert resolved.via in ("host", "path", "ns", "default")
     assert resolved.route.name in {"docker.io", "ghcr.io", "quay.io", "localhost:5000"}
+
+
+
+def test_resolved_calls_are_kept_per_config_bounded_and_never_when_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.pipeline import resolve as resolve_module
+    from gateway.state import RequestState
+
+    monkeypatch.setattr(resolve_module, "RESOLVED_KEPT", 8)
+    step = resolve_module.resolve_step()
+    first = load_config("default_route: docker.io\nroutes: {docker.io: {upstream: 'http://a'}}")
+    second = load_config("default_route: docker.io\nroutes: {docker.io: {upstream: 'http://b'}}")
+
+    def resolved(path: str, config: Config) -> RegistryRequest | None:
+        state = RequestState("id", config)
+        step(make_mocked_request("GET", path, headers={"Host": "gw.test"}), state)
+        return state.registry
+
+    a = resolved("/v2/library/app/manifests/v1", first)
+    assert a is not None and resolved("/v2/library/app/manifests/v1", first) is a  # kept
+    b = resolved("/v2/library/app/manifests/v1", second)  # after a reload: its own routes
+    assert b is not None and b is not a and str(b.route.upstream.url) == "http://b"
+    resolver = resolve_module._Resolver(first)
+    for _ in range(2):  # refused every time, and nothing kept for it
+        with pytest.raises(RegistryError):
+            resolver.parse("gw.test", "Bad_Name/manifests/v1", None, None)
+    assert resolver.calls == {}
+    for n in range(20):  # many names: the memo stays within its bound
+        assert resolver.parse("gw.test", f"library/app{n}/manifests/v1", None, None)
+        assert len(resolver.calls) <= 8
