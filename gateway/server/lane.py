@@ -57,8 +57,9 @@ class RegistryLane:
                  always: tuple[tuple[str, str], ...] = ()) -> None:
         self._observer = stages.observer
         self._admit = stages.admit
-        # Plain HTTP redirected to HTTPS: the redirect stage decides; the app runs it.
-        self._off = stages.redirects
+        # Plain HTTP redirected to HTTPS (--redirect-http): the app's redirect stage
+        # answers a request that is not HTTPS (after the edge: a trusted proxy's word).
+        self._redirects = stages.redirects
         self._services = services
         self._prepared = prepared
         self._pulled = pulled
@@ -69,7 +70,7 @@ class RegistryLane:
 
         async def handle(request: web.BaseRequest) -> web.StreamResponse:
             path, method = request.path, request.method
-            if self._off or not path.startswith("/v2/") or hdrs.EXPECT in request.headers \
+            if not path.startswith("/v2/") or hdrs.EXPECT in request.headers \
                     or not (("/manifests/" in path and method in LANE_METHODS)
                             or ("/blobs/" in path and method == "GET")):
                 return await app(request)
@@ -82,6 +83,8 @@ class RegistryLane:
         untouched), then the rest of the stages and the answer."""
         observer = self._observer
         request, state, started = observer.begin(original)
+        if self._redirects and request.scheme != "https":
+            return await app(original)
         try:
             self._admit.resolve(request, state)
         except Exception:  # the app's path refuses it the same way, and logs it

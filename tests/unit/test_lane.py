@@ -14,19 +14,24 @@ import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import admin
+from gateway.config import load_config
+from gateway.server import create_app
 from gateway.server import lane as lane_module
 from tests.support.fake_registry import image_manifest
 from tests.support.images import OCI_MANIFEST
 from tests.support.images import sha256_digest as digest_of
+from tests.support.served import GatewayTestServer
 from tests.support.wait import wait_until
 
-from .conftest import Gateway, Served
+from .conftest import Gateway, Served, config_text
 
 ACCEPT = {"Accept": OCI_MANIFEST}
 VARYING = {"date", "x-request-id"}  # per request or per moment, whichever path answers
@@ -275,3 +280,25 @@ async def test_requests_the_lane_does_not_serve_go_to_the_app(
     put = await gw.client.put(f"{REPO}/v1", data=b"{}")
     assert put.status == 405 and put.headers["Allow"] == "GET, HEAD"
     assert not written
+
+
+async def test_with_redirect_http_plain_requests_are_redirected_https_ones_served(
+        registry: Callable[..., Awaitable[Served]], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    hub = await registry()
+    hub.fake.add_manifest("library/app", image_manifest(b"layer"), tag="v1")
+    config = load_config(config_text({"docker.io": {"upstream": hub.url}},
+                                      default_route="docker.io",
+                                      trusted_proxies=["127.0.0.0/8"]), "routes.yaml", env={})
+    server = GatewayTestServer(create_app(config, tmp_path / "data", https_port=8443))
+    written = _written(monkeypatch)
+    async with TestClient(server) as client:
+        plain = await client.get(f"{REPO}/v1", headers={**ACCEPT, "Host": "hub.gw.test"},
+                                 allow_redirects=False)
+        assert plain.status == 308
+        assert plain.headers["Location"] == f"https://hub.gw.test:8443{REPO}/v1"
+        # Behind a TLS-terminating proxy the gateway trusts: served, by the lane once cached.
+        behind = {**ACCEPT, "X-Forwarded-Proto": "https"}
+        statuses = [(r.status, r.headers["X-Cache"]) for r in
+                    [await client.get(f"{REPO}/v1", headers=behind) for _ in range(2)]]
+        assert statuses == [(200, "MISS"), (200, "HIT")] and written == [f"GET {REPO}/v1"]
