@@ -59,8 +59,10 @@ def parse(host: str | None, tail: str, ns: str | None, router: Router, *,
 
 # Resolved calls kept per config: a cluster pulls the same few (host, path) pairs over
 # and over, and parsing one (the path pattern, the route, the reference) was a tenth of
-# a cached manifest GET. Cleared when full: strangers' paths cannot grow it.
+# a cached manifest GET. Cleared when full, and only calls of up to KEPT_CHARS (host,
+# path and ns= together) are kept: a stranger's 64 KiB request lines cannot fill memory.
 RESOLVED_KEPT = 4096
+KEPT_CHARS = 512
 
 
 class _Resolver:
@@ -78,6 +80,8 @@ class _Resolver:
         found = self.calls.get(key)
         if found is None:
             found = parse(host, tail, ns, self.router, proxied=proxied)  # raises: not kept
+            if len(host or "") + len(tail) + len(ns or "") + len(proxied or "") > KEPT_CHARS:
+                return found
             if len(self.calls) >= RESOLVED_KEPT:
                 self.calls.clear()
             self.calls[key] = found

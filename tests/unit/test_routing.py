@@ -213,3 +213,15 @@ def test_resolved_calls_are_kept_per_config_bounded_and_never_when_refused(
     for n in range(20):  # many names: the memo stays within its bound
         assert resolver.parse("gw.test", f"library/app{n}/manifests/v1", None, None)
         assert len(resolver.calls) <= 8
+
+
+def test_a_long_call_is_resolved_but_not_kept() -> None:
+    from gateway.pipeline import resolve as resolve_module
+
+    config = load_config("routes: {docker.io: {upstream: 'http://a'}}")
+    resolver = resolve_module._Resolver(config)
+    long_ns = "x" * resolve_module.KEPT_CHARS
+    found = resolver.parse("gw.test", "docker.io/library/app/manifests/v1", long_ns, None)
+    assert found.repository == "library/app" and resolver.calls == {}
+    assert resolver.parse("gw.test", "docker.io/library/app/manifests/v1", None, None)
+    assert len(resolver.calls) == 1
