@@ -7,6 +7,7 @@ no imports from the rest of the gateway.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Literal
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -21,6 +22,21 @@ SCHEMA1_TYPES = ("application/vnd.docker.distribution.manifest.v1+prettyjws",
                  "application/vnd.docker.distribution.manifest.v1+json")
 OCTET_STREAM = "application/octet-stream"
 MANIFEST_MAX = 4 << 20  # distribution's limit on a manifest's size
+# type/subtype as RFC 6838 names them (restricted-name): what may be sent as Content-Type.
+_MEDIA_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+                         r"/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}")
+
+
+def served_type(header: str, document: object) -> str:
+    """The Content-Type a fetched manifest is served with: the upstream's when it names
+    a manifest type; else the document's own `mediaType` when that is a well-formed media
+    type (a JSON string may hold any character, a header value may not); else the
+    upstream's; else application/json."""
+    if header not in MANIFEST_TYPES and isinstance(document, dict):
+        named = document.get("mediaType")
+        if isinstance(named, str) and _MEDIA_TYPE.fullmatch(named):
+            return named
+    return header or "application/json"
 
 
 @functools.lru_cache(maxsize=512)

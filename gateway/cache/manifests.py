@@ -29,6 +29,7 @@ from ..oci import (
     declared_sizes,
     manifest_accept,
     references,
+    served_type,
 )
 from ..reference import Digest, Reference, parse_digest
 from ..singleflight import SharedCalls, SingleFlight
@@ -180,10 +181,7 @@ class Manifests:
                 claimed and claimed.startswith(algorithm + ":") and claimed != digest):
             self.metrics.integrity_failures.labels(route.name, "manifest").inc()
             raise IntegrityError(f"manifest {reference}: upstream bytes hash to {digest}")
-        if media_type not in MANIFEST_TYPES and isinstance(parsed, dict) and \
-                isinstance(parsed.get("mediaType"), str):
-            media_type = parsed["mediaType"]
-        return Manifest(digest, media_type or "application/json", body)
+        return Manifest(digest, served_type(media_type, parsed), body)
 
     async def _remember_missing(self, route: Route, repository: str, reference: str,
                                 fetch: Awaitable[T]) -> T:
@@ -229,8 +227,10 @@ class Manifests:
             kind = "manifest"
         else:
             assert reference.tag is not None
-            entry = self.index.held_tag((route.namespace, repository, reference.tag,
-                                         policy.WIDE))
+            wide = (route.namespace, repository, reference.tag, policy.WIDE)
+            entry = self.index.held_tag(wide)
+            if entry is None and wide not in self._absent:
+                return None  # get() looks in the store first: another process may have it
             if policy.view(accept) == policy.NARROW and not policy.usable(entry, accept):
                 entry = self.index.held_tag((route.namespace, repository, reference.tag,
                                              policy.NARROW))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable
 from typing import cast
 
@@ -44,8 +45,12 @@ LANE_METHODS = ("GET", "HEAD")
 # A bigger manifest is sent by aiohttp, which waits for the client to take it.
 RAW_MAX = 64 << 10
 # The transport's buffer past which the lane waits for the client to read (a client
-# that pipelines requests and reads nothing must not grow it).
+# that pipelines requests and reads nothing must not grow it). Under TLS the SSL
+# transport's own mark applies first, as on the app's path.
 HIGH_WATER = 64 << 10
+# What aiohttp's serializer refuses in a header value (http_writer._safe_header): the
+# lane sends such an answer through it, so it is refused the same way.
+UNSAFE_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class RegistryLane:
@@ -106,6 +111,7 @@ class RegistryLane:
         except Exception as exc:
             response = observer.failure(exc, state)
         if isinstance(response, _Sent):
+            await self._drained(request)  # outside the try: logged once, whatever happens
             return response
         # aiohttp runs the app's on_response_prepare only for a request its router matched.
         await self._prepared(request, response)
@@ -117,6 +123,9 @@ class RegistryLane:
         """A manifest or small blob held in memory, written here; anything else as the
         handler answers it."""
         if small is not None:
+            # Held before the access rules (which may wait for a login check): a blob
+            # evicted meanwhile still goes out whole, as one evicted while the app's path
+            # sends it does; its bytes are its digest's.
             self._services.cache.blobs.hit(reg.route, reg.digest)
             fields, body, pull = blob_fields(reg, "HIT"), small.data, False
         else:
@@ -140,8 +149,7 @@ class RegistryLane:
         if request.version != HttpVersion11 or not request.keep_alive or \
                 len(body) > RAW_MAX or transport is None:
             return False
-        values = "".join(fields.values()) + state.id
-        if "\r" in values or "\n" in values:
+        if UNSAFE_HEADER.search("".join(fields.values()) + state.id) is not None:
             return False
         text = "".join([f"{name}: {value}\r\n" for name, value in fields.items()])
         head = (f"HTTP/1.1 200 OK\r\n{text}Content-Length: {len(body)}\r\n"
@@ -154,10 +162,16 @@ class RegistryLane:
         transport.write(head + body if get else head)
         self._observer.record(request, state, 200, len(body) if get else 0, started,
                               fields["X-Cache"])
-        if transport.get_write_buffer_size() > HIGH_WATER:
-            with contextlib.suppress(ConnectionError):  # sent and logged: nothing is left
-                await request.writer.drain()
         return True
+
+    @staticmethod
+    async def _drained(request: web.Request) -> None:
+        """Wait while the client has HIGH_WATER bytes unread. Sent and logged already:
+        a client gone meanwhile leaves nothing to do (and a cancel nothing to log)."""
+        transport = request.transport
+        if transport is not None and transport.get_write_buffer_size() > HIGH_WATER:
+            with contextlib.suppress(ConnectionError):
+                await request.writer.drain()
 
 
 LANE = web.AppKey("lane", RegistryLane)

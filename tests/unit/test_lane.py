@@ -302,3 +302,35 @@ async def test_with_redirect_http_plain_requests_are_redirected_https_ones_serve
         statuses = [(r.status, r.headers["X-Cache"]) for r in
                     [await client.get(f"{REPO}/v1", headers=behind) for _ in range(2)]]
         assert statuses == [(200, "MISS"), (200, "HIT")] and written == [f"GET {REPO}/v1"]
+
+
+async def test_a_media_type_no_header_may_hold_is_not_sent(
+        registry: Callable[..., Awaitable[Served]],
+        gateway: Callable[..., Awaitable[Gateway]]) -> None:
+    hub = await registry()
+    body = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST + "\u001b[31m\u0000",
+                       "config": {}, "layers": []}).encode()
+    hub.fake.add_manifest("library/app", body, tag="v1", media_type="application/json")
+    routes = {"docker.io": {"upstream": hub.url}}
+    fast = await gateway(routes, default_route="docker.io")
+    slow = await gateway(routes, default_route="docker.io", lane=False)
+    answers = [await _answers(gw, [("GET", "v1"), ("GET", "v1")]) for gw in (fast, slow)]
+    assert answers[0] == answers[1]
+    assert [(status, h["content-type"], b) for status, h, b in answers[0]] == \
+        [(200, "application/json", body)] * 2
+
+
+async def test_a_client_that_takes_no_index_looks_in_the_store_each_recheck(
+        registry: Callable[..., Awaitable[Served]],
+        gateway: Callable[..., Awaitable[Gateway]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its GET looks for the tag's WIDE view first (another process may have stored it);
+    the lane answers only while that view is known to be absent (ABSENT_RECHECK)."""
+    _hub, _digest, fast, _slow = await _pair(registry, gateway)
+    written = _written(monkeypatch)
+    for _ in range(3):
+        assert (await fast.client.get(f"{REPO}/v1", headers=ACCEPT)).status == 200
+    assert written == [f"GET {REPO}/v1"] * 2  # the MISS looked; then the view is absent
+    await asyncio.sleep(1.1)  # past ABSENT_RECHECK: the store is looked at again, once
+    for _ in range(2):
+        assert (await fast.client.get(f"{REPO}/v1", headers=ACCEPT)).status == 200
+    assert written == [f"GET {REPO}/v1"] * 3
