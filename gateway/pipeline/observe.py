@@ -88,6 +88,21 @@ class Observer:
         state.error = "UNKNOWN: internal error"
         return render(RegistryError("UNKNOWN", f"internal error; request id {state.id}", 500))
 
+    async def answer(self, request: web.Request, state: RequestState, started: float,
+                     work: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        """`work`'s response, or the OCI error answer to what it raised. A client gone
+        meanwhile is logged as aborted, and its ConnectionError becomes a cancel:
+        nothing for aiohttp to log as an error."""
+        try:
+            return await work
+        except (asyncio.CancelledError, ConnectionError) as exc:
+            self.aborted(request, state, None, started)
+            if isinstance(exc, ConnectionError):
+                raise asyncio.CancelledError from None
+            raise
+        except Exception as exc:
+            return self.failure(exc, state)
+
     async def send(self, request: web.Request, state: RequestState,
                    response: web.StreamResponse, started: float) -> None:
         """Send `response` and log it; a client gone meanwhile is logged as aborted."""
@@ -146,15 +161,7 @@ def observe_middleware(observer: Observer) -> Middleware:
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         request, state, started = observer.begin(request)
-        try:
-            response = await handler(request)
-        except (asyncio.CancelledError, ConnectionError) as exc:
-            observer.aborted(request, state, None, started)
-            if isinstance(exc, ConnectionError):
-                raise asyncio.CancelledError from None
-            raise
-        except Exception as exc:
-            response = observer.failure(exc, state)
+        response = await observer.answer(request, state, started, handler(request))
         await observer.send(request, state, response, started)
         return response
 

@@ -23,7 +23,6 @@ nothing is counted before resolve tells which it is, and resolve has no side eff
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import Awaitable, Callable
@@ -100,16 +99,8 @@ class RegistryLane:
             small = api.held_blob(self._services, request, reg)
         if reg is None or (reg.kind != "manifest" and small is None):
             return await app(original)  # nothing was counted or taken yet
-        try:
-            await self._admit.police(request, state)
-            response = await self._answer(request, state, reg, small, started)
-        except (asyncio.CancelledError, ConnectionError) as exc:
-            observer.aborted(request, state, None, started)
-            if isinstance(exc, ConnectionError):
-                raise asyncio.CancelledError from None
-            raise
-        except Exception as exc:
-            response = observer.failure(exc, state)
+        response = await observer.answer(request, state, started,
+                                         self._answer(request, state, reg, small, started))
         if isinstance(response, _Sent):
             await self._drained(request)  # outside the try: logged once, whatever happens
             return response
@@ -120,8 +111,9 @@ class RegistryLane:
 
     async def _answer(self, request: web.Request, state: RequestState, reg: RegistryRequest,
                       small: MemoryBlob | None, started: float) -> web.StreamResponse:
-        """A manifest or small blob held in memory, written here; anything else as the
-        handler answers it."""
+        """Past access and limits: a manifest or small blob held in memory, written
+        here; anything else as the handler answers it."""
+        await self._admit.police(request, state)
         if small is not None:
             # Held before the access rules (which may wait for a login check): a blob
             # evicted meanwhile still goes out whole, as one evicted while the app's path
