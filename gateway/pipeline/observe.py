@@ -24,6 +24,8 @@ from ..metrics import Metrics
 from ..state import STATE, RegistryRequest, RequestState
 
 REQUEST_ID = "X-Request-Id"
+# Every answer carries it (add_common_headers; the registry lane writes it too).
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 access_log = logging.getLogger("gateway.access")
 error_log = logging.getLogger("gateway.error")
 
@@ -291,7 +293,7 @@ def on_prepare(*also: Prepared) -> Callable[[web.Request, web.StreamResponse],
 def add_common_headers(request: web.Request, response: web.StreamResponse,
                        state: RequestState | None) -> None:
     """Headers every answer carries, errors included."""
-    response.headers.setdefault("Docker-Distribution-API-Version", "registry/2.0")
+    response.headers.setdefault(*API_VERSION)
     response.headers.setdefault("X-Cache", "-")
     if state is not None:
         response.headers.setdefault(REQUEST_ID, state.id)

@@ -35,7 +35,7 @@ from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from .. import api, pipeline
 from ..api.blobs import blob_fields
 from ..cache import MemoryBlob
-from ..pipeline.observe import REQUEST_ID
+from ..pipeline.observe import API_VERSION, REQUEST_ID
 from ..state import RegistryRequest, RequestState
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
@@ -126,14 +126,14 @@ class RegistryLane:
                 return await api.dispatch_with(self._services, request)
             fields, body = api.manifest_headers(reg, held), held.manifest.body
             pull = request.method == "GET"
-        if await self._write(request, state, fields, body, started):
+        if self._write(request, state, fields, body, started):
             if pull:
                 self._pulled(reg.route.name, reg.repository)
             return _Sent()
         return web.Response(body=body, headers=fields)
 
-    async def _write(self, request: web.Request, state: RequestState, fields: dict[str, str],
-                     body: bytes, started: float) -> bool:
+    def _write(self, request: web.Request, state: RequestState, fields: dict[str, str],
+               body: bytes, started: float) -> bool:
         """The 200 answer as one buffer on the transport; False when aiohttp must send
         it (HTTP/1.0 or a closing connection: its Connection header; a big body; a value
         aiohttp's serializer would refuse)."""
@@ -146,7 +146,7 @@ class RegistryLane:
         text = "".join([f"{name}: {value}\r\n" for name, value in fields.items()])
         head = (f"HTTP/1.1 200 OK\r\n{text}Content-Length: {len(body)}\r\n"
                 f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n"
-                f"Docker-Distribution-API-Version: registry/2.0\r\n"
+                f"{API_VERSION[0]}: {API_VERSION[1]}\r\n"
                 f"{REQUEST_ID}: {state.id}\r\n{self._always}\r\n").encode()
         get = request.method == "GET"
         if transport.is_closing():

@@ -65,8 +65,8 @@ def _written(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     write = lane_module.RegistryLane._write
 
-    async def spy(self: Any, request: Any, *args: Any) -> Any:
-        answer = await write(self, request, *args)
+    def spy(self: Any, request: Any, *args: Any) -> Any:
+        answer = write(self, request, *args)
         if answer:
             seen.append(f"{request.method} {request.path}")
         return answer
